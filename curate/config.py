@@ -1,0 +1,93 @@
+"""The run configuration: one dataclass, filled from defaults, then curate.toml, then the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEDUP_KINDS = ("url", "exact", "phash", "semantic")
+SCORE_SOURCES = ("model", "metadata", "auto")
+
+
+@dataclass
+class Config:
+    """Every option of `curate run`; field names are the long option names with '_' for '-'."""
+
+    # prefilter and select
+    min_size: int = 512
+    threshold: float = 5.0
+    max_watermark: float = 0.8
+    max_unsafe: float | None = None
+    scores: str = "metadata"
+    dedup: list[str] = field(default_factory=lambda: list(DEDUP_KINDS))
+    phash_distance: int = 4
+    semdedup_threshold: float = 0.95
+    semdedup_clusters: int | None = None
+    # download
+    image_size: int = 1024
+    resize_mode: str = "keep_ratio"
+    threads: int = 32
+    processes: int = 1
+    timeout: float = 10.0
+    max_image_bytes: int = 32 * 1024 * 1024
+    allow_private_network: bool = False
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    user_agent_token: str = "img2dataset"
+    batch_size_rows: int = 10_000
+    # models
+    device: str = "auto"
+    batch_size: int = 64
+    model_cache: str = "~/.cache/curate"
+    clip_weights: str | None = None
+    aesthetic_weights: str | None = None
+    aesthetic_head: str = "v2"
+    watermark_weights: str | None = None
+    # shard
+    world_size: int = 256
+    workers_per_rank: int = 8
+    target_shard_size: int = 1 << 30
+    global_batch_size: int = 2048
+    seed: int = 0
+    shard_name: str = "shard"
+
+    def validate(self) -> Config:
+        """Raise ValueError naming the option when a value cannot work."""
+        unknown = sorted(set(self.dedup) - set(DEDUP_KINDS))
+        if unknown:
+            raise ValueError(f"--dedup: unknown kind(s) {unknown}; choose from {','.join(DEDUP_KINDS)}")
+        if self.scores not in SCORE_SOURCES:
+            raise ValueError(f"--scores must be one of {SCORE_SOURCES}, got {self.scores!r}")
+        for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.phash_distance <= 16:
+            raise ValueError("--phash-distance must be between 0 and 16")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
+    """Defaults, then the TOML file (keys are long option names), then command-line values that were given."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config: no file at {path}")
+        raw = tomllib.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(Config)}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"{path}: unknown key {key!r}; keys are the long option names of `curate run`")
+            values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("dedup"), str):
+        values["dedup"] = [kind.strip() for kind in values["dedup"].split(",") if kind.strip()]
+    return Config(**values).validate()

@@ -1,0 +1,75 @@
+"""Column names and Arrow schemas, loaded from the JSON files in schemas/ (the one source of truth)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+KEY = "key"
+ROW = "row"
+URL = "url"
+CAPTION = "caption"
+WIDTH = "width"
+HEIGHT = "height"
+PWATERMARK = "pwatermark"
+PUNSAFE = "punsafe"
+AESTHETIC = "aesthetic"
+
+DROP_STAGE = "drop_stage"
+DROP_REASON = "drop_reason"
+DROP_DETAIL = "drop_detail"
+VERDICT_COLUMNS = (DROP_STAGE, DROP_REASON, DROP_DETAIL)
+
+STATUS = "status"
+JPG = "jpg"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+STORED_WIDTH = "stored_width"
+STORED_HEIGHT = "stored_height"
+SHA256 = "sha256"
+PHASH = "phash"
+DOWNLOAD_BYTES = "download_bytes"
+
+AESTHETIC_SCORE = "aesthetic_score"
+WATERMARK_PROB = "watermark_prob"
+SCORES_SOURCE = "scores_source"
+EMBEDDING = "embedding"
+
+SHARD = "shard"
+POSITION = "position"
+
+_TYPES = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "binary": pa.binary(),
+    "bool": pa.bool_(),
+}
+
+
+@cache
+def table_schema(name: str) -> pa.Schema:
+    """The Arrow schema described by schemas/NAME.arrow.json."""
+    spec = json.loads((SCHEMA_DIR / f"{name}.arrow.json").read_text())
+    return pa.schema(
+        [pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in spec["fields"]],
+        metadata={"doc": spec["doc"]},
+    )
+
+
+@cache
+def json_schema(name: str) -> dict:
+    """The JSON schema in schemas/NAME.schema.json."""
+    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+
+
+def stage_columns(*names: str) -> list[pa.Field]:
+    """The fields of several table schemas, in order."""
+    return [field for name in names for field in table_schema(name)]

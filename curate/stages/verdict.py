@@ -1,0 +1,60 @@
+"""The verdict columns (drop_stage, drop_reason, drop_detail) every stage table carries, and the survivor rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, VERDICT_COLUMNS
+
+
+def with_verdict_columns(table: pa.Table) -> pa.Table:
+    """Add empty verdict columns where they are missing."""
+    for name in VERDICT_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, pa.string()), pa.nulls(table.num_rows, pa.string()))
+    return table
+
+
+def alive(table: pa.Table) -> pa.ChunkedArray:
+    """True for rows no stage has flagged yet."""
+    return pc.is_null(table[DROP_REASON])
+
+
+def with_reason(
+    table: pa.Table,
+    mask: pa.Array | pa.ChunkedArray | np.ndarray,
+    stage: str,
+    reason: str,
+    detail: pa.Array | pa.ChunkedArray | list | str | None = None,
+) -> pa.Table:
+    """Flag rows where mask is true and the row is still alive; an earlier verdict is never overwritten."""
+    table = with_verdict_columns(table)
+    mask = pc.fill_null(pa.chunked_array([mask]) if isinstance(mask, (pa.Array, np.ndarray)) else mask, False)
+    hit = pc.and_(mask, alive(table))
+    if isinstance(detail, (str, type(None))):
+        detail_values: pa.Array | pa.ChunkedArray = pa.array([detail] * table.num_rows, pa.string())
+    elif isinstance(detail, list):
+        detail_values = pa.array(detail, pa.string())
+    else:
+        detail_values = pc.cast(detail, pa.string())
+    columns = {
+        DROP_STAGE: pc.if_else(hit, stage, table[DROP_STAGE]),
+        DROP_REASON: pc.if_else(hit, reason, table[DROP_REASON]),
+        DROP_DETAIL: pc.if_else(hit, detail_values, table[DROP_DETAIL]),
+    }
+    for name, values in columns.items():
+        table = table.set_column(table.column_names.index(name), name, values)
+    return table
+
+
+def survivor_order(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Indices sorted best first: highest aesthetic score, then larger original resolution, then smallest key.
+
+    Missing scores and areas rank last. The first index of any group of duplicates is its survivor.
+    """
+    aesthetic = np.nan_to_num(np.asarray(aesthetic, dtype=np.float64), nan=-np.inf)
+    area = np.nan_to_num(np.asarray(area, dtype=np.float64), nan=-1.0)
+    # np.lexsort sorts by the last key first; negate to get descending order.
+    return np.lexsort((np.asarray(keys), -area, -aesthetic))
