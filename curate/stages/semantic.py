@@ -34,7 +34,7 @@ TRAIN_POINTS_PER_CLUSTER = 256  # faiss's own default cap: more training points 
 MAX_TRAIN_POINTS = 2_000_000
 ASSIGN_BATCH = 65_536
 MAX_CLUSTER_SIZE = 16_384  # larger clusters are split by a second-level k-means (pair search is quadratic)
-SPLIT_TARGET_SIZE = 4_096
+SPLIT_FACTOR = 4  # a split aims at sub-clusters of max_size / 4 rows, well under the limit
 MAX_SPLIT_DEPTH = 2
 BLOCK_ELEMENTS = 1 << 24  # one similarity block holds at most 16M float32 (64 MiB)
 BOUNDARY_MARGIN = 0.02  # rows this close (in cosine) to a second centroid are searched there too
@@ -165,7 +165,7 @@ def _parts(unit: np.ndarray, seed: int, max_size: int, depth: int = 0) -> Iterat
     if n <= max_size or depth >= MAX_SPLIT_DEPTH:
         yield np.arange(n)
         return
-    k = math.ceil(n / SPLIT_TARGET_SIZE)
+    k = math.ceil(SPLIT_FACTOR * n / max_size)
     nearest, second = assign_clusters(unit, train_centroids(training_sample(unit, k, seed), k, seed))
     if np.bincount(nearest).max() == n:  # e.g. all rows identical: nothing to split on
         yield np.arange(n)
