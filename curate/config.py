@@ -88,6 +88,56 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
                 raise ValueError(f"{path}: unknown key {key!r}; keys are the long option names of `curate run`")
             values[name] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("dedup"), str):
-        values["dedup"] = [kind.strip() for kind in values["dedup"].split(",") if kind.strip()]
+    for name in ("dedup", "disallowed_header_directives"):  # list options arrive as comma lists
+        if isinstance(values.get(name), str):
+            values[name] = [item.strip() for item in values[name].split(",") if item.strip()]
     return Config(**values).validate()
+
+
+OPTION_HELP: dict[str, str] = {
+    "min_size": "Drop images whose original shorter side is below this many pixels (metadata before download, "
+                "measured after).",
+    "threshold": "Keep aesthetic score >= this (5.0 is LAION-Aesthetics v2 5+).",
+    "max_watermark": "Drop watermark probability above this.",
+    "max_unsafe": "Drop metadata punsafe above this (off unless set).",
+    "scores": "Where scores come from: model (computed on the pixels), metadata (LAION's columns, also applied "
+              "before download), auto (metadata when every row has it).",
+    "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic.",
+    "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
+    "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
+    "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
+    "image_size": "Resize so the shorter side is this many pixels (never upscales).",
+    "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no.",
+    "threads": "Download threads per process.",
+    "processes": "Download processes.",
+    "timeout": "Seconds allowed for one URL, redirects and body included.",
+    "max_image_bytes": "Largest body fetched, in bytes.",
+    "allow_private_network": "Allow URLs on loopback/private/link-local addresses (tests and the demo).",
+    "disallowed_header_directives": "Comma list of X-Robots-Tag directives that opt an image out.",
+    "user_agent_token": "The agent name X-Robots-Tag directives are matched against.",
+    "batch_size_rows": "Rows per batch (and per checkpoint part).",
+    "device": "Model device: auto, cpu or cuda.",
+    "batch_size": "Images per model batch.",
+    "model_cache": "Where official weights are downloaded to.",
+    "clip_weights": "Local file (or URL) of the CLIP ViT-L/14 OpenAI weights.",
+    "aesthetic_weights": "Local file (or URL) of the aesthetic predictor head.",
+    "aesthetic_head": "Aesthetic head: v2 (MLP) or v1 (linear).",
+    "watermark_weights": "Local file (or URL) of the LAION watermark detector.",
+    "world_size": "Training ranks (GPUs) that will read the shards.",
+    "workers_per_rank": "Data-loader workers per rank; shard count is a multiple of world size x this.",
+    "target_shard_size": "Aim for shards of about this many bytes.",
+    "global_batch_size": "Global batch, for the steps-per-epoch figure in index.json.",
+    "seed": "Seed of the shuffle across shards.",
+    "shard_name": "Shard file name prefix.",
+}
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The Config fields exposed as command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(Config) if f.name in OPTION_HELP]
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default

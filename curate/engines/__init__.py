@@ -1,0 +1,1 @@
+"""Engines drive the stage functions: local (in-process, process pool) and Spark."""

@@ -1,0 +1,212 @@
+"""The local engine: stages over parquet parts in-process, downloads in a process pool, checkpoints per stage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import io
+from curate.config import Config
+from curate.fetch import FetchPolicy
+from curate.schema import AESTHETIC, CAPTION, JPG, PWATERMARK, ROW
+from curate.stages import dedup, prefilter, select
+from curate.stages.download import DownloadOptions, download
+from curate.stages.ingest import canonical_names, normalize
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+STAGES = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    pass
+
+
+class LocalRun:
+    """One output folder; each stage reads the previous stage's checkpoint and writes its own."""
+
+    def __init__(self, output: str | Path, config: Config, progress: Progress | None = None) -> None:
+        self.out = Path(output)
+        self.config = config
+        self.progress = progress or _quiet
+        self.timings: dict[str, float] = {}
+
+    def checkpoint(self, stage: str) -> io.Checkpoint:
+        return io.Checkpoint(self.out, stage)
+
+    def _timed(self, stage: str, body: Callable[[], dict[str, Any] | None], force: bool = False) -> dict[str, Any]:
+        checkpoint = self.checkpoint(stage)
+        if checkpoint.done and not force:
+            meta = checkpoint.meta()
+            log.info("%s: done in an earlier run, resuming after it", stage)
+        else:
+            started = time.perf_counter()
+            meta = body() or {}
+            meta["seconds"] = time.perf_counter() - started
+            checkpoint.finish(meta)
+        self.timings[stage] = meta.get("seconds", 0.0)
+        return meta
+
+    # -- ingest -----------------------------------------------------------------------------------------
+    def ingest(self, inputs: list[str]) -> dict[str, Any]:
+        files = io.expand_inputs(inputs)
+        for path in files:  # every file's schema is checked before any work starts
+            try:
+                canonical_names(io.parquet_schema(path).names)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
+
+        def body() -> dict[str, Any]:
+            checkpoint, rows, part = self.checkpoint("ingest"), 0, 0
+            checkpoint.reset()
+            for path in files:
+                for batch in io.read_parquet_batches(path, self.config.batch_size_rows):
+                    checkpoint.write_part(part, normalize(batch, rows))
+                    rows, part = rows + batch.num_rows, part + 1
+            return {"input_files": files, "input_rows": rows, "parts": part}
+
+        return self._timed("ingest", body)
+
+    def resolve_scores(self) -> str:
+        """model/metadata, deciding `auto` from whether every row carries LAION's score columns."""
+        if self.config.scores != "auto":
+            return self.config.scores
+        table = self.checkpoint("ingest").read(columns=None)
+        have = all(c in table.column_names and table[c].null_count == 0 for c in (AESTHETIC, PWATERMARK))
+        return "metadata" if have else "model"
+
+    def require_metadata_scores(self) -> None:
+        names = self.checkpoint("ingest").read().column_names
+        if AESTHETIC not in names:
+            raise ValueError(
+                "--scores metadata needs an AESTHETIC_SCORE/aesthetic column and the input has none "
+                f"(columns: {names}); use --scores model to compute scores from the images"
+            )
+
+    # -- prefilter --------------------------------------------------------------------------------------
+    def prefilter(self, scores: str) -> dict[str, Any]:
+        def body() -> dict[str, Any]:
+            source, target = self.checkpoint("ingest"), self.checkpoint("prefilter")
+            target.reset()
+            firsts = None
+            if "url" in self.config.dedup:
+                columns = ["key", ROW, "url", CAPTION]
+                firsts = prefilter.merge_first_rows([prefilter.first_rows(p) for p in source.iter_parts(columns)])
+            on_metadata = scores == "metadata"
+            for index, part in enumerate(source.iter_parts()):
+                target.write_part(index, prefilter.prefilter(
+                    part, firsts, self.config.min_size,
+                    self.config.max_watermark if on_metadata else None, self.config.max_unsafe,
+                    self.config.threshold if on_metadata else None))
+            return {"parts": len(source.parts())}
+
+        return self._timed("prefilter", body)
+
+    # -- download ---------------------------------------------------------------------------------------
+    def download_options(self) -> DownloadOptions:
+        c = self.config
+        policy = FetchPolicy(timeout=c.timeout, max_bytes=c.max_image_bytes,
+                             allow_private_network=c.allow_private_network,
+                             disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
+                             user_agent_token=c.user_agent_token)
+        return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, threads=c.threads, policy=policy)
+
+    def download(self) -> dict[str, Any]:
+        def body() -> dict[str, Any]:
+            source, target = self.checkpoint("prefilter"), self.checkpoint("download")
+            todo = [i for i in range(len(source.parts())) if not target.has_part(i)]
+            total, done = len(source.parts()), len(source.parts()) - len(todo)
+            self.progress("download", done, total)
+            jobs = [(str(self.out), i, self.download_options()) for i in todo]
+            if self.config.processes > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(self.config.processes) as pool:
+                    for _ in pool.map(_download_part, jobs):
+                        done += 1
+                        self.progress("download", done, total)
+            else:
+                for job in jobs:
+                    _download_part(job)
+                    done += 1
+                    self.progress("download", done, total)
+            return {"parts": total}
+
+        return self._timed("download", body)
+
+    # -- score ------------------------------------------------------------------------------------------
+    def score(self, scores: str) -> dict[str, Any]:
+        def body() -> dict[str, Any]:
+            source, target = self.checkpoint("download"), self.checkpoint("score")
+            scorer = _load_scorer(self.config) if scores == "model" else None
+            for index, part in enumerate(source.iter_parts()):
+                if target.has_part(index):
+                    continue
+                part = part.append_column("jpg_bytes", pc.binary_length(part[JPG]))
+                if scorer is not None:
+                    from curate.stages.score import score_images
+
+                    part = score_images(part, scorer)
+                else:
+                    part = select.scores_from_metadata(part)
+                target.write_part(index, part.drop_columns([JPG]))
+            return {"scores": scores}
+
+        return self._timed("score", body)
+
+    # -- dedup and select -------------------------------------------------------------------------------
+    def dedup(self) -> dict[str, Any]:
+        def body() -> dict[str, Any]:
+            table = self.checkpoint("score").read()
+            kinds = self.config.dedup
+            if "exact" in kinds:
+                table = dedup.flag_exact_duplicates(table)
+            if "phash" in kinds:
+                table = dedup.flag_phash_duplicates(table, self.config.phash_distance)
+            semantic = "semantic" in kinds and "embedding" in table.column_names
+            if semantic:
+                from curate.stages.semantic import flag_semantic_duplicates
+
+                table = flag_semantic_duplicates(table, self.config.semdedup_threshold,
+                                                 self.config.semdedup_clusters, self.config.seed)
+            self.checkpoint("dedup").write_part(0, table)
+            return {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
+
+        return self._timed("dedup", body)
+
+    def select(self, force: bool = False) -> dict[str, Any]:
+        def body() -> dict[str, Any]:
+            table = self.checkpoint("dedup").read()
+            c = self.config
+            self.checkpoint("select").write_part(0, select.select(table, c.min_size, c.threshold, c.max_watermark))
+            return {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark}
+
+        return self._timed("select", body, force=force)
+
+
+def _download_part(job: tuple[str, int, DownloadOptions]) -> None:
+    """One prefilter part to one download part (a picklable unit of work for the process pool)."""
+    out, index, options = job
+    part = io.Checkpoint(out, "prefilter").parts()[index]
+    import pyarrow.parquet as pq
+
+    io.Checkpoint(out, "download").write_part(index, download(pq.read_table(part), options))
+
+
+def _load_scorer(config: Config) -> Any:
+    from curate.stages.score import load_scorer
+
+    return load_scorer(config)
+
+
+def with_config(config: Config, **changes: Any) -> Config:
+    return replace(config, **changes).validate()
+
+
+__all__ = ["LocalRun", "STAGES", "pa"]

@@ -1,0 +1,104 @@
+"""The local engine's last steps: shard the survivors, then write ledger, samples and stats, and check the books."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import accounting, io
+from curate.engines.local import LocalRun
+from curate.schema import CAPTION, KEY, SHARD
+from curate.stages import shard as shard_stage
+from curate.stages.verdict import alive, with_reason
+from curate.writer import scatter, shard_path, write_shard
+
+log = logging.getLogger(__name__)
+CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
+                "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
+                "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard"}
+
+
+def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPlan]:
+    """Shuffle the survivors, plan the shards, assign each survivor a shard or the remainder."""
+    c = run.config
+    survivors = table.filter(alive(table))
+    caption_bytes = pc.sum(pc.binary_length(pc.fill_null(survivors[CAPTION], ""))).as_py() or 0
+    total = (pc.sum(survivors["jpg_bytes"]).as_py() or 0) + caption_bytes
+    total += survivors.num_rows * shard_stage.estimated_sample_bytes(0, 0)
+    shard_plan = shard_stage.plan_shards(survivors.num_rows, total, c.world_size, c.workers_per_rank,
+                                         c.target_shard_size, c.global_batch_size)
+    positions = np.full(table.num_rows, -1, dtype=np.int64)
+    is_alive = alive(table).to_numpy(zero_copy_only=False)
+    positions[is_alive] = shard_stage.shuffle_positions(survivors[KEY].to_pylist(), c.seed)
+    table = shard_stage.assign_shards(table, shard_plan, positions)
+    remainder = pc.and_(alive(table), pc.equal(table[SHARD], -1))
+    detail = f"{shard_plan.remainder} samples do not fill {shard_plan.num_shards} equal shards"
+    return with_reason(table, remainder, "shard", "shard_remainder", detail), shard_plan
+
+
+def shard(run: LocalRun) -> dict[str, Any]:
+    """Write equal tars and index.json; a rerun after a crash rebuilds buckets and skips finished tars."""
+    def body() -> dict[str, Any]:
+        table = run.checkpoint("select").read()
+        table, shard_plan = plan(run, table)
+        assignment = table.filter(pc.greater_equal(table[SHARD], 0))
+        metadata_columns = [n for n in table.column_names if n not in CARRIED_SKIP]
+        shard_dir, buckets = run.out / "shards", run.out / "stages" / "shard-buckets"
+        shutil.rmtree(buckets, ignore_errors=True)
+        if shard_dir.exists():
+            shutil.rmtree(shard_dir)
+        scatter(run.checkpoint("download").iter_parts(), assignment, buckets, metadata_columns)
+        entries = []
+        for index in range(shard_plan.num_shards):
+            bucket = buckets / f"{index:06d}.bucket"
+            if not bucket.exists():
+                bucket.touch()
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            entries.append(write_shard(bucket, shard_path(shard_dir, run.config.shard_name, index)))
+            run.progress("shard", index + 1, shard_plan.num_shards)
+        shutil.rmtree(buckets)
+        io.write_json(index_document(run, shard_plan, entries), shard_dir / "index.json")
+        run.checkpoint("shard").write_part(0, table)
+        return {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
+                "remainder": shard_plan.remainder}
+
+    return run._timed("shard", body, force=True)
+
+
+def index_document(run: LocalRun, plan: shard_stage.ShardPlan, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """webdataset's wids shard index, plus the training facts a 256-GPU job needs."""
+    c = run.config
+    return {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": c.shard_name, "shardlist": entries,
+        "world_size": c.world_size, "workers_per_rank": c.workers_per_rank,
+        "samples_per_shard": plan.samples_per_shard, "samples_per_rank": plan.samples_per_rank,
+        "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch, "seed": c.seed,
+    }
+
+
+def finish(run: LocalRun, started: float) -> dict[str, Any]:
+    """Ledger, samples and stats from the shard checkpoint; fails loudly if a row went missing."""
+    table = run.checkpoint("shard").read()
+    ledger, samples = accounting.ledger_table(table), accounting.samples_table(table)
+    input_rows = run.checkpoint("ingest").meta()["input_rows"]
+    accounting.check_accounting(input_rows, samples, ledger)
+    io.write_table(ledger, run.out / "ledger.parquet")
+    io.write_table(samples, run.out / "samples.parquet")
+    counts = accounting.drop_counts(ledger)
+    shard_meta = run.checkpoint("shard").meta()
+    stats = {
+        "input_rows": input_rows, "kept": samples.num_rows, "dropped": ledger.num_rows,
+        "dropped_by_stage": counts, "funnel": accounting.funnel(input_rows, counts),
+        "scores_source": run.checkpoint("score").meta().get("scores"),
+        "dedup": run.checkpoint("dedup").meta(), "shards": shard_meta,
+        "timings": {**run.timings, "total": time.perf_counter() - started},
+        "config": run.config.to_dict(), "versions": accounting.versions(),
+    }
+    io.write_json(stats, run.out / "stats.json")
+    return stats

@@ -1,0 +1,119 @@
+"""Files: input discovery over fsspec, atomic writes, stage checkpoints as parquet parts with a done marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Every parquet file the patterns name (paths, globs, directories, fsspec URLs), in a stable order."""
+    files: list[str] = []
+    for pattern in patterns:
+        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        found = []
+        for path in paths:
+            if fs.isdir(path):
+                found += [p for p in fs.find(path) if p.endswith(".parquet")]
+            elif fs.exists(path):
+                found.append(path)
+        if not found:
+            raise ValueError(f"input {pattern!r} matches no file; give a parquet path, a glob or a directory")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        files += [p if protocol == "file" else f"{protocol}://{p}" for p in sorted(found)]
+    return files
+
+
+def read_parquet_batches(path: str, batch_rows: int) -> Iterator[pa.Table]:
+    """Stream one parquet file in bounded batches; a corrupt file raises naming the file."""
+    with fsspec.open(path, "rb") as handle:
+        try:
+            reader = pq.ParquetFile(handle)
+        except Exception as error:
+            raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+        for batch in reader.iter_batches(batch_size=batch_rows):
+            yield pa.Table.from_batches([batch])
+
+
+def parquet_schema(path: str) -> pa.Schema:
+    with fsspec.open(path, "rb") as handle:
+        try:
+            return pq.ParquetFile(handle).schema_arrow
+        except Exception as error:
+            raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write parquet under a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(value: Any, path: str | Path) -> None:
+    write_bytes((json.dumps(value, indent=1, sort_keys=False, default=str) + "\n").encode(), path)
+
+
+class Checkpoint:
+    """A stage's output folder: numbered parquet parts, then a _SUCCESS marker written last."""
+
+    def __init__(self, root: str | Path, stage: str) -> None:
+        self.path = Path(root) / "stages" / stage
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "_SUCCESS").exists()
+
+    def part_path(self, index: int) -> Path:
+        return self.path / f"part-{index:06d}.parquet"
+
+    def has_part(self, index: int) -> bool:
+        return self.part_path(index).exists()
+
+    def write_part(self, index: int, table: pa.Table) -> None:
+        write_table(table, self.part_path(index))
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.parquet"))
+
+    def finish(self, meta: dict[str, Any] | None = None) -> None:
+        write_json(meta or {}, self.path / "_SUCCESS")
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "_SUCCESS").read_text())
+
+    def reset(self) -> None:
+        for part in self.path.glob("*"):
+            part.unlink()
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        parts = self.parts()
+        if not parts:
+            raise FileNotFoundError(f"{self.path}: no checkpoint; run the earlier stages first")
+        return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="permissive")
+
+    def iter_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for part in self.parts():
+            yield pq.read_table(part, columns=columns)

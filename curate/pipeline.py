@@ -1,0 +1,105 @@
+"""What `curate run` and the per-stage commands do, on the local engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from curate import io
+from curate.config import Config
+from curate.engines.local import LocalRun, Progress
+from curate.engines.local_shard import finish, shard
+
+log = logging.getLogger(__name__)
+# Options that only select and shard read: changing them re-cuts a run instead of refusing it.
+RECUT_OPTIONS = {"threshold", "max_watermark", "world_size", "workers_per_rank", "target_shard_size",
+                 "global_batch_size", "seed", "shard_name"}
+
+
+def check_same_run(out: Path, config: Config, inputs: list[str]) -> None:
+    """A rerun into an existing output must use the same arguments (it resumes); refuse anything else."""
+    path = out / "stages" / "run.json"
+    current = {"inputs": inputs, "config": config.to_dict()}
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier["inputs"] != inputs:
+            raise ValueError(f"{out} holds a run over {earlier['inputs']}; use another --output for {inputs}")
+        changed = sorted(k for k, v in earlier["config"].items()
+                         if current["config"].get(k) != v and k not in RECUT_OPTIONS)
+        if changed:
+            raise ValueError(f"{out} holds a run with other values of {changed}; use another --output, "
+                             "or `curate select`/`curate shard` to re-cut it")
+    io.write_json(current, path)
+
+
+def run_local(inputs: list[str], output: str | Path, config: Config,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Every stage, resuming after the last finished one; returns stats.json's content."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    check_same_run(run.out, config, inputs)
+    run.ingest(inputs)
+    scores = run.resolve_scores()
+    if scores == "metadata":
+        run.require_metadata_scores()
+    else:
+        from curate.engines.local import _load_scorer
+
+        _load_scorer(config)  # a missing weight stops the run before any download
+    run.prefilter(scores)
+    run.download()
+    run.score(scores)
+    run.dedup()
+    run.select(force=True)
+    shard(run)
+    return finish(run, started)
+
+
+def recut(output: str | Path, config: Config, progress: Progress | None = None,
+          reselect: bool = True) -> dict[str, Any]:
+    """Select again with new thresholds and/or shard again, from the checkpoints of a finished run."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    if not run.checkpoint("dedup").done:
+        raise ValueError(f"{output}: no finished dedup stage to re-cut; run `curate run` first")
+    if reselect:
+        run.select(force=True)
+    shard(run)
+    path = run.out / "stages" / "run.json"
+    earlier = json.loads(path.read_text())
+    io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
+    return finish(run, started)
+
+
+def load_run_config(output: str | Path) -> Config:
+    """The configuration a finished run used."""
+    path = Path(output) / "stages" / "run.json"
+    if not path.exists():
+        raise ValueError(f"{output}: not a curate output folder (no stages/run.json)")
+    return Config(**json.loads(path.read_text())["config"])
+
+
+def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any] | None:
+    """Re-run one stage from the previous stage's checkpoint; later checkpoints are marked stale."""
+    run = LocalRun(output, config)
+    stages = ["prefilter", "download", "score", "dedup", "select", "shard"]
+    for later in stages[stages.index(stage):]:
+        marker = run.checkpoint(later).path / "_SUCCESS"
+        marker.unlink(missing_ok=True)
+    started = time.perf_counter()
+    if stage == "shard":
+        shard(run)
+        return finish(run, started)
+    scores = run.resolve_scores()
+    if stage == "download":
+        run.checkpoint("download").reset()
+    if stage == "score":
+        run.checkpoint("score").reset()
+    getattr(run, stage)(*([scores] if stage in ("prefilter", "score") else []))
+    path = run.out / "stages" / "run.json"
+    earlier = json.loads(path.read_text())
+    io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
+    return None

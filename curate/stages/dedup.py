@@ -1,0 +1,97 @@
+"""Dedup: exact content (sha256) and perceptual (pHash Hamming distance) duplicates across the whole run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from curate.schema import AESTHETIC_SCORE, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, PHASH, SHA256
+from curate.stages.verdict import alive, survivor_order, with_reason
+
+STAGE = "dedup"
+
+
+def survivors(labels: np.ndarray, table: pa.Table) -> np.ndarray:
+    """For each row, the index of its group's survivor (the survivor rule of DESIGN.md); -1 where unlabelled."""
+    aesthetic = _numpy(table, AESTHETIC_SCORE, np.nan)
+    area = _numpy(table, ORIGINAL_WIDTH, np.nan) * _numpy(table, ORIGINAL_HEIGHT, np.nan)
+    order = survivor_order(aesthetic, area, np.asarray(table[KEY].to_pylist(), dtype=object).astype(str))
+    order = order[labels[order] >= 0]
+    first_of_label: dict[int, int] = {}
+    for index in order.tolist():
+        first_of_label.setdefault(int(labels[index]), index)
+    return np.array([first_of_label.get(int(label), -1) for label in labels], dtype=np.int64)
+
+
+def _numpy(table: pa.Table, column: str, fill: float) -> np.ndarray:
+    if column not in table.column_names:
+        return np.full(table.num_rows, fill)
+    return pc.fill_null(pc.cast(table[column], pa.float64()), fill).to_numpy()
+
+
+def flag_group_duplicates(table: pa.Table, labels: np.ndarray, reason: str) -> pa.Table:
+    """Flag every labelled row that is not its group's survivor; the detail is the survivor's key."""
+    best = survivors(labels, table)
+    keys = table[KEY].to_pylist()
+    duplicate = (best >= 0) & (best != np.arange(table.num_rows))
+    detail = [keys[b] if d else None for b, d in zip(best.tolist(), duplicate.tolist(), strict=True)]
+    return with_reason(table, pa.array(duplicate), STAGE, reason, detail)
+
+
+def flag_exact_duplicates(table: pa.Table) -> pa.Table:
+    """Alive rows whose downloaded bytes have the same sha256."""
+    candidates = pc.and_(alive(table), pc.is_valid(table[SHA256])).to_numpy(zero_copy_only=False)
+    digests = np.asarray(table[SHA256].to_pylist(), dtype=object)
+    labels = np.full(table.num_rows, -1, dtype=np.int64)
+    if candidates.any():
+        _, inverse = np.unique(digests[candidates].astype(str), return_inverse=True)
+        labels[candidates] = inverse
+    return flag_group_duplicates(table, labels, "duplicate_exact")
+
+
+def band_slices(max_distance: int) -> list[tuple[int, int]]:
+    """Split 64 bits into max_distance + 1 bands: two hashes within the distance agree on at least one band."""
+    bands = max_distance + 1
+    edges = np.linspace(0, 64, bands + 1).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def phash_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Index pairs (i, j), i < j, of distinct hash values within max_distance bits (multi-index hashing)."""
+    hashes = hashes.astype(np.uint64)
+    found: list[np.ndarray] = []
+    for lo, hi in band_slices(max_distance):
+        band = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(band, kind="stable")
+        starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+            members = order[start:end]
+            distance = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :])
+            i, j = np.nonzero(np.triu(distance <= max_distance, k=1))
+            found.append(np.stack([members[i], members[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+
+
+def phash_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Connected-component label per hash; identical hashes collapse first so a huge group costs O(n)."""
+    unique, inverse = np.unique(hashes.astype(np.uint64), return_inverse=True)
+    pairs = phash_pairs(unique, max_distance)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(unique), len(unique)))
+    _, labels = connected_components(graph, directed=False)
+    return labels[inverse]
+
+
+def flag_phash_duplicates(table: pa.Table, max_distance: int) -> pa.Table:
+    """Alive rows whose pHash is within max_distance bits of another alive row's, across the whole table."""
+    candidates = pc.and_(alive(table), pc.is_valid(table[PHASH])).to_numpy(zero_copy_only=False)
+    labels = np.full(table.num_rows, -1, dtype=np.int64)
+    if candidates.any():
+        hashes = table[PHASH].filter(pa.array(candidates)).to_numpy().view(np.uint64)
+        labels[candidates] = phash_groups(hashes, max_distance)
+    return flag_group_duplicates(table, labels, "duplicate_phash")

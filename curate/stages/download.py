@@ -1,0 +1,114 @@
+"""Download: fetch every alive row, resize with img2dataset's Resizer, measure; each row comes back with a status."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import imagehash
+import pyarrow as pa
+from PIL import Image
+
+from curate.fetch import FetchError, FetchPolicy, fetch
+from curate.schema import (
+    DOWNLOAD_BYTES,
+    JPG,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PHASH,
+    SHA256,
+    STATUS,
+    STORED_HEIGHT,
+    STORED_WIDTH,
+    URL,
+    table_schema,
+)
+from curate.stages.verdict import alive, with_reason, with_verdict_columns
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
+from img2dataset import resizer as _img2dataset_resizer  # noqa: E402
+from img2dataset.resizer import ResizeMode, Resizer  # noqa: E402
+
+# Resizer silences cv2 by swapping the process's fds 1 and 2 around every image; from several threads at once the
+# swaps interleave and leave stdout/stderr pointing at /dev/null for good. cv2 warnings are harmless: keep the fds.
+_img2dataset_resizer.SuppressStdoutStderr = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
+
+STAGE = "download"
+SUCCESS = "success"
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    image_size: int = 1024
+    resize_mode: str = "keep_ratio"
+    threads: int = 32
+    policy: FetchPolicy = FetchPolicy()
+
+
+_resizers: dict[tuple[int, str], Resizer] = {}
+
+
+def resizer_for(options: DownloadOptions) -> Resizer:
+    """One Resizer per process and setting; never upscales (resize_only_if_bigger)."""
+    cache_key = (options.image_size, options.resize_mode)
+    if cache_key not in _resizers:
+        mode = ResizeMode[options.resize_mode]
+        _resizers[cache_key] = Resizer(options.image_size, mode, resize_only_if_bigger=True, encode_format="jpg",
+                                       encode_quality=95)
+    return _resizers[cache_key]
+
+
+def phash_of(jpeg: bytes) -> int:
+    """64-bit pHash as signed int64; JPEG draft mode decodes at 1/8 scale since pHash looks at 32x32."""
+    with Image.open(io.BytesIO(jpeg)) as image:
+        image.draft("L", (64, 64))
+        value = int(str(imagehash.phash(image.convert("L"))), 16)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
+    """Fetch, resize and measure one URL; failures are values, never exceptions."""
+    try:
+        body = fetch(url, options.policy)
+    except FetchError as error:
+        return {STATUS: error.reason, "error": str(error)}
+    if not body:
+        return {STATUS: "empty_body", "error": "200 with an empty body", DOWNLOAD_BYTES: 0}
+    row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest()}
+    jpeg, width, height, original_width, original_height, error = resizer_for(options)(io.BytesIO(body))
+    if error is not None or jpeg is None:
+        return {**row, STATUS: "decode_failed", "error": str(error)}
+    try:
+        row[PHASH] = phash_of(jpeg)
+    except Exception as phash_error:  # a JPEG cv2 wrote but PIL rejects is still a row, not a crash
+        return {**row, STATUS: "decode_failed", "error": f"phash: {phash_error}"}
+    return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
+            STORED_WIDTH: width, STORED_HEIGHT: height}
+
+
+def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
+    """Add the download columns; rows already flagged are not fetched, failed ones get the download reason."""
+    table = with_verdict_columns(table)
+    todo = alive(table).to_pylist()
+    urls = table[URL].to_pylist()
+    results: list[dict[str, Any]] = [{} for _ in urls]
+    indices = [i for i, go in enumerate(todo) if go]
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
+        for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options), indices), strict=True):
+            results[i] = result
+    for field in table_schema("download"):
+        values = pa.array([r.get(field.name) for r in results], field.type)
+        table = table.append_column(field, values) if field.name not in table.column_names else table
+    failed = pa.array([bool(r) and r[STATUS] != SUCCESS for r in results])
+    reasons = [r.get(STATUS) for r in results]
+    details = [r.get("error") for r in results]
+    # One reason per failure kind, so the ledger can be grouped by it.
+    for reason in sorted({r for r, f in zip(reasons, failed.to_pylist(), strict=True) if f}):
+        mask = pa.array([f and r == reason for r, f in zip(reasons, failed.to_pylist(), strict=True)])
+        table = with_reason(table, mask, STAGE, reason, details)
+    return table

@@ -1,0 +1,58 @@
+"""Select: the thresholds. The one stage whose verdicts depend on --threshold, so a run can be re-cut cheaply."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.schema import (
+    AESTHETIC,
+    AESTHETIC_SCORE,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PWATERMARK,
+    SCORES_SOURCE,
+    WATERMARK_PROB,
+)
+from curate.stages.verdict import with_reason
+
+STAGE = "select"
+
+
+def scores_from_metadata(table: pa.Table) -> pa.Table:
+    """Use LAION's precomputed columns as the scores (the --scores metadata path)."""
+    for target, source in ((AESTHETIC_SCORE, AESTHETIC), (WATERMARK_PROB, PWATERMARK)):
+        values = (pc.cast(table[source], pa.float32()) if source in table.column_names
+                  else pa.nulls(table.num_rows, pa.float32()))
+        table = _put(table, target, values)
+    return _put(table, SCORES_SOURCE, pa.array(["metadata"] * table.num_rows, pa.string()))
+
+
+def _put(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def flag_low_resolution(table: pa.Table, min_size: int) -> pa.Table:
+    """Rows whose downloaded image's shorter side is below min_size."""
+    short = pc.min_element_wise(table[ORIGINAL_WIDTH], table[ORIGINAL_HEIGHT])
+    return with_reason(table, pc.less(short, min_size), STAGE, "low_resolution", pc.cast(short, pa.string()))
+
+
+def flag_watermark(table: pa.Table, max_watermark: float) -> pa.Table:
+    values = table[WATERMARK_PROB]
+    return with_reason(table, pc.greater(values, max_watermark), STAGE, "watermark", pc.cast(values, pa.string()))
+
+
+def flag_low_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
+    values = table[AESTHETIC_SCORE]
+    table = with_reason(table, pc.is_null(values), STAGE, "no_aesthetic_score")
+    return with_reason(table, pc.less(values, threshold), STAGE, "low_aesthetic", pc.cast(values, pa.string()))
+
+
+def select(table: pa.Table, min_size: int, threshold: float, max_watermark: float) -> pa.Table:
+    """Apply the thresholds in the recipe's order: resolution, watermark, aesthetic."""
+    table = flag_low_resolution(table, min_size)
+    table = flag_watermark(table, max_watermark)
+    return flag_low_aesthetic(table, threshold)

@@ -1,0 +1,135 @@
+"""Shard: plan equal shards for world_size x workers_per_rank readers, shuffle by seed, build tar members."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+import mmh3
+import numpy as np
+import pyarrow as pa
+
+from curate.schema import POSITION, SHARD
+
+KEY_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+TAR_RECORD = tarfile.RECORDSIZE
+# Per-sample tar overhead: three 512-byte headers plus, on average, half a block of padding per member.
+MEMBER_OVERHEAD = 3 * 512 + 3 * 256
+
+
+class ShardPlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    num_shards: int
+    samples_per_shard: int
+    remainder: int
+    world_size: int
+    workers_per_rank: int
+    global_batch_size: int
+
+    @property
+    def kept(self) -> int:
+        return self.num_shards * self.samples_per_shard
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.kept // self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.kept // self.global_batch_size
+
+
+def plan_shards(num_samples: int, total_bytes: int, world_size: int, workers_per_rank: int, target_bytes: int,
+                global_batch_size: int = 2048) -> ShardPlan:
+    """Shard count: a multiple of world_size x workers_per_rank nearest the byte target; equal samples per shard."""
+    unit = world_size * workers_per_rank
+    if num_samples < unit:
+        raise ShardPlanError(
+            f"{num_samples} samples survived, fewer than one per data-loader worker "
+            f"({world_size} ranks x {workers_per_rank} workers = {unit} shards at least); "
+            "lower --world-size or --workers-per-rank, or loosen the thresholds"
+        )
+    multiples = max(1, round(total_bytes / target_bytes / unit))
+    multiples = min(multiples, num_samples // unit)
+    num_shards = unit * multiples
+    per_shard = num_samples // num_shards
+    return ShardPlan(num_shards, per_shard, num_samples - per_shard * num_shards, world_size, workers_per_rank,
+                     global_batch_size)
+
+
+def shuffle_positions(keys: list[str], seed: int) -> np.ndarray:
+    """Position of each key in a seeded order that depends only on (seed, key): same on any engine or partitioning."""
+    draws = np.array([mmh3.hash64(f"{seed}:{key}", signed=False)[0] for key in keys], dtype=np.uint64)
+    order = np.lexsort((np.asarray(keys, dtype=object).astype(str), draws))
+    positions = np.empty(len(keys), dtype=np.int64)
+    positions[order] = np.arange(len(keys))
+    return positions
+
+
+def assign_shards(table: pa.Table, plan: ShardPlan, positions: np.ndarray) -> pa.Table:
+    """Add position and shard (-1 for the remainder that does not fill every shard equally)."""
+    shard = np.where(positions < plan.kept, positions // max(plan.samples_per_shard, 1), -1)
+    return table.append_column(POSITION, pa.array(positions)).append_column(SHARD, pa.array(shard))
+
+
+def check_key(key: str) -> str:
+    """A tar member stem must be 16 hex digits: never a path, never '..', never NUL."""
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise ValueError(f"refusing tar member stem {key!r}: keys are 16 lower-case hex digits")
+    return key
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    padding = (-len(data)) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * padding
+
+
+def sample_bytes(key: str, jpg: bytes, caption: str, meta: dict[str, Any]) -> bytes:
+    """KEY.jpg, KEY.txt, KEY.json as ready-made tar members; a shard is these concatenated, then tar_end()."""
+    check_key(key)
+    text = (caption or "").encode("utf-8", "surrogatepass")
+    document = json.dumps(meta, ensure_ascii=True, sort_keys=True, allow_nan=False).encode()
+    return _member(f"{key}.jpg", jpg) + _member(f"{key}.txt", text) + _member(f"{key}.json", document)
+
+
+def tar_end(size_so_far: int) -> bytes:
+    """Two zero blocks, then zeros up to a whole tar record, as tarfile writes them."""
+    size = size_so_far + 2 * tarfile.BLOCKSIZE
+    return b"\0" * (2 * tarfile.BLOCKSIZE + (-size) % TAR_RECORD)
+
+
+def estimated_sample_bytes(jpg_bytes: int, caption_bytes: int) -> int:
+    return jpg_bytes + caption_bytes + 600 + MEMBER_OVERHEAD
+
+
+def json_value(value: Any) -> Any:
+    """A JSON-safe value: NaN/inf become null, floats rounded so the text is stable."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 6)
+    if isinstance(value, bytes):
+        return None
+    return value
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def read_tar_keys(data: bytes) -> list[str]:
+    """Sample keys in a tar, in order (used by verify and tests)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return list(dict.fromkeys(m.name.rsplit(".", 1)[0] for m in tar.getmembers()))
+

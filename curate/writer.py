@@ -1,0 +1,97 @@
+"""Tar writing: scatter sample members into one bucket file per shard, then write each shard in position order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
+from curate.stages.shard import sample_bytes, shard_name, tar_end
+
+_RECORD = struct.Struct("<qQ")  # position, length of the member bytes that follow
+
+
+def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[str, Any]:
+    """The KEY.json document of one sample."""
+    from curate.stages.shard import json_value
+
+    document = {
+        "key": row[KEY], "url": row["url"], "caption": row.get(CAPTION),
+        "original_width": row["original_width"], "original_height": row["original_height"],
+        "width": row["stored_width"], "height": row["stored_height"],
+        "aesthetic_score": json_value(row.get("aesthetic_score")),
+        "watermark_prob": json_value(row.get("watermark_prob")),
+        "scores_source": row.get("scores_source"), "sha256": row["sha256"],
+    }
+    document["metadata"] = {name: json_value(row.get(name)) for name in metadata_columns}
+    return document
+
+
+def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, metadata_columns: list[str]) -> int:
+    """Append every assigned sample's tar members to its shard's bucket file; returns samples written."""
+    bucket_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    # Join on the input row number: keys repeat among dropped rows (url+caption duplicates).
+    wanted = assignment.select([ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source"])
+    for part in parts:
+        part = part.drop_columns([c for c in wanted.column_names if c != ROW and c in part.column_names])
+        joined = part.join(wanted, ROW, join_type="inner")
+        if joined.num_rows == 0:
+            continue
+        joined = joined.sort_by([(SHARD, "ascending"), (POSITION, "ascending")])
+        shards = joined[SHARD].to_numpy()
+        for shard in np.unique(shards):
+            rows = joined.filter(pc.equal(joined[SHARD], shard)).to_pylist()
+            with open(bucket_dir / f"{int(shard):06d}.bucket", "ab") as bucket:
+                for row in rows:
+                    members = sample_bytes(row[KEY], row[JPG], row.get(CAPTION) or "",
+                                           sample_document(row, metadata_columns))
+                    bucket.write(_RECORD.pack(row[POSITION], len(members)) + members)
+            written += len(rows)
+    return written
+
+
+def _bucket_index(path: Path) -> list[tuple[int, int, int]]:
+    """(position, offset, length) of every record, without holding the bytes."""
+    records = []
+    with open(path, "rb") as bucket:
+        offset = 0
+        while header := bucket.read(_RECORD.size):
+            position, length = _RECORD.unpack(header)
+            records.append((position, offset + _RECORD.size, length))
+            offset += _RECORD.size + length
+            bucket.seek(offset)
+    return sorted(records)
+
+
+def write_shard(bucket: Path, destination: Path) -> dict[str, Any]:
+    """Write one tar from its bucket in position order, atomically; returns its wids index entry."""
+    digest, size, records = hashlib.sha256(), 0, _bucket_index(bucket)
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    with open(bucket, "rb") as source, open(tmp, "wb") as tar:
+        for _, offset, length in records:
+            source.seek(offset)
+            data = source.read(length)
+            tar.write(data)
+            digest.update(data)
+            size += length
+        end = tar_end(size)
+        tar.write(end)
+        digest.update(end)
+        size += len(end)
+        tar.flush()
+        os.fsync(tar.fileno())
+    os.replace(tmp, destination)
+    return {"url": destination.name, "nsamples": len(records), "filesize": size, "sha256": digest.hexdigest()}
+
+
+def shard_path(shard_dir: Path, prefix: str, index: int) -> Path:
+    return shard_dir / shard_name(prefix, index)
