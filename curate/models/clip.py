@@ -58,16 +58,18 @@ class ClipEncoder:
         path_or_url: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
+        model_name: str = MODEL_NAME,
     ) -> ClipEncoder:
         """Build open_clip ViT-L-14 with QuickGELU and load the weights strictly.
 
         path_or_url is a weight file (state dict, .safetensors, or the OpenAI TorchScript release), a URL, or an
         open_clip folder (`open_clip_config.json` beside the weights, as on the hub); None fetches the official
-        weights into cache_dir. QuickGELU is always forced: the OpenAI weights were trained with it, and open_clip
-        only sets it by itself for the `openai` pretrained tag, not for a local file.
+        weights into cache_dir. A weight file is loaded into the open_clip config model_name. QuickGELU is always
+        forced: the OpenAI weights were trained with it, and open_clip sets it by itself only for the `openai`
+        pretrained tag, not for a local file.
         """
         path = resolve_weights(CLIP, path_or_url, cache_dir)
-        model_id, weights_file = (MODEL_NAME, path)
+        model_id, weights_file = (model_name, path)
         if path.is_dir():
             model_id, weights_file = f"local-dir:{path}", _weights_in_folder(path)
         with _quiet_random_init_warning():

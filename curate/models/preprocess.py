@@ -43,15 +43,15 @@ def clip_pixels(image: Image.Image, size: int = CLIP_SIZE) -> np.ndarray:
         image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     left = int(round((new_width - size) / 2.0))
     top = int(round((new_height - size) / 2.0))
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return np.array(image.crop((left, top, left + size, top + size)))
 
 
 def watermark_pixels(image: Image.Image, size: int = WATERMARK_SIZE) -> np.ndarray:
     """uint8 [size, size, 3]: squashed to size x size, bilinear (torchvision `Resize((size, size))` on PIL)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     if image.size == (size, size):
-        return np.asarray(image)
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+        return np.array(image)
+    return np.array(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def model_inputs(data: bytes, draft: bool = True) -> tuple[np.ndarray, np.ndarray]:

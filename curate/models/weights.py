@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,9 @@ def load_state_dict(path: str | Path, spec: WeightSpec) -> dict[str, torch.Tenso
                 f"{spec.name} weights: {path} is a TorchScript archive whose sha256 is not a published one; "
                 f"it will not be loaded. Pass a state dict or .safetensors file with {spec.option}."
             )
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, and the only reader
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
