@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import faiss
@@ -33,10 +34,11 @@ MAX_CLUSTERS = 50_000
 TRAIN_POINTS_PER_CLUSTER = 256  # faiss's own default cap: more training points cost time, not quality
 MAX_TRAIN_POINTS = 2_000_000
 ASSIGN_BATCH = 65_536
-MAX_CLUSTER_SIZE = 16_384  # larger clusters are split by a second-level k-means (pair search is quadratic)
+MAX_CLUSTER_SIZE = 4_096  # larger clusters are split by a second-level k-means (pair search is quadratic)
 SPLIT_FACTOR = 4  # a split aims at sub-clusters of max_size / 4 rows, well under the limit
 MAX_SPLIT_DEPTH = 2
 BLOCK_ELEMENTS = 1 << 24  # one similarity block holds at most 16M float32 (64 MiB)
+SMALL_FAISS_WORK = 1e9  # multiply-adds per pass below which faiss runs on one thread
 BOUNDARY_MARGIN = 0.02  # rows this close (in cosine) to a second centroid are searched there too
 
 
@@ -57,9 +59,21 @@ def default_cluster_count(n: int) -> int:
 def normalized(vectors: np.ndarray) -> np.ndarray:
     """A float32 copy with unit rows (zero rows stay zero)."""
     unit = np.array(vectors, dtype=np.float32, copy=True)
-    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", unit, unit))[:, None]  # faster than np.linalg.norm on float32
     np.divide(unit, norms, out=unit, where=norms > 0)
     return unit
+
+
+@contextmanager
+def _faiss_threads(work: float) -> Iterator[None]:
+    """Run small faiss calls on one thread: OpenMP start-up and spin-waiting cost more than they save."""
+    before = faiss.omp_get_max_threads()
+    if work < SMALL_FAISS_WORK:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def train_centroids(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
@@ -78,7 +92,8 @@ def train_centroids(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20) 
         max_points_per_centroid=TRAIN_POINTS_PER_CLUSTER,
         min_points_per_centroid=1,
     )
-    kmeans.train(unit)
+    with _faiss_threads(unit.size * k):
+        kmeans.train(unit)
     return np.asarray(kmeans.centroids)
 
 
@@ -106,7 +121,9 @@ def assign_clusters(
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     for start in range(0, n, batch_size):
-        sims, ids = index.search(normalized(source[start : start + batch_size]), 2)
+        batch = normalized(source[start : start + batch_size])
+        with _faiss_threads(batch.size * len(centroids)):
+            sims, ids = index.search(batch, 2)
         nearest[start : start + len(ids)] = ids[:, 0]
         second[start : start + len(ids)] = np.where(sims[:, 0] - sims[:, 1] <= margin, ids[:, 1], -1)
     return nearest, second
