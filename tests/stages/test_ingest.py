@@ -1,0 +1,45 @@
+import mmh3
+import pyarrow as pa
+import pytest
+
+from curate.stages.ingest import canonical_names, format_key, key_of, normalize
+
+
+def test_key_is_laion_hash_as_unsigned_hex():
+    url, text = "https://example.com/cat.jpg", "a cat"
+    signed = mmh3.hash64(url + text)[0]
+    assert key_of(url, text) == f"{signed % (1 << 64):016x}"
+    assert key_of(None, None) == format_key(mmh3.hash64("")[0])
+    assert format_key(-1) == "ffffffffffffffff" and format_key(1) == "0000000000000001"
+
+
+def test_known_mmh3_value():
+    # mmh3.hash64("foo")[0] is -2129773440516405919 (mmh3 documentation example).
+    assert mmh3.hash64("foo")[0] == -2129773440516405919
+    assert key_of("fo", "o") == format_key(-2129773440516405919)
+
+
+def test_laion_spellings_normalized():
+    table = pa.table({"URL": ["http://a/x.jpg"], "TEXT": ["x"], "WIDTH": [640], "HEIGHT": ["480"],
+                      "AESTHETIC_SCORE": [5.5], "pwatermark": [0.1], "LICENSE": ["cc"], "SAMPLE_ID": [7]})
+    out = normalize(table, first_row=10)
+    assert out.column_names[:4] == ["key", "row", "url", "caption"]
+    assert {"width", "height", "aesthetic", "pwatermark", "license", "sample_id"} <= set(out.column_names)
+    assert out["height"].to_pylist() == [480.0] and out["width"].type == pa.float64()
+    assert out["row"].to_pylist() == [10]
+
+
+def test_hash_column_is_the_key_when_present():
+    table = pa.table({"url": ["http://a/x.jpg", "http://b"], "caption": ["x", "y"], "hash": [-5, None]})
+    out = normalize(table, 0)
+    assert out["key"].to_pylist() == [format_key(-5), key_of("http://b", "y")]
+
+
+def test_no_url_column_names_the_columns_found():
+    with pytest.raises(ValueError, match=r"no URL column.*\['TEXT', 'WIDTH'\]"):
+        canonical_names(["TEXT", "WIDTH"])
+
+
+def test_two_spellings_of_one_column_are_refused():
+    with pytest.raises(ValueError, match="both mean 'caption'"):
+        canonical_names(["url", "TEXT", "caption"])
