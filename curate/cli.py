@@ -163,6 +163,25 @@ def demo(output: Output = Path("demo-out"),
     console.print(f"verify with: curate verify {output}")
 
 
+@app.command(name="score-embeddings")
+def score_embeddings(
+    embeddings: Annotated[Path, typer.Argument(help="CLIP ViT-L/14 image embeddings: .npy of rows x 768.")],
+    metadata: Annotated[Optional[Path], typer.Argument(help="Parquet with the same rows in the same order.")] = None,  # noqa: UP045
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")] = Path("scores.parquet"),
+    aesthetic_weights: Annotated[Optional[str], typer.Option(help="Local file or URL of the head.")] = None,  # noqa: UP045
+    aesthetic_head: Annotated[str, typer.Option(help="v2 (MLP) or v1 (linear).")] = "v2",
+    model_cache: Annotated[str, typer.Option(help="Where official weights are downloaded.")] = "~/.cache/curate",
+) -> None:
+    """Aesthetic scores from precomputed CLIP embeddings (LAION's img_emb), before any image is downloaded."""
+    from curate.score_embeddings import score_embeddings as score
+
+    try:
+        rows = score(embeddings, output, metadata, aesthetic_weights, aesthetic_head, model_cache)
+    except ValueError as error:
+        _fail(error)
+    console.print(f"{rows} rows scored: {output}")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step.")] = False) -> None:
     level = logging.INFO if verbose else logging.WARNING

@@ -21,8 +21,11 @@ DEFAULT_CACHE = "~/.cache/curate"
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class WeightsError(RuntimeError):
-    """A weight file could not be found, fetched or trusted; the message says which option fixes it."""
+class WeightsError(ValueError):
+    """A weight file could not be found, fetched or trusted; the message says which option fixes it.
+
+    A ValueError, like every other bad-configuration error, so the CLI reports it as one.
+    """
 
 
 @dataclass(frozen=True)
