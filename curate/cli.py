@@ -182,6 +182,29 @@ def score_embeddings(
     console.print(f"{rows} rows scored: {output}")
 
 
+@app.command("dedup-embeddings")
+def dedup_embeddings_command(
+        embeddings: Annotated[list[Path], typer.Argument(help="Embedding .npy files (n x d float16).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Parquet: index, cluster, keep, duplicate_of.")],
+        threshold: Annotated[float, typer.Option(help="Cosine similarity that makes two images duplicates.")] = 0.95,
+        metadata: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="Metadata parquet in the same row order: survivor by aesthetic, size, index.")] = None,
+        clusters: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help="k-means clusters [default: rows / 10,000, 1 to 50,000].")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the k-means.")] = 0,
+        workers: Annotated[int, typer.Option(help="Processes for the per-cluster search.")] = 1) -> None:
+    """Find semantic near-duplicates in precomputed CLIP embeddings, before any image is downloaded."""
+    from curate.dedup_embeddings import dedup_embeddings
+
+    try:
+        result = dedup_embeddings([str(path) for path in embeddings], str(output), threshold,
+                                  str(metadata) if metadata else None, clusters, seed, workers)
+    except ValueError as error:
+        _fail(error)
+    duplicates = result.num_rows - sum(result["keep"].to_pylist())
+    console.print(f"{result.num_rows} embeddings, {duplicates} duplicates: {output}")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step.")] = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
