@@ -65,7 +65,7 @@ def sample_rows(rows: int, seed: int = 0) -> tuple[dict[str, Response], list[dic
         table.append({"URL": path, "TEXT": f"{rng.choice(WORDS)} {rng.choice(THINGS)} #{i}",
                       "WIDTH": float(claimed[0]), "HEIGHT": float(claimed[1]),
                       "AESTHETIC_SCORE": float(rng.uniform(4.0, 7.5)), "pwatermark": float(rng.beta(0.6, 2.0)),
-                      "punsafe": float(rng.beta(0.5, 8)), "similarity": float(rng.uniform(0.25, 0.4)),
+                      "punsafe": float(rng.beta(0.5, 4)), "similarity": float(rng.uniform(0.25, 0.4)),
                       "LICENSE": "?", "LANGUAGE": "en"})
     add_hostile_rows(routes, table, rng)
     return routes, table
