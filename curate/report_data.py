@@ -1,0 +1,229 @@
+"""What the report reads: bounded, streaming selections over the run's tables; no step holds every row or image."""
+
+from __future__ import annotations
+
+import base64
+import io as bytes_io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from curate.schema import (
+    AESTHETIC,
+    AESTHETIC_SCORE,
+    CAPTION,
+    DROP_DETAIL,
+    DROP_REASON,
+    HEIGHT,
+    JPG,
+    KEY,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PWATERMARK,
+    ROW,
+    URL,
+    WATERMARK_PROB,
+    WIDTH,
+)
+
+log = logging.getLogger(__name__)
+MAX_POINTS = 100_000  # rows sampled for the distributions, whatever the run's size
+AESTHETIC_REASONS = ("low_aesthetic", "metadata_low_aesthetic")
+DETAIL_COLUMNS = [ROW, KEY, URL, CAPTION, DROP_REASON, DROP_DETAIL, AESTHETIC_SCORE, AESTHETIC, WATERMARK_PROB,
+                  PWATERMARK, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT]
+
+
+def row_hash(rows: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random 64-bit value per row number (splitmix64): a deterministic sample order."""
+    with np.errstate(over="ignore"):
+        x = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class TopK:
+    """The k rows with the smallest (or largest) value seen so far, fed batch by batch."""
+
+    def __init__(self, k: int, largest: bool = False) -> None:
+        self.k, self.sign = k, -1.0 if largest else 1.0
+        self.values, self.rows = np.empty(0), np.empty(0, dtype=np.int64)
+
+    def add(self, values: np.ndarray, rows: np.ndarray) -> None:
+        values = np.concatenate([self.values, self.sign * np.asarray(values, dtype=np.float64)])
+        rows = np.concatenate([self.rows, np.asarray(rows, dtype=np.int64)])
+        order = np.lexsort((rows, values))[: self.k]  # ties broken by row number: deterministic
+        self.values, self.rows = values[order], rows[order]
+
+    def result(self) -> list[int]:
+        return self.rows.tolist()
+
+
+def _present(path: Path, wanted: list[str]) -> list[str]:
+    names = set(pq.ParquetFile(path).schema_arrow.names)
+    return [name for name in wanted if name in names]
+
+
+def checkpoint_parts(out: Path, stage: str) -> list[Path]:
+    parts = sorted((out / "stages" / stage).glob("part-*.parquet"))
+    if not parts:
+        raise ValueError(f"{out}: no {stage} checkpoint; run `curate run` (or `curate shard`) first")
+    return parts
+
+
+def iter_columns(parts: list[Path], wanted: list[str], filters: Any = None) -> Iterator[pa.Table]:
+    """Each part's wanted columns that exist; filters prune row groups by their statistics."""
+    for part in parts:
+        table = pq.read_table(part, columns=_present(part, wanted), filters=filters)
+        if table.num_rows:
+            yield table
+
+
+def coalesce(table: pa.Table, first: str, second: str) -> pa.ChunkedArray | pa.Array:
+    """first where it is set, else second (measured value, else the metadata's), as float64."""
+    names = table.column_names
+    values = [pc.cast(table[n], pa.float64()) for n in (first, second) if n in names]
+    if not values:
+        return pa.nulls(table.num_rows, pa.float64())
+    return pc.coalesce(*values) if len(values) > 1 else values[0]
+
+
+def distribution_sample(out: Path, input_rows: int) -> pa.Table:
+    """At most ~MAX_POINTS rows (a fixed hash sample) with the values the distribution plots need."""
+    fraction = min(1.0, MAX_POINTS / max(input_rows, 1))
+    pieces = []
+    wanted = [ROW, CAPTION, DROP_REASON, AESTHETIC_SCORE, AESTHETIC, WATERMARK_PROB, PWATERMARK,
+              ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT, "scores_source"]
+    for table in iter_columns(checkpoint_parts(out, "shard"), wanted):
+        uniform = (row_hash(table[ROW].to_numpy()) >> np.uint64(11)).astype(np.float64) / 2.0**53
+        table = table.filter(pa.array(uniform < fraction))
+        names = table.column_names
+        captions = table[CAPTION] if CAPTION in names else pa.nulls(table.num_rows, pa.string())
+        measured = [table[n] if n in names else pa.nulls(table.num_rows, pa.float64())
+                    for n in (AESTHETIC_SCORE, WATERMARK_PROB)]
+        source = table["scores_source"] if "scores_source" in names else pa.nulls(table.num_rows, pa.string())
+        pieces.append(pa.table({
+            "kept": pc.is_null(table[DROP_REASON]),
+            "reason": table[DROP_REASON],
+            "aesthetic": coalesce(table, AESTHETIC_SCORE, AESTHETIC),
+            "watermark": coalesce(table, WATERMARK_PROB, PWATERMARK),
+            "width": coalesce(table, ORIGINAL_WIDTH, WIDTH),
+            "height": coalesce(table, ORIGINAL_HEIGHT, HEIGHT),
+            "caption_length": pc.utf8_length(pc.fill_null(captions, "")),
+            "metadata_aesthetic": coalesce(table, AESTHETIC, AESTHETIC),
+            "measured_aesthetic": pc.cast(measured[0], pa.float64()),
+            "metadata_watermark": coalesce(table, PWATERMARK, PWATERMARK),
+            "measured_watermark": pc.cast(measured[1], pa.float64()),
+            "scores_source": source,
+        }))
+    return pa.concat_tables(pieces) if pieces else pa.table({})
+
+
+def sample_per_reason(ledger: Path, k: int) -> dict[str, list[int]]:
+    """Up to k ledger rows per reason, a fixed hash sample spread over the whole run."""
+    picks: dict[str, TopK] = {}
+    for batch in pq.ParquetFile(ledger).iter_batches(columns=[ROW, "reason"], batch_size=1 << 20):
+        rows, reasons = batch.column(ROW).to_numpy(), batch.column("reason")
+        hashes = row_hash(rows).astype(np.float64)
+        for reason in pc.unique(reasons).to_pylist():
+            mask = pc.equal(reasons, reason).to_numpy(zero_copy_only=False)
+            picks.setdefault(reason, TopK(k)).add(hashes[mask], rows[mask])
+    return {reason: top.result() for reason, top in sorted(picks.items())}
+
+
+def aesthetic_picks(out: Path, threshold: float, k: int) -> dict[str, list[int]]:
+    """Kept just above the threshold, dropped just below it, and the highest-scored kept rows."""
+    above, below, highest = TopK(k), TopK(k, largest=True), TopK(k, largest=True)
+    wanted = [ROW, DROP_REASON, AESTHETIC_SCORE, AESTHETIC]
+    for table in iter_columns(checkpoint_parts(out, "shard"), wanted):
+        score = coalesce(table, AESTHETIC_SCORE, AESTHETIC).to_numpy(zero_copy_only=False)
+        rows = table[ROW].to_numpy()
+        reasons = table[DROP_REASON]
+        kept = pc.is_null(reasons).to_numpy(zero_copy_only=False) & ~np.isnan(score)
+        low = pc.is_in(reasons, pa.array(AESTHETIC_REASONS)).to_numpy(zero_copy_only=False) & ~np.isnan(score)
+        above.add(score[kept & (score >= threshold)], rows[kept & (score >= threshold)])
+        below.add(score[low & (score < threshold)], rows[low & (score < threshold)])
+        highest.add(score[kept], rows[kept])
+    return {"above": above.result(), "below": below.result(), "highest": highest.result()}
+
+
+def duplicate_groups(out: Path, sampled: dict[str, list[int]], groups: int,
+                     members: int) -> list[tuple[int | None, list[int]]]:
+    """(survivor row, dropped copies) per group; the ledger's detail names the survivor's key."""
+    chosen_rows = [row for reason, rows in sampled.items() if reason.startswith("duplicate_") for row in rows]
+    if not chosen_rows:
+        return []
+    ledger = out / "ledger.parquet"
+    first = pq.read_table(ledger, columns=[ROW, "detail"], filters=[(ROW, "in", chosen_rows)])
+    survivors = list(dict.fromkeys(v for v in first.sort_by(ROW)["detail"].to_pylist() if v))[:groups]
+    copies: dict[str, list[int]] = {key: [] for key in survivors}
+    for batch in pq.ParquetFile(ledger).iter_batches(columns=[ROW, "reason", "detail"], batch_size=1 << 20):
+        mask = pc.and_(pc.starts_with(batch.column("reason"), "duplicate_"),
+                       pc.is_in(batch.column("detail"), pa.array(survivors)))
+        hits = batch.filter(mask)
+        for row, key in zip(hits.column(ROW).to_pylist(), hits.column("detail").to_pylist(), strict=True):
+            if len(copies[key]) < members:
+                copies[key].append(row)
+    found = survivor_rows(out, survivors)
+    return [(found.get(key), copies[key]) for key in survivors]
+
+
+def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
+    """The row of each survivor key: keys repeat among dropped rows, so skip rows dropped as a duplicate."""
+    found: dict[str, int] = {}
+    for table in iter_columns(checkpoint_parts(out, "shard"), [ROW, KEY, DROP_REASON], [(KEY, "in", keys)]):
+        reasons = pc.fill_null(table[DROP_REASON], "")
+        table = table.filter(pc.invert(pc.starts_with(reasons, "duplicate_"))).sort_by(ROW)
+        for key, row in zip(table[KEY].to_pylist(), table[ROW].to_pylist(), strict=True):
+            found.setdefault(key, row)
+    return found
+
+
+def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
+    """The small columns of the chosen rows, from the last checkpoint (every input row is there)."""
+    details: dict[int, dict[str, Any]] = {}
+    if not rows:
+        return details
+    for table in iter_columns(checkpoint_parts(out, "shard"), DETAIL_COLUMNS, [(ROW, "in", sorted(rows))]):
+        for record in table.to_pylist():
+            details[record[ROW]] = record
+    return details
+
+
+def thumbnails(out: Path, rows: set[int], size: int = 160) -> dict[int, str]:
+    """A small JPEG data URI per chosen row that has stored bytes; reads only row groups holding chosen rows."""
+    wanted, found = np.array(sorted(rows), dtype=np.int64), {}
+    for part in checkpoint_parts(out, "download"):
+        reader = pq.ParquetFile(part)
+        row_index = reader.schema_arrow.get_field_index(ROW)
+        for group in range(reader.num_row_groups):
+            stats = reader.metadata.row_group(group).column(row_index).statistics
+            if stats is not None and stats.has_min_max:
+                inside = wanted[(wanted >= stats.min) & (wanted <= stats.max)]
+                if not len(inside):
+                    continue
+            table = reader.read_row_group(group, columns=[ROW, JPG])
+            table = table.filter(pc.and_(pc.is_in(table[ROW], pa.array(wanted)), pc.is_valid(table[JPG])))
+            for row, data in zip(table[ROW].to_pylist(), table[JPG].to_pylist(), strict=True):
+                found[row] = thumbnail_uri(data, size)
+    return {row: uri for row, uri in found.items() if uri}
+
+
+def thumbnail_uri(data: bytes, size: int) -> str:
+    try:
+        with Image.open(bytes_io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = bytes_io.BytesIO()
+            image.save(buffer, "JPEG", quality=70)
+    except Exception as error:  # a stored image that no longer decodes is shown as a placeholder
+        log.warning("thumbnail failed: %s", error)
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
