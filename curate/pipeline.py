@@ -19,6 +19,15 @@ RECUT_OPTIONS = {"threshold", "max_watermark", "world_size", "workers_per_rank",
                  "global_batch_size", "seed", "shard_name"}
 
 
+def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
+    """Ledger, samples and stats, then OUT/report.html from them."""
+    from curate.report import build_report
+
+    stats = finish(run, started)
+    build_report(run.out)
+    return stats
+
+
 def check_same_run(out: Path, config: Config, inputs: list[str]) -> None:
     """A rerun into an existing output must use the same arguments (it resumes); refuse anything else."""
     path = out / "stages" / "run.json"
@@ -55,7 +64,7 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     run.dedup()
     run.select(force=True)
     shard(run)
-    return finish(run, started)
+    return finish_and_report(run, started)
 
 
 def recut(output: str | Path, config: Config, progress: Progress | None = None,
@@ -71,7 +80,7 @@ def recut(output: str | Path, config: Config, progress: Progress | None = None,
     path = run.out / "stages" / "run.json"
     earlier = json.loads(path.read_text())
     io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
-    return finish(run, started)
+    return finish_and_report(run, started)
 
 
 def load_run_config(output: str | Path) -> Config:
@@ -92,7 +101,7 @@ def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any
     started = time.perf_counter()
     if stage == "shard":
         shard(run)
-        return finish(run, started)
+        return finish_and_report(run, started)
     scores = run.resolve_scores()
     if stage == "download":
         run.checkpoint("download").reset()

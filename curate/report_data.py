@@ -176,14 +176,16 @@ def duplicate_groups(out: Path, sampled: dict[str, list[int]], groups: int,
 
 
 def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
-    """The row of each survivor key: keys repeat among dropped rows, so skip rows dropped as a duplicate."""
-    found: dict[str, int] = {}
+    """The row of each survivor key. Keys repeat (url duplicates share one), and a survivor may itself be a
+    duplicate of a later kind, so prefer a kept row, then any other verdict, then a later duplicate kind."""
+    best: dict[str, tuple[int, int]] = {}
     for table in iter_columns(checkpoint_parts(out, "shard"), [ROW, KEY, DROP_REASON], [(KEY, "in", keys)]):
-        reasons = pc.fill_null(table[DROP_REASON], "")
-        table = table.filter(pc.invert(pc.starts_with(reasons, "duplicate_"))).sort_by(ROW)
-        for key, row in zip(table[KEY].to_pylist(), table[ROW].to_pylist(), strict=True):
-            found.setdefault(key, row)
-    return found
+        for key, row, reason in zip(table[KEY].to_pylist(), table[ROW].to_pylist(), table[DROP_REASON].to_pylist(),
+                                    strict=True):
+            rank = 0 if reason is None else 3 if reason == "duplicate_url" else 2 if reason.startswith(
+                "duplicate_") else 1
+            best[key] = min(best.get(key, (rank, row)), (rank, row))
+    return {key: row for key, (_, row) in best.items()}
 
 
 def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
