@@ -151,6 +151,18 @@ def verify(output: Annotated[Path, typer.Argument(help="A curate output folder."
 
 
 @app.command()
+def report(output: Annotated[Path, typer.Argument(help="A curate output folder.")]) -> None:
+    """Rebuild OUT/report.html (funnel, distributions, image grids, shard plan) from a finished run."""
+    from curate.report import build_report
+
+    try:
+        path = build_report(output)
+    except ValueError as error:
+        _fail(error)
+    console.print(f"report: {path}")
+
+
+@app.command()
 def demo(output: Output = Path("demo-out"),
          rows: Annotated[int, typer.Option(help="Rows in the generated sample.")] = 400) -> None:
     """Build a LAION-schema sample, serve its images on 127.0.0.1 and run the pipeline on it."""
