@@ -97,3 +97,17 @@ def test_bad_inputs_raise_naming_the_option(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--threshold"):
         dedup_embeddings(paths, str(tmp_path / "d.parquet"), threshold=1.5)
     assert not (tmp_path / "d.parquet").exists()
+
+
+def test_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    paths = _save(tmp_path, _corpus(200, [(3, 150)]), [100])
+    output = tmp_path / "dups.parquet"
+    result = CliRunner().invoke(app, ["dedup-embeddings", *paths, "--output", str(output), "--threshold", "0.95"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output)["duplicate_of"].to_pylist()[150] == 3
+    missing = CliRunner().invoke(app, ["dedup-embeddings", str(tmp_path / "none.npy"), "--output", str(output)])
+    assert missing.exit_code == 2 and "no file" in missing.output
