@@ -2,10 +2,13 @@
 
 The flow, each step a pure function both engines call:
   1. `train_centroids` on a bounded sample of the unit embeddings (k from `default_cluster_count` or the option);
-  2. `assign_clusters` in bounded batches (a map step);
-  3. `dedup_cluster` per cluster (a per-group step): pairs with cosine >= threshold, their connected components,
-     one survivor per component by the survivor rule (`verdict.survivor_order`). Too-large clusters are split by a
-     second-level k-means first. `dedup_group` is the same over an Arrow table, for Spark's `applyInArrow`.
+  2. `assign_clusters` in bounded batches (a map step); a row within BOUNDARY_MARGIN of a second centroid is also
+     searched in that cluster, so pairs a boundary splits are still found;
+  3. `dedup_cluster` per cluster (a per-group step): pairs with cosine >= threshold (exact, blocked matrix product),
+     their connected components (union-find), one survivor per component by the survivor rule
+     (`verdict.survivor_order`). Clusters over MAX_CLUSTER_SIZE are split by a second-level k-means first;
+  4. components that boundary rows link across clusters are joined (`find_duplicates`; `resolve_survivors` on Spark).
+`dedup_group` is step 3 over an Arrow table, for Spark's `applyInArrow`; `flag_semantic_duplicates` is the stage.
 """
 
 from __future__ import annotations
