@@ -1,0 +1,232 @@
+"""report.html: built for a small real run (HTTP on 127.0.0.1), checked structurally, rendered in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from curate import pipeline, report_data
+from curate.cli import app
+from curate.config import Config
+from curate.demo import generated_image, jpeg
+from curate.report import build_report
+from curate.server import ImageServer, Response
+
+THRESHOLD, MIN_SIZE = 5.0, 64
+
+
+class ReportParser(HTMLParser):
+    """Tables by class (rows of cell text), reason sections and their figures, every src/href value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.sections: dict[str, list[dict[str, str]]] = {}
+        self.links: list[str] = []
+        self.tags: list[str] = []
+        self._table: str | None = None
+        self._section: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        self.tags.append(tag)
+        self.links += [values[k] for k in ("src", "href") if k in values]
+        if tag == "table":
+            self._table = values.get("class", "")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "section" and "data-reason" in values:
+            self._section = values["data-reason"]
+            self.sections[self._section] = []
+        elif tag == "figure" and self._section is not None:
+            self.sections[self._section].append(values)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "section":
+            self._section = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(path: Path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text())
+    return parser
+
+
+def corpus_rows(rng: np.random.Generator) -> tuple[dict[str, Response], list[dict[str, Any]]]:
+    """~30 rows with small images and every kind of drop the report has a grid for."""
+    routes: dict[str, Response] = {}
+    rows: list[dict[str, Any]] = []
+
+    def add(path: str, size: tuple[int, int], caption: str = "", claimed: tuple[int, int] | None = None,
+            aesthetic: float = 6.0, watermark: float = 0.1, body: bytes | None = None) -> None:
+        if body is not None or path not in routes:
+            routes[path] = Response(body if body is not None else jpeg(generated_image(rng, *size)))
+        width, height = claimed or size
+        rows.append({"URL": path, "TEXT": caption or f"a photo #{len(rows)}", "WIDTH": float(width),
+                     "HEIGHT": float(height), "AESTHETIC_SCORE": aesthetic, "pwatermark": watermark})
+
+    for i in range(16):
+        add(f"/img/{i}.jpg", (96 + 6 * i, 80 + 4 * i), aesthetic=4.6 + 0.18 * i)
+    add("/small.jpg", (40, 40))  # metadata_low_resolution
+    add("/liar.jpg", (40, 48), claimed=(200, 240))  # metadata lies: select's low_resolution
+    add("/wm.jpg", (120, 100), watermark=0.95)  # metadata_watermark
+    routes["/copy/0.jpg"] = routes["/copy/1.jpg"] = routes["/img/15.jpg"]  # duplicate_exact
+    add("/copy/0.jpg", (156, 140), aesthetic=6.0)
+    add("/copy/1.jpg", (156, 140), aesthetic=5.9)
+    phash_copy = Image.open(__import__("io").BytesIO(routes["/img/14.jpg"].body)).resize((140, 126))
+    add("/resized.jpg", (140, 126), body=jpeg(phash_copy), aesthetic=6.5)  # duplicate_phash
+    rows.append(dict(rows[3]))  # duplicate_url
+    add("/missing.jpg", (100, 100))  # http_error: no route
+    routes.pop("/missing.jpg")
+    add("/html.jpg", (100, 100), body=b"<html>not an image</html>")  # decode_failed
+    add("/empty.jpg", (100, 100), caption=" ")  # empty_caption
+    return routes, rows
+
+
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("report")
+    routes, rows = corpus_rows(np.random.default_rng(0))
+    with ImageServer(routes) as server:
+        served = [dict(r, URL=server.url(r["URL"])) for r in rows]
+        pq.write_table(pa.Table.from_pylist(served), root / "sample.parquet")
+        config = Config(scores="metadata", world_size=2, workers_per_rank=1, allow_private_network=True,
+                        min_size=MIN_SIZE, threshold=THRESHOLD, threads=4, timeout=5.0).validate()
+        pipeline.run_local([str(root / "sample.parquet")], root / "out", config)
+    yield root / "out"
+
+
+def test_run_writes_a_self_contained_report(run_output: Path) -> None:
+    report = parse(run_output / "report.html")
+    assert report.links, "the report embeds charts and thumbnails"
+    external = [link for link in report.links if re.match(r"(https?:)?//", link)]
+    assert external == []
+    assert all(link.startswith("data:image/") for link in report.links)
+    assert "script" not in report.tags and "link" not in report.tags
+
+
+def test_funnel_numbers_equal_stats(run_output: Path) -> None:
+    stats = json.loads((run_output / "stats.json").read_text())
+    report = parse(run_output / "report.html")
+    funnel = [[stage, int(rows.replace(",", "")), int(dropped.replace(",", ""))]
+              for stage, rows, dropped in report.tables["funnel"][1:]]
+    assert funnel == [[s["stage"], s["rows"], s["dropped"]] for s in stats["funnel"]]
+    reasons = {(stage, reason): int(rows.replace(",", "")) for stage, reason, rows, _ in report.tables["reasons"][1:]}
+    assert reasons == {(stage, reason): count for stage, counts in stats["dropped_by_stage"].items()
+                       for reason, count in counts.items()}
+
+
+def test_every_ledger_reason_has_a_grid(run_output: Path) -> None:
+    ledger = pq.read_table(run_output / "ledger.parquet")
+    reasons = set(ledger["reason"].to_pylist())
+    assert {"duplicate_exact", "duplicate_phash", "duplicate_url", "http_error", "metadata_low_resolution",
+            "low_resolution"} <= reasons
+    report = parse(run_output / "report.html")
+    assert set(report.sections) == reasons
+    for reason, figures in report.sections.items():
+        rows = {int(f["data-row"]) for f in figures}
+        assert figures and rows <= set(ledger.filter(pa.compute.equal(ledger["reason"], reason))["row"].to_pylist())
+
+
+def test_rows_without_images_show_their_url(run_output: Path) -> None:
+    text = (run_output / "report.html").read_text()
+    section = text[text.index('data-reason="http_error"'):]
+    section = section[: section.index("</section>")]
+    assert "no stored image" in section and "/missing.jpg" in section
+
+
+def test_duplicate_groups_put_the_survivor_first(run_output: Path) -> None:
+    text = (run_output / "report.html").read_text()
+    groups = re.findall(r'<div class="group">(.*?)</div></div>', text, flags=re.S) or []
+    assert groups
+    samples = pq.read_table(run_output / "samples.parquet", columns=["row"])["row"].to_pylist()
+    for group in groups:
+        first = re.search(r'<figure class="survivor"[^>]*data-row="(\d+)"', group)
+        assert first is not None and int(first.group(1)) in samples
+
+
+def test_boundary_grids_straddle_the_threshold(run_output: Path) -> None:
+    above = report_data.aesthetic_picks(run_output, THRESHOLD, 4)
+    details = report_data.row_details(run_output, set(above["above"] + above["below"]))
+    assert above["above"] and above["below"]
+    assert all(details[r]["aesthetic_score"] >= THRESHOLD for r in above["above"])
+    assert all(details[r]["aesthetic_score"] < THRESHOLD for r in above["below"])
+
+
+def test_distribution_sample_is_bounded(run_output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stats = json.loads((run_output / "stats.json").read_text())
+    assert report_data.distribution_sample(run_output, stats["input_rows"]).num_rows == stats["input_rows"]
+    monkeypatch.setattr(report_data, "MAX_POINTS", 8)
+    assert 0 < report_data.distribution_sample(run_output, stats["input_rows"]).num_rows < stats["input_rows"]
+
+
+def test_top_k_keeps_the_extremes_across_batches() -> None:
+    top = report_data.TopK(3, largest=True)
+    top.add(np.array([1.0, 9.0, 5.0]), np.array([0, 1, 2]))
+    top.add(np.array([7.0, 2.0, 9.0]), np.array([3, 4, 5]))
+    assert top.result() == [1, 5, 3]
+
+
+def test_cli_rebuilds_the_report(run_output: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(run_output, tmp_path / "out")
+    (copy / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.html").exists()
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "nothing")]).exit_code == 2
+
+
+def test_recut_rewrites_the_report(run_output: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(run_output, tmp_path / "out")
+    config = pipeline.load_run_config(copy)
+    config.threshold = 6.0
+    stats = pipeline.recut(copy, config)
+    assert "aesthetic ≥ 6" in (copy / "report.html").read_text()
+    assert [int(r[1].replace(",", "")) for r in parse(copy / "report.html").tables["funnel"][1:]] == [
+        s["rows"] for s in stats["funnel"]]
+
+
+def test_missing_stats_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no stats.json"):
+        build_report(tmp_path)
+
+
+def test_report_renders_in_a_browser(run_output: Path, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    screenshot = tmp_path / "report.png"
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
+               f"--screenshot={screenshot}", "--window-size=1280,2000", (run_output / "report.html").as_uri()]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=90, check=False)
+    assert screenshot.exists(), "chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2000, 1280)
+    assert pixels.std() > 10, "the screenshot is blank"
