@@ -220,11 +220,11 @@ def thumbnails(out: Path, rows: set[int], size: int = 160) -> dict[int, str]:
 
 def thumbnail_uri(data: bytes, size: int) -> str:
     try:
-        with Image.open(bytes_io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            buffer = bytes_io.BytesIO()
-            image.save(buffer, "JPEG", quality=70)
+        with Image.open(bytes_io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+        image.thumbnail((size, size))
+        buffer = bytes_io.BytesIO()
+        image.save(buffer, "JPEG", quality=70)
     except Exception as error:  # a stored image that no longer decodes is shown as a placeholder
         log.warning("thumbnail failed: %s", error)
         return ""
