@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from curate.config import Config
-from curate.models import WeightsError
+from curate.models import AestheticPredictor, ClipEncoder, WeightsError
 from curate.models.testing import write_tiny_weights
+from curate.pipeline import recut, run_local
 from curate.schema import (
     AESTHETIC_SCORE,
     DROP_DETAIL,
@@ -103,6 +107,34 @@ def test_missing_weight_raises_before_scoring_and_names_the_option(tiny_config: 
     config = Config(**{**tiny_config.to_dict(), "watermark_weights": str(tmp_path / "absent.pt")})
     with pytest.raises(WeightsError, match="--watermark-weights"):
         load_scorer(config)
+
+
+def test_run_with_model_scores_keeps_what_the_scores_say(tmp_path, corpus_factory, config_factory, tiny_config) -> None:
+    corpus = corpus_factory(16)
+    models = {name: getattr(tiny_config, name) for name in ("clip_weights", "aesthetic_weights", "watermark_weights")}
+    # a random tiny CLIP maps these smooth images close together: leave semantic dedup out of this run
+    config = config_factory(
+        scores="model", device="cpu", batch_size=8, threshold=-1e9, dedup=["url", "exact", "phash"], world_size=2,
+        workers_per_rank=1, **models
+    )
+    out = tmp_path / "out"
+    run_local([str(corpus.path)], out, config)
+    everything = pq.read_table(out / "samples.parquet")["aesthetic_score"].to_numpy()
+    threshold = float(np.median(everything))
+    stats = recut(out, Config(**{**config.to_dict(), "threshold": threshold}))
+    kept = pq.read_table(out / "samples.parquet")["aesthetic_score"].to_numpy()
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    low = [float(row["detail"]) for row in ledger if row["reason"] == "low_aesthetic"]
+    assert stats["input_rows"] == stats["kept"] + stats["dropped"] == len(corpus.rows)
+    assert len(kept) and len(low) and kept.min() >= threshold > max(low)
+    clip = ClipEncoder.load(models["clip_weights"])
+    head = AestheticPredictor.load(models["aesthetic_weights"])
+    shard = json.loads((out / "shards" / "index.json").read_text())["shardlist"][0]["url"]
+    for sample in wds.WebDataset(str(out / "shards" / shard), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert meta["scores_source"] == "model"
+        rescored = head.predict(clip.encode([Image.open(io.BytesIO(sample["jpg"]))]))[0]
+        assert abs(rescored - meta["aesthetic_score"]) < 1e-3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no GPU exists")
