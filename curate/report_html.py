@@ -17,7 +17,8 @@ figure{margin:0;width:168px;font-size:11px} figure img{width:160px;height:160px;
 .placeholder{width:160px;height:160px;background:#e9ecef;color:#495057;overflow:hidden;word-break:break-all;
  padding:6px;box-sizing:border-box;font-size:10px}
 figure.survivor img,figure.survivor .placeholder{outline:3px solid #2b8a3e}
-figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap} .cols{display:flex;gap:32px;flex-wrap:wrap}
+figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.cols{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
 """
 
 

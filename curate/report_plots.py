@@ -73,7 +73,7 @@ def kept_dropped_histogram(sample: pa.Table, column: str, bins: np.ndarray, cut:
 def size_scatter(sample: pa.Table, min_size: int) -> str:
     """Original width × height on log axes, with the minimum-size lines."""
     figure, axes = _axes(6.0, 4.2)
-    for mask, color, label in ((sample["kept"], KEPT, "kept"), (pc.invert(sample["kept"]), DROPPED, "dropped")):
+    for mask, color, label in ((pc.invert(sample["kept"]), DROPPED, "dropped"), (sample["kept"], KEPT, "kept")):
         part = sample.filter(mask)
         width, height = (part[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height"))
         ok = (width > 0) & (height > 0)

@@ -230,3 +230,13 @@ def test_report_renders_in_a_browser(run_output: Path, tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
     assert pixels.shape == (2000, 1280)
     assert pixels.std() > 10, "the screenshot is blank"
+
+
+def test_metadata_vs_measured_scatter_needs_model_scores() -> None:
+    from curate.report_plots import metadata_vs_measured
+
+    values = {"metadata_aesthetic": [5.0, 6.0, 7.0], "measured_aesthetic": [5.2, 5.9, 6.5],
+              "metadata_watermark": [0.1, 0.5, 0.9], "measured_watermark": [0.2, 0.4, 0.95]}
+    model = pa.table({**values, "scores_source": ["model"] * 3})
+    assert (metadata_vs_measured(model) or "").startswith("data:image/png;base64,")
+    assert metadata_vs_measured(model.set_column(4, "scores_source", pa.array(["metadata"] * 3))) is None
