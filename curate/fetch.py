@@ -1,4 +1,11 @@
-"""A bounded, guarded HTTP client: one deadline per URL, a size cap, no private addresses, opt-out headers."""
+"""A bounded, guarded HTTP client: one deadline per URL, a size cap, no private addresses, opt-out headers.
+
+Traps of the usual clients it avoids: urllib's timeout bounds each socket read, not the download (a server that
+trickles a byte a second never times out), so a watchdog shuts the socket at the URL's deadline; urllib reads
+file: and data: URLs, so only http/https reach the network code; a check-then-connect on a host name can be
+answered differently by DNS the second time, so the connection goes to the address that was checked, and every
+redirect hop is checked again.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,18 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
+# Directives that carry a value after a colon; any other `name:` prefix in X-Robots-Tag names a user agent.
+VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
+_SAFE_PATH = "/%!$&'()*+,;=:@-._~"
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -33,32 +45,78 @@ class FetchError(Exception):
         self.reason = reason
 
 
+def is_transient(reason: str | None, detail: str | None) -> bool:
+    """Failures worth another attempt later: timeouts, refused or reset connections, DNS, HTTP 429 and 5xx."""
+    if reason in ("timeout", "connection_failed", "dns_failed"):
+        return True
+    return reason == "http_error" and (detail or "").startswith(("HTTP 5", "HTTP 429"))
+
+
 def is_disallowed(header_values: list[str], token: str, directives: tuple[str, ...]) -> bool:
-    """X-Robots-Tag opt-out, as img2dataset reads it: `[agent:] d1, d2`; several headers may appear."""
+    """X-Robots-Tag opt-out: `[agent:] d1, d2, ...`; several headers may appear, valued directives do not end it.
+
+    img2dataset splits each header at its first colon, so `noai, max-image-preview:large` hides the noai; here an
+    item `name: rest` switches the agent only when name is not a valued directive such as max-image-preview.
+    """
+    token = token.lower()
     for value in header_values:
-        agent, _, rest = value.partition(":") if ":" in value.split(",")[0] else ("", "", value)
-        agent = agent.strip().lower()
-        if agent and agent != token.lower():
-            continue
-        if any(d.strip().lower() in directives for d in rest.split(",")):
-            return True
+        agent = ""
+        for item in value.split(","):
+            item = item.strip().lower()
+            name, colon, rest = item.partition(":")
+            if colon and name.strip() not in VALUED_DIRECTIVES:
+                agent, item = name.strip(), rest.strip()
+            if agent in ("", "*", token) and item in directives:
+                return True
     return False
 
 
 def _blocked(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address carried inside IPv6 (mapped, NAT64, 6to4, Teredo) is judged as that IPv4 address.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and _blocked(str(embedded)):
+            return True
     return not ip.is_global or ip.is_multicast
 
 
-def resolve(host: str, port: int, allow_private: bool) -> str:
+def _lookup(host: str, port: int, timeout: float) -> list[Any]:
+    """getaddrinfo bounded by the URL's deadline (the resolver's own retries can take far longer)."""
+    try:
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except ValueError:
+        pass
+    answer: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except Exception as error:  # handed to the caller's thread
+            answer["error"] = error
+
+    worker = threading.Thread(target=work, daemon=True, name="curate-dns")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise FetchError("timeout", f"DNS lookup of {host} did not finish within the deadline")
+    if "error" in answer:
+        raise answer["error"]
+    return answer["infos"]
+
+
+def resolve(host: str, port: int, allow_private: bool, timeout: float = 10.0) -> str:
     """The address to connect to; refuses loopback, private, link-local and reserved ones unless allowed."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(host, port, timeout)
     except (socket.gaierror, UnicodeError) as error:
         raise FetchError("dns_failed", f"{host}: {error}") from error
     addresses = [info[4][0] for info in infos]
+    if not addresses:
+        raise FetchError("dns_failed", f"{host}: no address")
     if not allow_private:
         for address in addresses:
             if _blocked(address):
@@ -66,44 +124,65 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
     return addresses[0]
 
 
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the vetted address, so DNS cannot answer differently between check and connect."""
+    """Connects to the vetted address, so DNS cannot answer differently between check and connect.
 
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
+    A watchdog shuts the socket at the deadline: headers or a body trickled a byte at a time cannot outlive it.
+    """
+
+    def __init__(self, host: str, address: str, port: int, deadline: float) -> None:
+        super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001))
+        self._address, self._deadline = address, deadline
+        self._watchdog: threading.Timer | None = None
+
+    def _arm(self, sock: socket.socket) -> socket.socket:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = threading.Timer(max(self._deadline - time.monotonic(), 0.0), _shut, [sock])
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return sock
 
     def connect(self) -> None:
-        self.sock = self.raw_socket = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.raw_socket = self._arm(socket.create_connection((self._address, self.port), self.timeout))
+
+    def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        super().close()
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = 443
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self.raw_socket = self._context.wrap_socket(  # type: ignore[attr-defined]
-            sock, server_hostname=self.host
-        )
+        plain = self._arm(socket.create_connection((self._address, self.port), self.timeout))  # bounds the handshake
+        wrapped = ssl.create_default_context().wrap_socket(plain, server_hostname=self.host)
+        self.sock = self.raw_socket = self._arm(wrapped)  # wrapping detaches `plain`: watch the TLS socket
 
 
 def _remaining(deadline: float, url: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise FetchError("timeout", f"no complete answer from {url} within the deadline")
+        raise FetchError("timeout", f"no complete answer from {url[:200]} within the deadline")
     return left
 
 
 def _read_body(response: http.client.HTTPResponse, sock: socket.socket, policy: FetchPolicy, deadline: float,
                url: str) -> bytes:
-    length = response.getheader("Content-Length")
-    if length and length.isdigit() and int(length) > policy.max_bytes:
+    """The body, streamed in chunks and abandoned as soon as it passes the size cap."""
+    length = response.getheader("Content-Length", "").strip()
+    if length.isdigit() and int(length) > policy.max_bytes:
         raise FetchError("too_large", f"Content-Length {length} > {policy.max_bytes}")
     chunks, total = [], 0
     while True:
-        # A per-read timeout alone lets a server trickle one byte a second forever: bound it by the deadline.
         sock.settimeout(_remaining(deadline, url))
         chunk = response.read1(CHUNK)
         if not chunk:
@@ -112,50 +191,78 @@ def _read_body(response: http.client.HTTPResponse, sock: socket.socket, policy: 
         if total > policy.max_bytes:
             raise FetchError("too_large", f"body exceeds {policy.max_bytes} bytes")
         chunks.append(chunk)
-        _remaining(deadline, url)
+    _remaining(deadline, url)  # the watchdog ends a late body early: that is a timeout, not a short image
+    if response.length:
+        raise FetchError("connection_failed", f"body ended after {total} of {length} bytes")
     return b"".join(chunks)
 
 
-def _request(url: str, policy: FetchPolicy, deadline: float) -> tuple[http.client.HTTPResponse, Any]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise FetchError("invalid_url", f"cannot fetch {url[:200]!r}")
-    host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
-    port = parts.port or (443 if scheme == "https" else 80)
-    address = resolve(host, port, policy.allow_private_network)
+def _target(parts: Any) -> str:
+    """Path and query as sent: non-ASCII percent-encoded as UTF-8, existing escapes kept."""
+    path = quote(parts.path or "/", safe=_SAFE_PATH)
+    return path + (f"?{quote(parts.query, safe=_SAFE_PATH + '?')}" if parts.query else "")
+
+
+def _connect(url: str, policy: FetchPolicy, deadline: float) -> _PinnedHTTPConnection:
+    try:
+        parts = urlsplit(url)
+        scheme, hostname, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError as error:
+        raise FetchError("invalid_url", f"{url[:200]!r}: {error}") from error
+    if scheme not in ("http", "https") or not hostname:
+        raise FetchError("invalid_url", f"cannot fetch {url[:200]!r}: only http(s) URLs with a host")
+    try:
+        host = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise FetchError("invalid_url", f"host {hostname[:200]!r} is not a valid IDN: {error}") from error
+    port = port or (443 if scheme == "https" else 80)
+    address = resolve(host, port, policy.allow_private_network, _remaining(deadline, url))
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    connection = cls(host, address, port, timeout=_remaining(deadline, url))
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection.request("GET", target, headers={"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.8"})
-    return connection.getresponse(), connection
+    connection = cls(host, address, port, deadline)
+    try:
+        connection.request("GET", _target(parts), headers={"User-Agent": policy.user_agent,
+                                                           "Accept": "image/*,*/*;q=0.8"})
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _network_error(error: Exception, deadline: float) -> FetchError:
+    late = isinstance(error, TimeoutError) or time.monotonic() >= deadline
+    return FetchError("timeout" if late else "connection_failed", f"{type(error).__name__}: {error}"[:500])
+
+
+def _answer(connection: _PinnedHTTPConnection, url: str, policy: FetchPolicy, deadline: float) -> bytes | str:
+    """The body, or the next URL when the answer is a redirect."""
+    response = connection.getresponse()
+    location = response.getheader("Location")
+    if response.status in (301, 302, 303, 307, 308) and location:
+        return urljoin(url, location.strip())
+    if response.status != 200:
+        raise FetchError("http_error", f"HTTP {response.status} {response.reason}"[:200])
+    robots = response.headers.get_all("X-Robots-Tag") or []
+    if is_disallowed(robots, policy.user_agent_token, policy.disallowed_directives):
+        raise FetchError("opted_out", ("X-Robots-Tag: " + ", ".join(robots))[:500])
+    return _read_body(response, connection.raw_socket, policy, deadline, url)
 
 
 def fetch(url: str, policy: FetchPolicy) -> bytes:
     """The body of url after at most MAX_REDIRECTS redirects; raises FetchError with a ledger reason."""
     deadline = time.monotonic() + policy.timeout
     for _ in range(MAX_REDIRECTS + 1):
+        connection = None
         try:
-            response, connection = _request(url, policy, deadline)
+            connection = _connect(url, policy, deadline)
+            answer = _answer(connection, url, policy, deadline)
         except FetchError:
             raise
         except (OSError, http.client.HTTPException, UnicodeError, ValueError) as error:
-            reason = "timeout" if isinstance(error, TimeoutError) else "connection_failed"
-            raise FetchError(reason, f"{type(error).__name__}: {error}") from error
-        try:
-            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                url = urljoin(url, response.getheader("Location", ""))
-                continue
-            if response.status != 200:
-                raise FetchError("http_error", f"HTTP {response.status} {response.reason}")
-            if is_disallowed(response.headers.get_all("X-Robots-Tag") or [], policy.user_agent_token,
-                             policy.disallowed_directives):
-                raise FetchError("opted_out", "X-Robots-Tag: " + ", ".join(response.headers.get_all("X-Robots-Tag")))
-            try:
-                return _read_body(response, connection.raw_socket, policy, deadline, url)
-            except (OSError, http.client.HTTPException) as error:
-                reason = "timeout" if isinstance(error, TimeoutError) else "connection_failed"
-                raise FetchError(reason, f"{type(error).__name__}: {error}") from error
+            raise _network_error(error, deadline) from error
         finally:
-            connection.close()
-    raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+            if connection is not None:
+                connection.close()
+        if isinstance(answer, bytes):
+            return answer
+        url = answer
+    raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects, the last to {url[:200]}")

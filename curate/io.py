@@ -39,7 +39,14 @@ def read_parquet_batches(path: str, batch_rows: int) -> Iterator[pa.Table]:
             reader = pq.ParquetFile(handle)
         except Exception as error:
             raise ValueError(f"{path}: not a readable parquet file ({error})") from error
-        for batch in reader.iter_batches(batch_size=batch_rows):
+        batches = reader.iter_batches(batch_size=batch_rows)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:  # a corrupt page deep in a file: name the file, not a C++ frame
+                raise ValueError(f"{path}: cannot read its rows, the file is corrupt ({error})") from error
             yield pa.Table.from_batches([batch])
 
 
@@ -51,8 +58,31 @@ def parquet_schema(path: str) -> pa.Schema:
             raise ValueError(f"{path}: not a readable parquet file ({error})") from error
 
 
+TMP_SUFFIX = ".tmp"
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    """Flush the file to disk, rename it into place, then flush the folder: a crash leaves old or new, never half."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def remove_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary files a killed run left under root (ours all end in .tmp and start with a dot)."""
+    found = [p for p in Path(root).rglob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(root).exists() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def write_table(table: pa.Table, path: str | Path) -> None:
@@ -61,7 +91,7 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    _fsync_replace(tmp, path)
 
 
 def write_bytes(data: bytes, path: str | Path) -> None:
@@ -69,7 +99,7 @@ def write_bytes(data: bytes, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    _fsync_replace(tmp, path)
 
 
 def write_json(value: Any, path: str | Path) -> None:

@@ -50,6 +50,8 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     started = time.perf_counter()
     run = LocalRun(output, config, progress)
     check_same_run(run.out, config, inputs)
+    for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
+        log.info("removed %s, left by an interrupted run", leftover)
     run.ingest(inputs)
     scores = run.resolve_scores()
     if scores == "metadata":

@@ -19,7 +19,7 @@ from curate.fetch import FetchPolicy
 from curate.schema import AESTHETIC, CAPTION, JPG, PWATERMARK, ROW
 from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
-from curate.stages.ingest import canonical_names, normalize
+from curate.stages.ingest import check_input_schema, normalize
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -59,8 +59,9 @@ class LocalRun:
     def ingest(self, inputs: list[str]) -> dict[str, Any]:
         files = io.expand_inputs(inputs)
         for path in files:  # every file's schema is checked before any work starts
+            schema = io.parquet_schema(path)  # raises naming the file when it is no parquet
             try:
-                canonical_names(io.parquet_schema(path).names)
+                check_input_schema(schema)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from error
 
@@ -71,6 +72,8 @@ class LocalRun:
                 for batch in io.read_parquet_batches(path, self.config.batch_size_rows):
                     checkpoint.write_part(part, normalize(batch, rows))
                     rows, part = rows + batch.num_rows, part + 1
+            if rows == 0:
+                raise ValueError(f"the input files hold no rows: {files}")
             return {"input_files": files, "input_rows": rows, "parts": part}
 
         return self._timed("ingest", body)

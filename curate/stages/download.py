@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.fetch import FetchError, FetchPolicy, fetch
+from curate.images import DecodeError, prepare
 from curate.schema import (
     DOWNLOAD_BYTES,
     JPG,
@@ -38,6 +40,7 @@ from img2dataset.resizer import ResizeMode, Resizer  # noqa: E402
 # swaps interleave and leave stdout/stderr pointing at /dev/null for good. cv2 warnings are harmless: keep the fds.
 _img2dataset_resizer.SuppressStdoutStderr = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
 
+log = logging.getLogger(__name__)
 STAGE = "download"
 SUCCESS = "success"
 
@@ -74,15 +77,25 @@ def phash_of(jpeg: bytes) -> int:
 def download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
     """Fetch, resize and measure one URL; failures are values, never exceptions."""
     try:
+        return _download_one(url, options)
+    except Exception as error:  # a bug on one hostile row must not take its whole part down with it
+        log.exception("unexpected error on %s", url[:200])
+        return {STATUS: "download_error", "error": f"{type(error).__name__}: {error}"[:1000]}
+
+
+def _download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
+    try:
         body = fetch(url, options.policy)
     except FetchError as error:
         return {STATUS: error.reason, "error": str(error)}
-    if not body:
-        return {STATUS: "empty_body", "error": "200 with an empty body", DOWNLOAD_BYTES: 0}
-    row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest()}
-    jpeg, width, height, original_width, original_height, error = resizer_for(options)(io.BytesIO(body))
+    row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest() if body else None}
+    try:
+        prepared = prepare(body)
+    except DecodeError as error:
+        return {**row, STATUS: error.reason, "error": str(error)}
+    jpeg, width, height, original_width, original_height, error = resizer_for(options)(io.BytesIO(prepared))
     if error is not None or jpeg is None:
-        return {**row, STATUS: "decode_failed", "error": str(error)}
+        return {**row, STATUS: "decode_failed", "error": f"resize: {error}"}
     try:
         row[PHASH] = phash_of(jpeg)
     except Exception as phash_error:  # a JPEG cv2 wrote but PIL rejects is still a row, not a crash

@@ -51,6 +51,58 @@ def canonical_names(names: list[str]) -> dict[str, str]:
     return mapping
 
 
+def _kind(data_type: pa.DataType) -> str:
+    """string, number or other: what an input column's Arrow type can be cast to without loss of meaning."""
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    if pa.types.is_null(data_type):
+        return "null"
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_binary(data_type) \
+            or pa.types.is_large_binary(data_type):
+        return "string"
+    if pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type) \
+            or pa.types.is_boolean(data_type):
+        return "number"
+    return "other"
+
+
+def check_input_schema(schema: pa.Schema) -> dict[str, str]:
+    """canonical_names, and every known column of a type ingest can read; raises naming the column."""
+    mapping = canonical_names(schema.names)
+    wanted = {field.name: field.type for field in table_schema("metadata")}
+    for field in schema:
+        target, kind = mapping[field.name], _kind(field.type)
+        if target == "hash":
+            ok = kind == "null" or pa.types.is_integer(field.type)
+            expected = "integers (LAION's signed 64-bit mmh3 hash)"
+        elif target in (URL, CAPTION):
+            ok, expected = kind in ("null", "string"), "strings"
+        elif target in wanted and target not in (KEY, ROW):
+            ok = kind != "other"
+            expected = "numbers or strings" if pa.types.is_floating(wanted[target]) else "strings or numbers"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"column {field.name!r} has type {field.type}; curate reads it as {target!r} and "
+                             f"expects {expected}: fix or drop that column")
+    return mapping
+
+
+def valid_utf8(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Strings as they are when valid; a chunk holding invalid UTF-8 (lone surrogates, Latin-1) decoded with U+FFFD."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column
+    chunks = []
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+            chunks.append(chunk)
+        except pa.ArrowInvalid:
+            raw = chunk.view(pa.binary() if pa.types.is_string(column.type) else pa.large_binary()).to_pylist()
+            chunks.append(pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw], column.type))
+    return pa.chunked_array(chunks, column.type)
+
+
 def key_of(url: str | None, caption: str | None) -> str:
     """LAION's hash, mmh3.hash64(url + text)[0], rendered as 16 hex digits of its unsigned value."""
     return format_key(mmh3.hash64((url or "") + (caption or ""))[0])
@@ -78,15 +130,24 @@ def _cast_canonical(table: pa.Table) -> pa.Table:
         if field.name not in table.column_names or field.name in (KEY, ROW):
             continue
         column = table[field.name]
+        if pa.types.is_dictionary(column.type):
+            column = pc.cast(column, column.type.value_type)
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            column = pa.chunked_array([_decoded(c) for c in column.chunks], pa.string())
         if column.type == field.type:
             continue
-        if pa.types.is_floating(field.type) and pa.types.is_string(column.type):
+        if pa.types.is_floating(field.type) and (pa.types.is_string(column.type) or
+                                                  pa.types.is_large_string(column.type)):
             numbers = [_to_float(v) for v in column.to_pylist()]
             casted: pa.ChunkedArray | pa.Array = pa.array(numbers, field.type)
         else:
             casted = pc.cast(column, field.type, safe=False)
         table = table.set_column(table.column_names.index(field.name), field.name, casted)
     return table
+
+
+def _decoded(chunk: pa.Array) -> pa.Array:
+    return pa.array([None if v is None else v.decode("utf-8", "replace") for v in chunk.to_pylist()], pa.string())
 
 
 def _to_float(value: str | None) -> float | None:
@@ -98,8 +159,10 @@ def _to_float(value: str | None) -> float | None:
 
 def normalize(table: pa.Table, first_row: int) -> pa.Table:
     """Canonical column names and types, plus `key` and `row` (global input order starting at first_row)."""
-    mapping = canonical_names(table.column_names)
+    mapping = check_input_schema(table.schema)
     table = table.rename_columns([mapping[name] for name in table.column_names])
+    for index, name in enumerate(table.column_names):  # strings Python cannot decode would crash a later stage
+        table = table.set_column(index, name, valid_utf8(table[name]))
     if CAPTION not in table.column_names:
         table = table.append_column(CAPTION, pa.nulls(table.num_rows, pa.string()))
     table = _cast_canonical(table)

@@ -13,6 +13,7 @@ from curate.stages.verdict import with_reason, with_verdict_columns
 
 STAGE = "prefilter"
 MAX_URL_LENGTH = 2048
+MAX_CLAIMED_SIDE = 1_000_000
 FIRST_ROW = "first_row"
 FIRST_ROW_OF_PAIR = "first_row_of_pair"
 _PAIR = "pair_hash"
@@ -52,12 +53,18 @@ def flag_empty_captions(table: pa.Table) -> pa.Table:
     return with_reason(table, empty, STAGE, "empty_caption")
 
 
+def _plausible_size(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A claimed side length, or null when it cannot be one (NaN, infinite, zero, negative, absurdly large)."""
+    sane = pc.and_(pc.greater(values, 0), pc.less_equal(values, MAX_CLAIMED_SIDE))
+    return pc.if_else(pc.fill_null(sane, False), values, pa.scalar(None, values.type))
+
+
 def flag_metadata_size(table: pa.Table, min_size: int) -> pa.Table:
-    """Rows whose metadata width or height is below min_size (unknown sizes pass: download measures them)."""
+    """Rows whose metadata width or height is below min_size (unknown or nonsense sizes pass: download measures)."""
     if WIDTH not in table.column_names or HEIGHT not in table.column_names:
         return table
-    short = pc.min_element_wise(table[WIDTH], table[HEIGHT])
-    small = pc.and_(pc.less(short, min_size), pc.invert(pc.is_nan(short)))
+    short = pc.min_element_wise(_plausible_size(table[WIDTH]), _plausible_size(table[HEIGHT]))
+    small = pc.less(short, min_size)
     return with_reason(table, small, STAGE, "metadata_low_resolution", pc.cast(short, pa.string()))
 
 
@@ -66,6 +73,18 @@ def flag_above(table: pa.Table, column: str, limit: float | None, reason: str) -
     if limit is None or column not in table.column_names:
         return table
     return with_reason(table, pc.greater(table[column], limit), STAGE, reason, pc.cast(table[column], pa.string()))
+
+
+def flag_invalid_scores(table: pa.Table) -> pa.Table:
+    """Metadata scores that are no score (NaN, a probability outside [0, 1], aesthetic outside [0, 10])."""
+    for column, high in ((PWATERMARK, 1.0), (PUNSAFE, 1.0), (AESTHETIC, 10.0)):
+        if column not in table.column_names:
+            continue
+        values = table[column]
+        bad = pc.or_(pc.is_nan(values), pc.or_(pc.less(values, 0.0), pc.greater(values, high)))
+        table = with_reason(table, bad, STAGE, "invalid_metadata_score",
+                            pc.binary_join_element_wise(f"{column}=", pc.cast(values, pa.string()), ""))
+    return table
 
 
 def flag_metadata_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
@@ -123,6 +142,8 @@ def prefilter(
     if firsts is not None:
         table = flag_duplicate_urls(table, firsts)
     table = flag_metadata_size(table, min_size)
+    if max_watermark is not None or aesthetic_threshold is not None:  # metadata scores are trusted: check them
+        table = flag_invalid_scores(table)
     table = flag_above(table, PWATERMARK, max_watermark, "metadata_watermark")
     table = flag_above(table, PUNSAFE, max_unsafe, "metadata_unsafe")
     if aesthetic_threshold is not None:
