@@ -1,0 +1,253 @@
+"""The Spark engine: curate's stage functions through mapInArrow / applyInArrow, Spark shuffles for dedup and order.
+
+Checkpoints are parquet folders under OUT/stages/ (download keeps the image bytes; a rerun with the same inputs and
+options resumes after it). The driver only ever holds counts, near-duplicate pairs, centroids and the shard plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import io
+from curate.config import Config
+from curate.engines import spark_dedup, spark_shard
+from curate.engines.local import LocalRun
+from curate.engines.spark_books import write_books
+from curate.engines.spark_frames import apply_flags, arrow_schema, map_stage, output_schema
+from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PWATERMARK, ROW
+from curate.stages import prefilter, select
+from curate.stages.download import download
+from curate.stages.ingest import canonical_names, normalize
+from curate.stages.verdict import with_verdict_columns
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+FILE, ROW_IN_FILE, GLOBAL_ROW, PAIR = "_curate_file", "_curate_row_in_file", "_curate_row", "pair_hash"
+FIRSTS = [prefilter.FIRST_ROW_OF_PAIR, prefilter.FIRST_ROW]
+# Options that only select and shard read: a rerun that changes only these may reuse the download checkpoint.
+RECUT_OPTIONS = {"threshold", "max_watermark", "world_size", "workers_per_rank", "target_shard_size",
+                 "global_batch_size", "seed", "shard_name", "dedup", "phash_distance", "semdedup_threshold",
+                 "semdedup_clusters"}
+
+
+def _path_id(path: str) -> str:
+    parts = urlsplit(path)
+    return unquote(parts.netloc + parts.path)
+
+
+def file_order(found: list[str], inputs: list[str]) -> list[str]:
+    """Spark's file paths in the local engine's order (io.expand_inputs); plain sorted order if fsspec can't list."""
+    try:
+        listed = [_path_id(p) for p in io.expand_inputs(inputs)]
+    except Exception as error:  # e.g. a Hadoop-only filesystem: Spark reads it, fsspec does not
+        log.warning("cannot list %s with fsspec (%s); numbering rows in sorted file order", inputs, error)
+        listed = []
+    rank = {path: i for i, path in enumerate(listed)}
+    return sorted(found, key=lambda p: (rank.get(_path_id(p), len(rank)), p))
+
+
+def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
+    """The input rows with their global row number (files in order, then row in file), and the row count."""
+    from pyspark.sql import functions as F
+
+    raw = spark.read.parquet(*inputs)
+    try:
+        canonical_names(raw.columns)
+    except ValueError as error:
+        raise ValueError(f"{inputs}: {error}") from error
+    tagged = raw.select("*", F.col("_metadata.file_path").alias(FILE), F.col("_metadata.row_index").alias(ROW_IN_FILE))
+    counts = {r[FILE]: r["n"] for r in tagged.groupBy(FILE).agg(F.count("*").alias("n")).collect()}
+    offsets, total = [], 0
+    for path in file_order(list(counts), inputs):
+        offsets.append((path, total))
+        total += counts[path]
+    table = spark.createDataFrame(offsets, f"{FILE} string, _offset long")
+    rows = tagged.join(F.broadcast(table), FILE).withColumn(GLOBAL_ROW, F.col("_offset") + F.col(ROW_IN_FILE))
+    return rows.drop(FILE, ROW_IN_FILE, "_offset"), total
+
+
+def _ingest(table: pa.Table) -> pa.Table:
+    """ingest.normalize with the global row number, plus the url+caption pair hash the first-row aggregation uses."""
+    rows = pc.cast(table[GLOBAL_ROW], pa.int64())
+    table = normalize(table.drop_columns([GLOBAL_ROW]), 0)
+    table = table.set_column(table.column_names.index(ROW), ROW, rows)
+    return table.append_column(PAIR, pc.cast(prefilter._pair_hashes(table), pa.int64()))
+
+
+def _prefilter(config: Config, scores: str, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
+    on_metadata = scores == "metadata"
+
+    def run(table: pa.Table) -> pa.Table:
+        firsts = None
+        if url_dedup:
+            firsts = table.select([KEY, PAIR, *FIRSTS]).group_by([KEY, PAIR]).aggregate(
+                [(name, "min") for name in FIRSTS]).rename_columns([KEY, PAIR, *FIRSTS])
+        return prefilter.prefilter(table.drop_columns([c for c in (PAIR, *FIRSTS) if c in table.column_names]),
+                                   firsts, config.min_size, config.max_watermark if on_metadata else None,
+                                   config.max_unsafe, config.threshold if on_metadata else None)
+    return run
+
+
+def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
+    def run(table: pa.Table) -> pa.Table:
+        table = table.append_column("jpg_bytes", pc.binary_length(table[JPG]))
+        if scores == "model":
+            from curate.stages.score import score_images
+
+            table = score_images(table, worker_scorer(config))
+            float_list = pc.cast(table[EMBEDDING], pa.list_(pa.float32()))  # Spark has no float16 and no fixed lists
+            table = table.set_column(table.column_names.index(EMBEDDING), EMBEDDING, float_list)
+        else:
+            table = select.scores_from_metadata(table)
+        return table.drop_columns([JPG])
+    return run
+
+
+def worker_scorer(config: Config) -> Any:
+    """The scorer of this Python worker (load_scorer caches it per process), on the GPU Spark gave this task."""
+    from pyspark import TaskContext
+
+    from curate.stages.score import load_scorer
+
+    context = TaskContext.get()
+    resources = context.resources() if context is not None else {}
+    if "gpu" in resources and resources["gpu"].addresses:
+        config = replace(config, device=f"cuda:{resources['gpu'].addresses[0]}")
+    return load_scorer(config)
+
+
+class SparkRun:
+    """One output folder (any fsspec/Hadoop URL) on one SparkSession."""
+
+    def __init__(self, spark: SparkSession, output: str, config: Config) -> None:
+        self.spark, self.config, self.out = spark, config, str(output).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.out)
+        self.timings: dict[str, float] = {}
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.out, *parts])
+
+    def checkpoint(self, stage: str, df: DataFrame) -> DataFrame:
+        df.write.mode("overwrite").parquet(self.path("stages", stage))
+        return self.spark.read.parquet(self.path("stages", stage))
+
+    def timed(self, stage: str, body: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = body()
+        self.timings[stage] = time.perf_counter() - started
+        log.info("%s: %.1f s", stage, self.timings[stage])
+        return result
+
+    def resumable(self, inputs: list[str]) -> bool:
+        """True when OUT holds a finished download of the same inputs with the same download-side options."""
+        current = {"inputs": inputs, "config": self.config.to_dict()}
+        marker, success = f"{self.root}/stages/spark-run.json", f"{self.root}/stages/download/_SUCCESS"
+        same = False
+        if self.fs.exists(marker) and self.fs.exists(success):
+            earlier = json.loads(self.fs.cat_file(marker))
+            same = earlier["inputs"] == inputs and all(
+                current["config"].get(k) == v for k, v in earlier["config"].items() if k not in RECUT_OPTIONS)
+        self.fs.makedirs(f"{self.root}/stages", exist_ok=True)
+        self.fs.pipe_file(marker, json.dumps(current, indent=1).encode())
+        return same
+
+    def resolve_scores(self, ingested: DataFrame) -> str:
+        """model/metadata, as LocalRun.resolve_scores decides it, from one aggregation."""
+        from pyspark.sql import functions as F
+
+        names = ingested.columns
+        if self.config.scores == "metadata" and AESTHETIC not in names:
+            raise ValueError("--scores metadata needs an AESTHETIC_SCORE/aesthetic column and the input has none "
+                             f"(columns: {names}); use --scores model to compute scores from the images")
+        if self.config.scores != "auto":
+            return self.config.scores
+        if AESTHETIC not in names or PWATERMARK not in names:
+            return "model"
+        nulls = ingested.agg(*[F.sum(F.col(c).isNull().cast("long")).alias(c) for c in (AESTHETIC, PWATERMARK)])
+        return "metadata" if all((v or 0) == 0 for v in nulls.first()) else "model"
+
+
+def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str) -> DataFrame:
+    """Prefilter (with the url+caption first rows as a Spark aggregation), then download, checkpointed with images."""
+    from pyspark.sql import functions as F
+
+    c = run.config
+    url_dedup = "url" in c.dedup
+    rows = ingested
+    if url_dedup:
+        pairs = ingested.groupBy(KEY, PAIR).agg(F.min(ROW).alias(prefilter.FIRST_ROW_OF_PAIR))
+        per_key = pairs.groupBy(KEY).agg(F.min(prefilter.FIRST_ROW_OF_PAIR).alias(prefilter.FIRST_ROW))
+        rows = ingested.join(pairs.join(per_key, KEY), [KEY, PAIR]).select(*ingested.columns, *FIRSTS)
+    kept = [f for f in arrow_schema(rows) if f.name not in (PAIR, *FIRSTS)]
+    judged = map_stage(rows, _prefilter(c, scores, url_dedup), with_verdict_columns(pa.schema(kept).empty_table()).schema)
+    options = LocalRun(".", c).download_options()
+    parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
+    spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
+    fetched = map_stage(spread, lambda table: download(table, options))
+    return run.checkpoint("download", fetched)
+
+
+def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
+    c, kinds = run.config, run.config.dedup
+    judged = scored
+    if "exact" in kinds:
+        judged = apply_flags(judged, spark_dedup.exact_flags(judged))
+    if "phash" in kinds:
+        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance))
+    judged = run.checkpoint("dedup", judged)
+    semantic = "semantic" in kinds and EMBEDDING in judged.columns
+    if semantic:
+        flags = spark_dedup.semantic_flags(run.spark, judged, c.semdedup_threshold, c.semdedup_clusters, c.seed,
+                                           run.path("stages", "semantic-sample"))
+        judged = apply_flags(judged, flags)
+    meta = {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
+    return judged, meta
+
+
+def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Config) -> dict[str, Any]:
+    """Every stage on Spark; returns stats.json's content (same shape as curate.pipeline.run_local's)."""
+    started = time.perf_counter()
+    run = SparkRun(spark, output, config)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size_rows))
+    resume = run.resumable(inputs)
+    raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs))
+    ingested = map_stage(raw, _ingest)
+    scores = run.resolve_scores(ingested)
+    if resume:
+        log.info("download: done in an earlier run, resuming after it")
+        downloaded = spark.read.parquet(run.path("stages", "download"))
+    else:
+        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores))
+    scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
+    if scores == "model":
+        scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
+    scored = run.timed("score", lambda: run.checkpoint(
+        "score", map_stage(downloaded, _score(config, scores), scored_schema)))
+    judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
+    c = config
+    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark),
+                         arrow_schema(judged))
+    selected = run.timed("select", lambda: run.checkpoint("select", selected))
+
+    def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
+        placed, shard_plan = spark_shard.plan(spark, selected, config, run.path("stages", "order"))
+        placed = run.checkpoint("shard", placed)
+        if run.fs.exists(f"{run.root}/shards"):
+            run.fs.rm(f"{run.root}/shards", recursive=True)
+        return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
+
+    placed, shard_plan, entries = run.timed("shard", shard)
+    facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started}
+    return write_books(run, placed, shard_plan, entries, facts)

@@ -1,0 +1,94 @@
+"""The Spark engine's books: ledger, samples, index.json and stats.json (the local engine's shapes), and the check
+that every input row is accounted for. ledger.parquet and samples.parquet are parquet folders of ordered parts."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from curate import accounting
+from curate.engines.local import LocalRun
+from curate.engines.local_shard import index_document
+from curate.engines.spark_frames import arrow_schema, map_stage
+from curate.schema import POSITION, ROW, SHARD, table_schema
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from curate.engines.spark import SparkRun
+
+STAGE_ORDER = ["prefilter", "download", "score", "dedup", "select", "shard"]
+
+
+def write_json(run: SparkRun, name: str, value: Any) -> None:
+    """JSON as curate.io.write_json writes it, under a temporary name first, then moved into place."""
+    final = f"{run.root}/{name}"
+    tmp = f"{final.rsplit('/', 1)[0]}/.{final.rsplit('/', 1)[1]}.tmp"
+    run.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    run.fs.pipe_file(tmp, (json.dumps(value, indent=1, sort_keys=False, default=str) + "\n").encode())
+    run.fs.mv(tmp, final)
+
+
+def check_accounting(input_rows: int, samples: DataFrame, ledger: DataFrame) -> None:
+    """input rows = kept + dropped, every row number 0..n-1 exactly once: one aggregation, no rows collected."""
+    from pyspark.sql import functions as F
+
+    rows = samples.select(ROW).unionAll(ledger.select(ROW))
+    facts = rows.agg(F.count("*").alias("n"), F.countDistinct(ROW).alias("distinct"), F.min(ROW).alias("low"),
+                     F.max(ROW).alias("high")).first()
+    kept, dropped = samples.count(), ledger.count()
+    complete = facts["n"] == facts["distinct"] == input_rows and (
+        input_rows == 0 or (facts["low"] == 0 and facts["high"] == input_rows - 1))
+    if not complete:
+        raise accounting.AccountingError(
+            f"accounting failed: {input_rows} input rows, {kept} kept + {dropped} dropped = {kept + dropped} "
+            f"({facts['distinct']} distinct row numbers from {facts['low']} to {facts['high']})")
+
+
+def drop_counts(ledger: DataFrame) -> dict[str, dict[str, int]]:
+    """{stage: {reason: count}} in pipeline order, as accounting.drop_counts gives it."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in ledger.groupBy("stage", "reason").count().collect():
+        counts.setdefault(row["stage"], {})[row["reason"]] = row["count"]
+
+    def rank(stage: str) -> int:
+        return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+    return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=rank)}
+
+
+def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list[dict[str, Any]],
+                facts: dict[str, Any]) -> dict[str, Any]:
+    """index.json, ledger.parquet, samples.parquet and stats.json; raises AccountingError if a row went missing."""
+    started = time.perf_counter()
+    config = run.config
+    write_json(run, "shards/index.json", index_document(LocalRun(".", config), shard_plan, entries))
+    placed_schema = arrow_schema(placed)
+    samples_schema = accounting.samples_table(placed_schema.empty_table()).schema
+    ledger = map_stage(placed, accounting.ledger_table, table_schema("ledger")).orderBy(ROW)
+    samples = map_stage(placed, accounting.samples_table, samples_schema).orderBy(SHARD, POSITION)
+    ledger.write.mode("overwrite").parquet(run.path("ledger.parquet"))
+    samples.write.mode("overwrite").parquet(run.path("samples.parquet"))
+    ledger, samples = (run.spark.read.parquet(run.path(name)) for name in ("ledger.parquet", "samples.parquet"))
+    input_rows = facts["input_rows"]
+    check_accounting(input_rows, samples, ledger)
+    counts = drop_counts(ledger)
+    run.timings["books"] = time.perf_counter() - started
+    kept = samples.count()
+    stats = {
+        "input_rows": input_rows, "kept": kept, "dropped": input_rows - kept,
+        "dropped_by_stage": counts, "funnel": accounting.funnel(input_rows, counts),
+        "scores_source": facts["scores"], "dedup": {**facts["dedup"], "seconds": run.timings.get("dedup", 0.0)},
+        "shards": {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
+                   "remainder": shard_plan.remainder, "seconds": run.timings.get("shard", 0.0)},
+        "timings": {**run.timings, "total": time.perf_counter() - facts["started"]},
+        "config": config.to_dict(), "versions": accounting.versions(), "engine": "spark",
+    }
+    write_json(run, "stats.json", stats)
+    return stats
+
+
+__all__ = ["write_books", "pa"]

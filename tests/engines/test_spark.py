@@ -1,0 +1,96 @@
+"""The Spark engine against the local engine on one served sample: same samples, shards, ledger and tar bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.config import Config
+from curate.demo import add_hostile_rows, generated_image, jpeg
+from curate.pipeline import run_local
+from curate.server import ImageServer, Response
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIONS = {"scores": "metadata", "world_size": 4, "workers_per_rank": 1, "allow_private_network": True,
+           "min_size": 64, "image_size": 96, "threads": 8, "batch_size_rows": 64, "target_shard_size": 40_000,
+           "seed": 7, "max_unsafe": 0.5, "timeout": 5.0}
+
+
+def sample_rows(rows: int, seed: int = 3) -> tuple[dict[str, Response], list[dict[str, Any]]]:
+    """Small generated images; every tenth a re-encoded copy of the one before (a pHash near-duplicate)."""
+    rng = np.random.default_rng(seed)
+    routes: dict[str, Response] = {}
+    table: list[dict[str, Any]] = []
+    image = generated_image(rng, 80, 80)
+    for i in range(rows):
+        width, height = int(rng.integers(48, 160)), int(rng.integers(48, 160))
+        near = i % 10 == 9
+        image = image if near else generated_image(rng, width, height)
+        routes[f"/img/{i:05d}.jpg"] = Response(jpeg(image, quality=70 if near else 90))
+        table.append({"URL": f"/img/{i:05d}.jpg", "TEXT": f"a photo of thing #{i}", "WIDTH": float(image.width),
+                      "HEIGHT": float(image.height), "AESTHETIC_SCORE": float(rng.uniform(4.0, 7.5)),
+                      "pwatermark": float(rng.beta(0.6, 2.0)), "punsafe": float(rng.beta(0.5, 8)),
+                      "LANGUAGE": "en"})
+    add_hostile_rows(routes, table, rng)
+    return routes, table
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The sample as two parquet files on a live 127.0.0.1 server, and the local engine's output over it."""
+    folder = tmp_path_factory.mktemp("spark-sample")
+    routes, rows = sample_rows(180)
+    with ImageServer(routes) as server:
+        served_rows = [dict(r, URL=server.url(r["URL"]) if r["URL"].startswith("/") else r["URL"]) for r in rows]
+        (folder / "input").mkdir()
+        half = len(served_rows) // 2
+        pq.write_table(pa.Table.from_pylist(served_rows[:half]), folder / "input" / "part-a.parquet")
+        pq.write_table(pa.Table.from_pylist(served_rows[half:]), folder / "input" / "part-b.parquet")
+        inputs = [str(folder / "input")]
+        config = Config(**OPTIONS).validate()
+        stats = run_local(inputs, folder / "local", config)
+        yield {"inputs": inputs, "folder": folder, "local": folder / "local", "config": config, "stats": stats}
+
+
+def read_books(out: Path) -> dict[str, Any]:
+    ledger = pq.read_table(out / "ledger.parquet").sort_by("row")
+    samples = pq.read_table(out / "samples.parquet").sort_by("key")
+    tars = {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+    return {"ledger": ledger.select(["row", "key", "stage", "reason", "detail"]).to_pylist(),
+            "samples": samples.select(["key", "shard", "position", "row"]).to_pylist(),
+            "index": json.loads((out / "shards" / "index.json").read_text()), "tars": tars}
+
+
+def assert_same_dataset(local: Path, spark_out: Path) -> None:
+    expected, got = read_books(local), read_books(spark_out)
+    assert got["samples"] == expected["samples"]
+    assert got["ledger"] == expected["ledger"]
+    assert got["index"] == expected["index"]
+    assert list(got["tars"]) == list(expected["tars"])
+    for name, data in expected["tars"].items():
+        assert got["tars"][name] == data, f"{name} differs"
+    assert not list((spark_out / "shards").glob(".*.tmp"))
+
+
+def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[str, Any]) -> None:
+    from curate.engines.spark import run_spark
+
+    out = served["folder"] / "spark"
+    stats = run_spark(spark, served["inputs"], str(out), served["config"])
+    local = served["stats"]
+    assert stats["input_rows"] == local["input_rows"] == stats["kept"] + stats["dropped"]
+    assert stats["dropped_by_stage"] == local["dropped_by_stage"]
+    reasons = {r for stage in local["dropped_by_stage"].values() for r in stage}
+    assert {"duplicate_url", "duplicate_exact", "duplicate_phash", "shard_remainder", "invalid_url"} <= reasons
+    assert local["shards"]["num_shards"] >= 8
+    assert_same_dataset(served["local"], out)
