@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -130,7 +131,9 @@ class LocalRun:
             self.progress("download", done, total)
             jobs = [(str(self.out), i, self.download_options()) for i in todo]
             if self.config.processes > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(self.config.processes) as pool:
+                # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(self.config.processes, mp_context=context) as pool:
                     for _ in pool.map(_download_part, jobs):
                         done += 1
                         self.progress("download", done, total)
