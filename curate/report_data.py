@@ -202,7 +202,10 @@ def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
 def thumbnails(out: Path, rows: set[int], size: int = 160) -> dict[int, str]:
     """A small JPEG data URI per chosen row that has stored bytes; reads only row groups holding chosen rows."""
     wanted, found = np.array(sorted(rows), dtype=np.int64), {}
-    for part in checkpoint_parts(out, "download"):
+    parts = sorted((out / "stages" / "download").glob("part-*.parquet"))
+    if not parts:
+        log.warning("%s: no download checkpoint, so the report shows no thumbnails", out)
+    for part in parts:
         reader = pq.ParquetFile(part)
         row_index = reader.schema_arrow.get_field_index(ROW)
         for group in range(reader.num_row_groups):
