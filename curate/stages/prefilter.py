@@ -49,7 +49,7 @@ def flag_invalid_urls(table: pa.Table) -> pa.Table:
 
 def flag_empty_captions(table: pa.Table) -> pa.Table:
     caption = table[CAPTION]
-    empty = pc.or_(pc.is_null(caption), pc.equal(pc.utf8_trim_whitespace(caption), ""))
+    empty = pc.or_kleene(pc.is_null(caption), pc.equal(pc.utf8_trim_whitespace(caption), ""))
     return with_reason(table, empty, STAGE, "empty_caption")
 
 
@@ -91,7 +91,7 @@ def flag_metadata_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
     if AESTHETIC not in table.column_names:
         return table
     values = table[AESTHETIC]
-    low = pc.or_(pc.less(values, threshold), pc.is_null(values))
+    low = pc.or_kleene(pc.less(values, threshold), pc.is_null(values))
     return with_reason(table, low, STAGE, "metadata_low_aesthetic", pc.cast(values, pa.string()))
 
 

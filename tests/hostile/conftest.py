@@ -39,14 +39,24 @@ def jpeg(seed: int = 0, width: int = 96, height: int = 64) -> bytes:
     return encode(picture(width, height, seed))
 
 
+def _png(width: int, height: int, depth: int, colour_type: int, data: bytes) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb as far as the header goes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return _png(width, height, 8, 2, b"\0" * 64)
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b"")
+
+def png_rgba16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGBA PNG (Pillow cannot write one) from a uint16 [height, width, 4] array."""
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + line.astype(">u2").tobytes() for line in pixels)
+    return _png(width, height, 16, 6, rows)
 
 
 def row(url: str | None, caption: str | None = "a caption", **extra: Any) -> dict[str, Any]:
@@ -55,7 +65,7 @@ def row(url: str | None, caption: str | None = "a caption", **extra: Any) -> dic
             **extra}
 
 
-def test_config(**changes: Any) -> Config:
+def hostile_config(**changes: Any) -> Config:
     """Everything that survives lands in one shard; no perceptual or content dedup between the test images."""
     values: dict[str, Any] = dict(scores="metadata", world_size=1, workers_per_rank=1, min_size=1, threads=8,
                                   timeout=TIMEOUT, allow_private_network=True, dedup=["url"], image_size=64,
@@ -74,7 +84,7 @@ def run_rows(tmp_path: Path, rows: list[dict[str, Any]], **changes: Any) -> dict
     """Run the pipeline on rows; returns stats, ledger and samples, each ledger row findable by its caption."""
     sample = write_rows(tmp_path / "input.parquet", rows)
     out = tmp_path / "out"
-    stats = run_local([str(sample)], out, test_config(**changes))
+    stats = run_local([str(sample)], out, hostile_config(**changes))
     ledger, samples = pq.read_table(out / "ledger.parquet"), pq.read_table(out / "samples.parquet")
     assert stats["input_rows"] == len(rows) == samples.num_rows + ledger.num_rows  # input = kept + dropped
     return {"stats": stats, "ledger": ledger, "samples": samples, "out": out}
