@@ -31,17 +31,17 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
 def check_same_run(out: Path, config: Config, inputs: list[str]) -> None:
     """A rerun into an existing output must use the same arguments (it resumes); refuse anything else."""
     path = out / "stages" / "run.json"
-    current = {"inputs": inputs, "config": config.to_dict()}
+    settings = config.to_dict()
     if path.exists():
         earlier = json.loads(path.read_text())
         if earlier["inputs"] != inputs:
             raise ValueError(f"{out} holds a run over {earlier['inputs']}; use another --output for {inputs}")
         changed = sorted(k for k, v in earlier["config"].items()
-                         if current["config"].get(k) != v and k not in RECUT_OPTIONS)
+                         if settings.get(k) != v and k not in RECUT_OPTIONS)
         if changed:
             raise ValueError(f"{out} holds a run with other values of {changed}; use another --output, "
                              "or `curate select`/`curate shard` to re-cut it")
-    io.write_json(current, path)
+    io.write_json({"inputs": inputs, "config": settings}, path)
 
 
 def run_local(inputs: list[str], output: str | Path, config: Config,
