@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import imagehash
@@ -33,8 +37,27 @@ from curate.schema import (
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
-from img2dataset import resizer as _img2dataset_resizer  # noqa: E402
-from img2dataset.resizer import ResizeMode, Resizer  # noqa: E402
+
+
+def _load_resizer_module() -> ModuleType:
+    """img2dataset.resizer alone: the package's __init__ imports its whole downloader (webdataset, torch), ~10 s."""
+    if "img2dataset.resizer" in sys.modules:
+        return sys.modules["img2dataset.resizer"]
+    package = importlib.util.find_spec("img2dataset")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("img2dataset is not installed; `pip install img2dataset`")
+    spec = importlib.util.spec_from_file_location(
+        "img2dataset.resizer", Path(next(iter(package.submodule_search_locations))) / "resizer.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("img2dataset has no resizer module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["img2dataset.resizer"] = module
+    return module
+
+
+_img2dataset_resizer = _load_resizer_module()
+ResizeMode, Resizer = _img2dataset_resizer.ResizeMode, _img2dataset_resizer.Resizer
 
 # Resizer silences cv2 by swapping the process's fds 1 and 2 around every image; from several threads at once the
 # swaps interleave and leave stdout/stderr pointing at /dev/null for good. cv2 warnings are harmless: keep the fds.
@@ -53,10 +76,10 @@ class DownloadOptions:
     policy: FetchPolicy = FetchPolicy()
 
 
-_resizers: dict[tuple[int, str], Resizer] = {}
+_resizers: dict[tuple[int, str], Any] = {}
 
 
-def resizer_for(options: DownloadOptions) -> Resizer:
+def resizer_for(options: DownloadOptions) -> Any:
     """One Resizer per process and setting; never upscales (resize_only_if_bigger)."""
     cache_key = (options.image_size, options.resize_mode)
     if cache_key not in _resizers:
@@ -91,11 +114,11 @@ def _download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
     row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest() if body else None}
     try:
         prepared = prepare(body)
-    except DecodeError as error:
-        return {**row, STATUS: error.reason, "error": str(error)}
-    jpeg, width, height, original_width, original_height, error = resizer_for(options)(io.BytesIO(prepared))
-    if error is not None or jpeg is None:
-        return {**row, STATUS: "decode_failed", "error": f"resize: {error}"}
+    except DecodeError as decode_error:
+        return {**row, STATUS: decode_error.reason, "error": str(decode_error)}
+    jpeg, width, height, original_width, original_height, problem = resizer_for(options)(io.BytesIO(prepared))
+    if problem is not None or jpeg is None:
+        return {**row, STATUS: "decode_failed", "error": f"resize: {problem}"}
     try:
         row[PHASH] = phash_of(jpeg)
     except Exception as phash_error:  # a JPEG cv2 wrote but PIL rejects is still a row, not a crash
@@ -118,7 +141,7 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
         values = pa.array([r.get(field.name) for r in results], field.type)
         table = table.append_column(field, values) if field.name not in table.column_names else table
     failed = pa.array([bool(r) and r[STATUS] != SUCCESS for r in results])
-    reasons = [r.get(STATUS) for r in results]
+    reasons: list[str] = [r.get(STATUS) or "" for r in results]
     details = [r.get("error") for r in results]
     # One reason per failure kind, so the ledger can be grouped by it.
     for reason in sorted({r for r, f in zip(reasons, failed.to_pylist(), strict=True) if f}):

@@ -17,7 +17,7 @@ from curate.cli import app
 from curate.pipeline import run_local
 from curate.server import ImageServer, Response
 from curate.stages.shard import check_key, sample_bytes
-from tests.hostile.conftest import jpeg, outcomes, row, run_rows, serve, hostile_config, write_rows
+from tests.hostile.conftest import hostile_config, jpeg, outcomes, row, run_rows, serve, write_rows
 
 LONG_CAPTION = "word " * 20_000  # 100 KB
 ODD_CAPTIONS = ["tab\tbell\x07nul\x00escape\x1b[31m del\x7f", "line one\nline two\r\nline three", LONG_CAPTION]

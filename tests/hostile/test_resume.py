@@ -1,0 +1,116 @@
+"""A `curate run` killed with SIGKILL at points spread over its stages, restarted each time with the same
+arguments, ends byte-identical to one that never stopped, and leaves no temporary file behind."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from curate.server import ImageServer, Response
+from tests.hostile.conftest import jpeg, row, serve, write_rows
+
+log = logging.getLogger(__name__)
+ROWS = 120
+PART_ROWS = 12  # ten checkpoint parts
+COMPARED = ["ledger.parquet", "samples.parquet", "shards/index.json"]
+Condition = Callable[[Path], bool]
+
+
+def corpus(server: ImageServer, path: Path) -> Path:
+    """Mostly good images, slow enough to kill mid-download, with failures and duplicates for the ledger."""
+    rows = []
+    for i in range(ROWS):
+        if i % 10 == 9:
+            url = serve(server, f"/missing/{i}", Response(b"gone", status=404))
+        elif i % 10 == 8:
+            url = serve(server, f"/html/{i}", Response(b"<html></html>", delay=0.02))
+        else:
+            url = serve(server, f"/img/{i}.jpg", Response(jpeg(i % 50, 64 + i % 7, 48), delay=0.04))
+        rows.append(row(url, f"caption {i % 100}", AESTHETIC_SCORE=4.0 + (i % 5)))
+    return write_rows(path, rows)
+
+
+def command(sample: Path, out: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "curate"), "run", str(sample), "--output", str(out),
+            "--scores", "metadata",
+            "--world-size", "2", "--workers-per-rank", "2", "--target-shard-size", "20000", "--min-size", "1",
+            "--allow-private-network", "--dedup", "url,exact,phash", "--batch-size-rows", str(PART_ROWS),
+            "--threads", "4", "--timeout", "3", "--image-size", "64"]
+
+
+def _parts(stage: str, count: int) -> Condition:
+    return lambda out: len(list((out / "stages" / stage).glob("part-*.parquet"))) >= count
+
+
+def _exists(relative: str) -> Condition:
+    return lambda out: (out / relative).exists()
+
+
+def _any(pattern: str) -> Condition:
+    return lambda out: any(out.glob(pattern))
+
+
+KILL_POINTS: list[tuple[str, Condition]] = [
+    ("ingest written", _exists("stages/ingest/_SUCCESS")),
+    ("download, 2 parts", _parts("download", 2)),
+    ("download, 5 parts", _parts("download", 5)),
+    ("download, 9 parts", _parts("download", 9)),
+    ("score", _parts("score", 3)),
+    ("dedup", _exists("stages/score/_SUCCESS")),
+    ("shard buckets", _exists("stages/shard-buckets")),
+    ("tar written", _any("shards/*.tar")),
+    ("manifest", _exists("shards/index.json")),
+    ("books", _exists("ledger.parquet")),
+]
+
+
+def run_until(cmd: list[str], out: Path, condition: Condition, limit: float = 120.0) -> bool:
+    """Start cmd; SIGKILL it as soon as condition holds. True when it was killed before finishing."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    started = time.monotonic()
+    while process.poll() is None and time.monotonic() - started < limit:
+        if condition(out):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.005)
+    _, stderr = process.communicate(timeout=limit)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    return False
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    files = {name: (out / name).read_bytes() for name in COMPARED}
+    files.update({f"shards/{p.name}": p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))})
+    return files
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path, server: ImageServer) -> None:
+    sample = corpus(server, tmp_path / "input.parquet")
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    assert not run_until(command(sample, clean), clean, lambda out: False)
+    killed = []
+    for name, condition in KILL_POINTS:
+        if run_until(command(sample, resumed), resumed, condition):
+            killed.append(name)
+    assert not run_until(command(sample, resumed), resumed, lambda out: False)
+    log.info("killed at %d of %d points: %s", len(killed), len(KILL_POINTS), killed)
+    assert len(killed) >= 7, f"only {killed} interrupted a run"
+    expected, got = snapshot(clean), snapshot(resumed)
+    assert sorted(got) == sorted(expected)
+    different = [name for name in expected if expected[name] != got[name]]
+    assert not different, f"differ after {killed}: {different}"
+    assert json.loads((resumed / "stats.json").read_text())["input_rows"] == ROWS
+    leftovers = [p for p in resumed.rglob("*") if p.name.endswith(".tmp") or "shard-buckets" in str(p)]
+    assert not leftovers
