@@ -107,8 +107,7 @@ class AestheticPredictor:
 
     @property
     def input_size(self) -> int:
-        first = self.module.layers[0] if isinstance(self.module, AestheticMLP) else self.module
-        return int(first.in_features)
+        return int(next(self.module.parameters()).shape[1])  # layers.0.weight (v2) or weight (v1): [out, in]
 
     @torch.inference_mode()
     def predict(self, embeddings: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import open_clip
@@ -86,7 +87,7 @@ class ClipEncoder:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.visual.output_dim)
+        return int(cast(int, self.visual.output_dim))
 
     def encode(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalized float32 embeddings [N, embed_dim] of PIL images."""
@@ -133,6 +134,7 @@ def _open_clip_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module)
     state_dict = strip_prefix(dict(state_dict))
     for key in _NON_PARAMETER_KEYS:
         state_dict.pop(key, None)
-    if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != model.logit_scale.ndim:
-        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    expected = model.state_dict()["logit_scale"]
+    if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != expected.ndim:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(expected.shape)
     return state_dict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import open_clip
 import torch
@@ -38,9 +39,9 @@ def write_tiny_aesthetic(path: str | Path, head: str = "v2", center: float = 5.0
     """A random aesthetic head of the published shapes whose scores scatter around center."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = build_head(head)
-        unit = torch.nn.functional.normalize(torch.randn(256, module_input_size(module)), dim=-1)
-        last = module.layers[-1] if head == "v2" else module
+        module = build_head(head).eval()
+        unit = torch.nn.functional.normalize(torch.randn(256, int(next(module.parameters()).shape[1])), dim=-1)
+        last = cast(torch.nn.Linear, list(module.modules())[-1])  # layers.7 (v2) or the Linear itself (v1)
         with torch.no_grad():
             scores = module(unit)
             # random layers give nearly constant scores: stretch them to std 1 around center
@@ -48,11 +49,6 @@ def write_tiny_aesthetic(path: str | Path, head: str = "v2", center: float = 5.0
             last.bias.sub_(scores.mean()).div_(scores.std()).add_(center)
     torch.save(module.state_dict(), path)
     return Path(path)
-
-
-def module_input_size(module: torch.nn.Module) -> int:
-    """Input width of an aesthetic head."""
-    return int(next(module.parameters()).shape[1])
 
 
 def write_tiny_watermark(path: str | Path, wrapped: bool = True, seed: int = 0) -> Path:

@@ -144,6 +144,7 @@ def _download_url(url: str, target: Path) -> None:
 def _download_hub(source: Source, target: Path) -> None:
     from huggingface_hub import hf_hub_download
 
+    assert source.hub_repo is not None
     staging = tempfile.mkdtemp(dir=target.parent, prefix=".hub-")
     try:
         downloaded = hf_hub_download(repo_id=source.hub_repo, filename=source.filename, local_dir=staging)

@@ -101,7 +101,7 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
     new_columns = {
         AESTHETIC_SCORE: pa.array(aesthetic, pa.float32(), mask=invalid),
         WATERMARK_PROB: pa.array(watermark, pa.float32(), mask=invalid),
-        SCORES_SOURCE: pa.array(np.where(scored, SCORES_FROM_MODEL, None), pa.string()),
+        SCORES_SOURCE: pa.array([SCORES_FROM_MODEL if done else None for done in scored], pa.string()),
         EMBEDDING: _embedding_array(embedding, invalid),
     }
     for name, values in new_columns.items():
