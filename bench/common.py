@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmarks: timing with medians and spread, the machine, bench/results/latest.json."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORK = BENCH / "work"  # git-ignored: generated images, corpora, outputs
+RESULTS = BENCH / "results" / "latest.json"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def tool(name: str) -> str:
+    """The venv's console script when there is one (make bench runs outside an activated venv)."""
+    path = VENV_BIN / name
+    return str(path) if path.exists() else name
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one figure (warm-up already excluded)."""
+
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def describe(self, digits: int = 2) -> str:
+        low, high = min(self.values), max(self.values)
+        return (f"{self.name}: median {self.median:.{digits}f} {self.unit} "
+                f"(min {low:.{digits}f} – max {high:.{digits}f}, n={len(self.values)})")
+
+
+def interleaved(bodies: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every body once per round, alternating, so load from other processes falls on all of them alike."""
+    results: dict[str, list[float]] = {name: [] for name in bodies}
+    for round_index in range(warmup + repeats):
+        for name, body in bodies.items():
+            value = body()
+            if round_index >= warmup:
+                results[name].append(value)
+    return results
+
+
+def wall(command: Sequence[str], **kwargs: Any) -> float:
+    """Seconds a command takes; raises with its output when it fails."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations (img2dataset) phones home on import
+    started = time.perf_counter()
+    done = subprocess.run(list(command), capture_output=True, text=True, env=env, **kwargs)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{output}")
+    return seconds
+
+
+def machine() -> str:
+    """CPU model, cores and OS, as bench_dedup describes the machine."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def merge_results(figures: dict[str, Any], path: Path = RESULTS) -> dict[str, Any]:
+    """Update these keys of latest.json, keeping every other benchmark's keys; atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(figures)
+    results["machine"] = machine()
+    results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+    return results
+
+
+def cores() -> int:
+    return os.cpu_count() or 1

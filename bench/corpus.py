@@ -1,0 +1,165 @@
+"""The benchmark corpus: distinct generated JPEGs of 200 KB–2 MB cached on disk, LAION-schema parquet rows that
+point at them, and a threaded HTTP server on 127.0.0.1 that serves them, with some 404s and slow answers."""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bench.common import WORK
+
+IMAGES = WORK / "images-v1"  # bump the suffix when the generator changes
+FIELD_SIDE = 2048
+MIN_BYTES, MAX_BYTES = 200_000, 2_000_000
+BYTES_PER_PIXEL = 1.5  # what quality 100 makes of the generator's noise, measured
+MISSING_EVERY, SLOW_EVERY = 29, 37  # ~3.4% of rows answer 404, ~2.7% answer after 0.2-1.0 s
+WORDS = ("a photo of", "a painting of", "close-up of", "landscape with", "portrait of", "vintage poster of")
+THINGS = ("a cat", "the sea", "mountains", "a coffee cup", "an astronaut", "a rocket", "flowers", "a city at night")
+_ROUTE = re.compile(r"^/(img|slow|missing)/(\d+)(?:/(\d+))?\.jpg$")
+_field: np.ndarray | None = None
+
+
+def image_size(index: int) -> tuple[int, int]:
+    """Width and height of image `index`: bytes skewed toward the small end of 200 KB–2 MB, as on the web."""
+    rng = np.random.default_rng([7, index])
+    target = MIN_BYTES * 10 ** (rng.random() ** 2 * math.log10(MAX_BYTES / MIN_BYTES))
+    aspect = rng.uniform(0.75, 1.4)
+    pixels = target / BYTES_PER_PIXEL
+    return max(256, int(math.sqrt(pixels * aspect))), max(256, int(math.sqrt(pixels / aspect)))
+
+
+def generated_jpeg(index: int) -> bytes:
+    """A coarse colour field (its own pHash) over a crop of shared noise (the bytes of a detailed photo)."""
+    global _field
+    if _field is None:
+        _field = np.random.default_rng(1).integers(0, 128, size=(FIELD_SIDE, FIELD_SIDE, 3), dtype=np.uint8)
+    width, height = image_size(index)
+    width, height = min(width, FIELD_SIDE), min(height, FIELD_SIDE)
+    rng = np.random.default_rng([11, index])
+    x, y = int(rng.integers(0, FIELD_SIDE - width + 1)), int(rng.integers(0, FIELD_SIDE - height + 1))
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
+    pixels = (base >> 1) + _field[y:y + height, x:x + width]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=100)
+    return buffer.getvalue()
+
+
+def _write_image(index: int) -> None:
+    path = image_path(index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(generated_jpeg(index))
+    tmp.replace(path)
+
+
+def image_path(index: int) -> Path:
+    return IMAGES / f"{index:05d}.jpg"
+
+
+def ensure_images(count: int, processes: int = 2) -> float:
+    """Generate the images 0..count-1 that are not cached yet; returns the seconds it took."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(count) if not image_path(i).exists()]
+    started = time.perf_counter()
+    if missing:
+        print(f"generating {len(missing)} images under {IMAGES} (cached for later runs)", flush=True)
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_image, missing, chunksize=32))
+    return time.perf_counter() - started
+
+
+def route(row: int) -> str:
+    """The URL path of row `row`: its image, a slow answer of its image, or a 404."""
+    if row % MISSING_EVERY == MISSING_EVERY - 1:
+        return f"/missing/{row}.jpg"
+    if row % SLOW_EVERY == SLOW_EVERY - 1:
+        return f"/slow/{200 + (row * 7919) % 800}/{row}.jpg"
+    return f"/img/{row}.jpg"
+
+
+def corpus_table(rows: int, base_url: str) -> pa.Table:
+    """LAION-schema metadata; about a third of the rows fail the metadata thresholds (score, watermark)."""
+    rng = np.random.default_rng([3, rows])
+    sizes = [image_size(i) for i in range(rows)]
+    return pa.table({
+        "URL": [base_url + route(i) for i in range(rows)],
+        "TEXT": [f"{WORDS[i % len(WORDS)]} {THINGS[(i // 6) % len(THINGS)]} #{i}" for i in range(rows)],
+        "WIDTH": pa.array([float(w) for w, _ in sizes]),
+        "HEIGHT": pa.array([float(h) for _, h in sizes]),
+        "AESTHETIC_SCORE": rng.uniform(4.0, 7.5, rows),
+        "pwatermark": rng.beta(0.6, 2.0, rows),
+        "punsafe": rng.beta(0.5, 8, rows),
+        "similarity": rng.uniform(0.25, 0.4, rows),
+    })
+
+
+def write_corpus(rows: int, base_url: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(corpus_table(rows, base_url), path)
+    return path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        match = _ROUTE.match(self.path)
+        if match is None or match.group(1) == "missing":
+            self.send_error(404)
+            return
+        if match.group(1) == "slow":
+            time.sleep(int(match.group(2)) / 1000)
+        path = image_path(int(match.group(3) or match.group(2)))
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - closed below, after sendfile
+        except FileNotFoundError:
+            self.send_error(404)
+            return
+        with source:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.end_headers()
+            try:
+                self.connection.sendfile(source)  # the kernel copies: the server costs the clients little CPU
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence per-request logging
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 drops SYNs from 32 clients: 1 s retransmits
+
+
+class CorpusServer:
+    """`with CorpusServer() as server: server.base_url` serves the cached images on 127.0.0.1 from a child process,
+    so the server never holds the harness's GIL and forked pipeline workers never inherit its threads."""
+
+    def __init__(self) -> None:
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
+        self.process = multiprocessing.get_context("fork").Process(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> CorpusServer:
+        self.process.start()
+        self.httpd.socket.close()  # the child listens; the harness keeps only the address
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.join()
