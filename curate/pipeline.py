@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from curate import io
 from curate.config import Config
 from curate.engines.local import LocalRun, Progress
 from curate.engines.local_shard import finish, shard
+from curate.stages.download import retry_transient
 
 log = logging.getLogger(__name__)
 # Options that only select and shard read: changing them re-cuts a run instead of refusing it.
@@ -83,6 +86,30 @@ def recut(output: str | Path, config: Config, progress: Progress | None = None,
     earlier = json.loads(path.read_text())
     io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
     return finish_and_report(run, started)
+
+
+def retry_failed(output: str | Path, config: Config, progress: Progress | None = None) -> dict[str, Any]:
+    """Fetch again only the rows whose download failed with a transient error, then redo the later stages."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    downloads = run.checkpoint("download")
+    if not downloads.done:
+        raise ValueError(f"{output}: no finished download stage; run `curate run` (it resumes) first")
+    io.remove_temporaries(run.out)
+    for later in ("score", "dedup", "select", "shard"):  # first, so a crash here can never leave them stale
+        run.checkpoint(later).reset()
+    options, retried = run.download_options(), 0
+    for index, path in enumerate(downloads.parts()):
+        part, count = retry_transient(pq.read_table(path), options)
+        if count:
+            downloads.write_part(index, part)
+            retried += count
+    log.info("retried %d rows whose download failed with a transient error", retried)
+    run.score(run.resolve_scores())
+    run.dedup()
+    run.select(force=True)
+    shard(run)
+    return finish(run, started)
 
 
 def load_run_config(output: str | Path) -> Config:

@@ -17,21 +17,27 @@ from typing import Any
 
 import imagehash
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
-from curate.fetch import FetchError, FetchPolicy, fetch
+from curate.fetch import FetchError, FetchPolicy, fetch, is_transient
 from curate.images import DecodeError, prepare
 from curate.schema import (
     DOWNLOAD_BYTES,
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
     JPG,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
     PHASH,
+    ROW,
     SHA256,
     STATUS,
     STORED_HEIGHT,
     STORED_WIDTH,
     URL,
+    VERDICT_COLUMNS,
     table_schema,
 )
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
@@ -148,3 +154,18 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
         mask = pa.array([f and r == reason for r, f in zip(reasons, failed.to_pylist(), strict=True)])
         table = with_reason(table, mask, STAGE, reason, details)
     return table
+
+
+def retry_transient(part: pa.Table, options: DownloadOptions) -> tuple[pa.Table, int]:
+    """Download again the rows whose download failed with a transient error; every other row stays as it was."""
+    retry = [stage == STAGE and is_transient(reason, detail) for stage, reason, detail in zip(
+        part[DROP_STAGE].to_pylist(), part[DROP_REASON].to_pylist(), part[DROP_DETAIL].to_pylist(), strict=True)]
+    if not any(retry):
+        return part, 0
+    mask = pa.array(retry)
+    again = part.filter(mask).drop_columns([f.name for f in table_schema("download") if f.name in part.column_names])
+    for name in VERDICT_COLUMNS:
+        again = again.set_column(again.column_names.index(name), name, pa.nulls(again.num_rows, pa.string()))
+    redone = download(again, options).select(part.column_names).cast(part.schema)
+    merged = pa.concat_tables([part.filter(pc.invert(mask)), redone]).sort_by(ROW)
+    return merged, len(redone)

@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from curate.pipeline import retry_failed
 from curate.server import ImageServer, Response
-from tests.hostile.conftest import jpeg, row, serve, write_rows
+from tests.hostile.conftest import hostile_config, jpeg, outcomes, row, run_rows, serve, write_rows
 
 log = logging.getLogger(__name__)
 ROWS = 120
@@ -114,3 +116,19 @@ def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path, s
     assert json.loads((resumed / "stats.json").read_text())["input_rows"] == ROWS
     leftovers = [p for p in resumed.rglob("*") if p.name.endswith(".tmp") or "shard-buckets" in str(p)]
     assert not leftovers
+
+
+def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: ImageServer) -> None:
+    flaky = serve(server, "/flaky.jpg", Response(b"busy", status=503))
+    rows = [row(serve(server, "/fine.jpg", Response(jpeg(1))), "fine"), row(flaky, "flaky"),
+            row(serve(server, "/gone.jpg", Response(b"no", status=404)), "gone"),
+            row(serve(server, "/late.jpg", Response(jpeg(2), delay=5)), "late")]
+    first = run_rows(tmp_path, rows, timeout=0.5)
+    assert outcomes(first, rows) == {0: "kept", 1: "http_error", 2: "http_error", 3: "timeout"}
+    server.routes["/flaky.jpg"] = Response(jpeg(3))
+    server.routes["/late.jpg"] = Response(jpeg(4))
+    server.routes["/gone.jpg"] = Response(jpeg(5))  # a 404 is final: not asked again
+    stats = retry_failed(first["out"], hostile_config(timeout=0.5))
+    ledger = pq.read_table(first["out"] / "ledger.parquet").to_pylist()
+    assert stats["kept"] == 3 and [(r["row"], r["reason"]) for r in ledger] == [(2, "http_error")]
+    assert stats["input_rows"] == stats["kept"] + stats["dropped"]
