@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: install
 
 bench: install
 	$(PY) -m bench.run
+
+bench-download bench-shard bench-e2e: install
+	$(PY) -m bench.run --only $(@:bench-%=%)
 
 lint: install
 	$(VENV)/bin/ruff check .

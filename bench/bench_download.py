@@ -32,14 +32,15 @@ class Settings:
 
     processes: int = 2
     threads: int = 16
-    rows_per_part: int = 1000
+    rows_per_part: int = 250
     image_size: int = 256
     resize_mode: str = "keep_ratio"
+    world_size: int = 8  # shards: world_size x 1 data-loader worker
 
     def config(self, **changes: Any) -> Config:
         return Config(image_size=self.image_size, resize_mode=self.resize_mode, threads=self.threads,
                       processes=self.processes, batch_size_rows=self.rows_per_part, allow_private_network=True,
-                      min_size=256, world_size=8, workers_per_rank=1, **changes).validate()
+                      min_size=256, world_size=self.world_size, workers_per_rank=1, **changes).validate()
 
     def img2dataset_command(self, corpus: Path, output: Path) -> list[str]:
         return [tool("img2dataset"), "--url_list", str(corpus), "--input_format", "parquet", "--url_col", "URL",
@@ -105,7 +106,7 @@ def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings 
     counts: dict[str, int] = {}
     inner: dict[str, list[float]] = {}
     with CorpusServer() as server:
-        for size, rounds in ((min(warmup_rows, rows), 0), (rows, repeats)):
+        for size, rounds in ([(warmup_rows, 0)] if warmup_rows else []) + [(rows, repeats)]:
             work = WORK / f"download-{size}"
             corpus = write_corpus(size, server.base_url, work / "corpus.parquet")
             prepare_ours(corpus, work / "ours", settings)

@@ -23,7 +23,7 @@ from bench.corpus import CorpusServer, ensure_images, write_corpus
 from curate.engines.local import STAGES
 from curate.pipeline import run_local
 
-SETTINGS = Settings(rows_per_part=250)  # a quarter of the corpus still fills both download processes
+SETTINGS = Settings()  # 250 rows a part: a quarter of the corpus still fills both download processes
 
 
 def run_once(corpus: Path, out: Path, settings: Settings = SETTINGS) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def stage_table(runs: list[dict[str, Any]]) -> tuple[dict[str, float], str]:
     return medians, slowest
 
 
-def measure(rows: int, repeats: int) -> dict[str, Any]:
+def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str, Any]:
     """End to end at rows (figure 3) and, interleaved, at rows/4 (figure 4's 1x); one small warm-up run first."""
     quarter = rows // 4
     ensure_images(rows)
@@ -68,14 +68,14 @@ def measure(rows: int, repeats: int) -> dict[str, Any]:
     runs: dict[int, list[dict[str, Any]]] = {rows: [], quarter: []}
     with CorpusServer() as server:
         corpora = {n: write_corpus(n, server.base_url, work / f"corpus-{n}.parquet") for n in runs}
-        run_once(corpora[quarter], work / "out-warmup")
+        run_once(corpora[quarter], work / "out-warmup", settings)
         for _ in range(repeats):
             for n in (rows, quarter):
-                runs[n].append(run_once(corpora[n], work / f"out-{n}"))
+                runs[n].append(run_once(corpora[n], work / f"out-{n}", settings))
     big, small = runs[rows], runs[quarter]
     rates = Series(f"end to end, {rows} rows", "rows/s", [rows / r["timings"]["total"] for r in big])
-    print(f"end to end: curate run --scores metadata, {rows} rows, {SETTINGS.processes} processes x "
-          f"{SETTINGS.threads} threads, {SETTINGS.image_size} px; kept {big[-1]['kept']}, dropped {big[-1]['dropped']}")
+    print(f"end to end: curate run --scores metadata, {rows} rows, {settings.processes} processes x "
+          f"{settings.threads} threads, {settings.image_size} px; kept {big[-1]['kept']}, dropped {big[-1]['dropped']}")
     print("  " + rates.describe(1))
     _, slowest = stage_table(big)
     t_small = Series(f"{quarter} rows (1x)", "s", [r["timings"]["total"] for r in small])

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.bench_download import Settings
 from bench.bench_e2e import SETTINGS, run_once
 from bench.common import WORK, Series, interleaved, merge_results, wall
 from bench.corpus import CorpusServer, ensure_images, write_corpus
@@ -27,14 +28,14 @@ from curate.engines.local_shard import shard
 MB = 1_000_000
 
 
-def finished_run(rows: int, out: Path) -> Path:
+def finished_run(rows: int, out: Path, settings: Settings = SETTINGS) -> Path:
     """A finished end-to-end run to re-shard (reused when an earlier bench left one with the same rows)."""
     stats = out / "stats.json"
     if stats.exists() and json.loads(stats.read_text())["input_rows"] == rows:
         return out
     ensure_images(rows)
     with CorpusServer() as server:
-        run_once(write_corpus(rows, server.base_url, out.parent / f"corpus-{rows}.parquet"), out)
+        run_once(write_corpus(rows, server.base_url, out.parent / f"corpus-{rows}.parquet"), out, settings)
     return out
 
 
@@ -50,9 +51,9 @@ def extract_members(out: Path, files: Path) -> list[Path]:
     return folders
 
 
-def shard_stage(out: Path) -> int:
+def shard_stage(out: Path, settings: Settings = SETTINGS) -> int:
     """Run curate's shard stage; returns the bytes of tar it wrote."""
-    shard(LocalRun(out, SETTINGS.config(scores="metadata")))
+    shard(LocalRun(out, settings.config(scores="metadata")))
     index = json.loads((out / "shards" / "index.json").read_text())
     return sum(entry["filesize"] for entry in index["shardlist"])
 
@@ -73,9 +74,9 @@ def gnu_tar(folders: list[Path], destination: Path) -> int:
     return total
 
 
-def measure(rows: int, repeats: int) -> dict[str, Any]:
-    out = finished_run(rows, WORK / "e2e" / f"out-{rows}")
-    shard_stage(out)
+def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str, Any]:
+    out = finished_run(rows, WORK / "e2e" / f"out-{rows}", settings)
+    shard_stage(out, settings)
     folders = extract_members(out, WORK / "shard-files")
     written: dict[str, int] = {}
 
@@ -89,7 +90,7 @@ def measure(rows: int, repeats: int) -> dict[str, Any]:
         wall(["dd", "if=/dev/zero", f"of={WORK / 'dd.bin'}", "bs=1M", f"count={count}", "conv=fsync"])
         return count * (1 << 20)
 
-    runs = interleaved({"ours": lambda: timed("ours", lambda: shard_stage(out)),
+    runs = interleaved({"ours": lambda: timed("ours", lambda: shard_stage(out, settings)),
                         "tar": lambda: timed("tar", lambda: gnu_tar(folders, WORK / "tar-out")),
                         "dd": lambda: timed("dd", dd)}, repeats)
     (WORK / "dd.bin").unlink(missing_ok=True)

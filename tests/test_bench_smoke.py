@@ -1,0 +1,62 @@
+"""The benchmark harness on a tiny corpus: every piece runs and writes its keys; speed is never asserted."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import bench_download, bench_e2e, bench_shard, common, corpus
+from bench.bench_download import Settings
+
+SMALL = Settings(processes=1, threads=4, rows_per_part=20, world_size=2)
+
+
+@pytest.fixture()
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Images, corpora and outputs under tmp_path instead of bench/work."""
+    monkeypatch.setattr(corpus, "IMAGES", tmp_path / "images")
+    for module in (bench_download, bench_e2e, bench_shard):
+        monkeypatch.setattr(module, "WORK", tmp_path)
+    return tmp_path
+
+
+def test_corpus_is_served_with_misses_and_sizes_in_range(work: Path) -> None:
+    corpus.ensure_images(30, processes=1)
+    sizes = [corpus.image_path(i).stat().st_size for i in range(30)]
+    assert 150_000 < min(sizes) and max(sizes) < 2_500_000
+    table = corpus.corpus_table(30, "http://x")
+    assert table.num_rows == 30 and any("/missing/" in u for u in table["URL"].to_pylist())
+
+
+def test_download_command_and_img2dataset_flags(work: Path) -> None:
+    """`curate download` runs on the prepared folder; img2dataset is not run (its start-up alone is ~20 s here),
+    but every flag the bench gives it must be a parameter of img2dataset.download."""
+    import img2dataset
+
+    corpus.ensure_images(20, processes=1)
+    counts: dict[str, int] = {}
+    inner: dict[str, list[float]] = {}
+    with corpus.CorpusServer() as server:
+        path = corpus.write_corpus(20, server.base_url, work / "corpus.parquet")
+        bench_download.prepare_ours(path, work / "ours", SMALL)
+        rate = bench_download._ours(work, counts, inner)()
+    assert rate > 0 and 0 < counts["ours"] <= 20 and inner["ours"][0] > 0
+    flags = {arg[2:] for arg in SMALL.img2dataset_command(path, work / "out") if arg.startswith("--")}
+    assert flags <= set(inspect.signature(img2dataset.download).parameters)
+
+
+def test_e2e_shard_and_results(work: Path, tmp_path: Path) -> None:
+    e2e = bench_e2e.measure(80, repeats=1, settings=SMALL)
+    assert e2e["e2e_slowest_stage"] in e2e["e2e_stage_seconds"] and e2e["e2e_rows_per_s"] > 0
+    assert isinstance(e2e["scale_exponent"], float)
+    shard = bench_shard.measure(80, repeats=1, settings=SMALL)
+    assert shard["shard_ratio_vs_tar"] > 0 and shard["shard_mb_per_s"] > 0
+    path = tmp_path / "latest.json"
+    path.write_text(json.dumps({"dedup_recall": 0.99}))
+    common.merge_results({**e2e, **shard}, path)
+    merged = json.loads(path.read_text())
+    assert merged["dedup_recall"] == 0.99 and "scale_exponent" in merged and "shard_ratio_vs_tar" in merged
+    assert merged["machine"] and merged["date"]
