@@ -114,12 +114,17 @@ def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, 
     print_summary(stats, output)
 
 
+def _settings_of(output: Path, config: Path | None, options: dict | None) -> Config:
+    """The run's own settings, then the config file, then the options given on this command line."""
+    return load_config(config, {**pipeline.load_run_config(output).to_dict(),
+                                **{k: v for k, v in (options or {}).items() if v is not None}})
+
+
 def _stage_command(stage: str) -> Callable[..., Any]:
     def command(output: Annotated[Path, typer.Argument(help="A curate output folder.")],
                 config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
         try:
-            settings = load_config(config, {**pipeline.load_run_config(output).to_dict(),
-                                            **{k: v for k, v in (options or {}).items() if v is not None}})
+            settings = _settings_of(output, config, options)
             stats = pipeline.rerun_stage(stage, output, settings)
         except ValueError as error:
             _fail(error)
@@ -135,6 +140,21 @@ def _stage_command(stage: str) -> Callable[..., Any]:
 
 for _stage in STAGE_COMMANDS:
     app.command(name=_stage)(with_config_options(_stage_command(_stage)))
+
+
+@app.command()
+@with_config_options
+def retry(output: Annotated[Path, typer.Argument(help="A curate output folder.")],
+          config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
+    """Fetch again only the rows whose download failed transiently (timeout, connection, DNS, 429/5xx)."""
+    try:
+        settings = _settings_of(output, config, options)
+        bars, update = _progress()
+        with bars:
+            stats = pipeline.retry_failed(output, settings, update)
+    except ValueError as error:
+        _fail(error)
+    print_summary(stats, output)
 
 
 @app.command()
