@@ -116,8 +116,11 @@ def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, 
 
 def _settings_of(output: Path, config: Path | None, options: dict | None) -> Config:
     """The run's own settings, then the config file, then the options given on this command line."""
-    return load_config(config, {**pipeline.load_run_config(output).to_dict(),
-                                **{k: v for k, v in (options or {}).items() if v is not None}})
+    from_file = load_config(config, {}).to_dict() if config is not None else {}
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    defaults = Config().to_dict()
+    file_values = {k: v for k, v in from_file.items() if v != defaults[k]}
+    return load_config(None, {**pipeline.load_run_config(output).to_dict(), **file_values, **given})
 
 
 def _stage_command(stage: str) -> Callable[..., Any]:
