@@ -1,4 +1,4 @@
-"""The cluster job: `spark-submit jobs/aesthetics_filter.py --input 's3a://…/*.parquet' --output s3a://… --threshold 5.0`.
+"""The cluster job: `spark-submit jobs/aesthetics_filter.py --input 's3a://…/*.parquet' --output s3a://… --threshold 5`.
 
 Thin: the options of `curate run` (same names and defaults, `--config` too), a SparkSession, curate's Spark engine.
 Also runs as `python jobs/aesthetics_filter.py …` in local mode (`--master`, local[*] when no master is configured).
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Parquet files, globs or folders (any Hadoop path: s3a://, gs://, hdfs://, file).")
     parser.add_argument("--output", required=True, help="Output folder (any Hadoop/fsspec URL).")
     parser.add_argument("--config", help="TOML file; keys are the long option names.")
-    parser.add_argument("--master", help="Spark master when none is configured (default local[*]).")
+    parser.add_argument("--master", help="Spark master, overriding spark-submit's (default: spark-submit's, else "
+                        "local[*]).")
     for field in option_fields():
         default = default_of(field)
         shown = ",".join(default) if isinstance(default, list) else default
@@ -51,14 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spark_session(master: str | None) -> Any:
     """The session spark-submit configured, or a local one (local[*] unless --master says otherwise)."""
-    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this interpreter when not submitted
     builder = SparkSession.builder.appName("curate-aesthetics-filter")
-    if master or not SparkConf().contains("spark.master"):
-        builder = builder.master(master or "local[*]")
-    return builder.getOrCreate()
+    if master:
+        builder = builder.master(master)
+    return builder.getOrCreate()  # no master anywhere: pyspark's launcher defaults to local[*]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,7 @@ class SparkRun:
 
     def resumable(self, inputs: list[str]) -> bool:
         """True when OUT holds a finished download of the same inputs with the same download-side options."""
-        current = {"inputs": inputs, "config": self.config.to_dict()}
+        current: dict[str, Any] = {"inputs": inputs, "config": self.config.to_dict()}
         marker, success = f"{self.root}/stages/spark-run.json", f"{self.root}/stages/download/_SUCCESS"
         same = False
         if self.fs.exists(marker) and self.fs.exists(success):
@@ -176,7 +176,7 @@ class SparkRun:
         if AESTHETIC not in names or PWATERMARK not in names:
             return "model"
         nulls = ingested.agg(*[F.sum(F.col(c).isNull().cast("long")).alias(c) for c in (AESTHETIC, PWATERMARK)])
-        return "metadata" if all((v or 0) == 0 for v in nulls.first()) else "model"
+        return "metadata" if all((v or 0) == 0 for v in nulls.collect()[0]) else "model"
 
 
 def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str) -> DataFrame:
@@ -191,7 +191,8 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
         per_key = pairs.groupBy(KEY).agg(F.min(prefilter.FIRST_ROW_OF_PAIR).alias(prefilter.FIRST_ROW))
         rows = ingested.join(pairs.join(per_key, KEY), [KEY, PAIR]).select(*ingested.columns, *FIRSTS)
     kept = [f for f in arrow_schema(rows) if f.name not in (PAIR, *FIRSTS)]
-    judged = map_stage(rows, _prefilter(c, scores, url_dedup), with_verdict_columns(pa.schema(kept).empty_table()).schema)
+    schema = with_verdict_columns(pa.schema(kept).empty_table()).schema  # prefilter only adds the verdict columns
+    judged = map_stage(rows, _prefilter(c, scores, url_dedup), schema)
     options = LocalRun(".", c).download_options()
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task

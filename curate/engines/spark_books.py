@@ -38,7 +38,7 @@ def check_accounting(input_rows: int, samples: DataFrame, ledger: DataFrame) -> 
 
     rows = samples.select(ROW).unionAll(ledger.select(ROW))
     facts = rows.agg(F.count("*").alias("n"), F.countDistinct(ROW).alias("distinct"), F.min(ROW).alias("low"),
-                     F.max(ROW).alias("high")).first()
+                     F.max(ROW).alias("high")).collect()[0]
     kept, dropped = samples.count(), ledger.count()
     complete = facts["n"] == facts["distinct"] == input_rows and (
         input_rows == 0 or (facts["low"] == 0 and facts["high"] == input_rows - 1))

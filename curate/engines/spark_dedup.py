@@ -26,7 +26,17 @@ from curate.engines.spark_frames import (
     global_index,
     map_stage,
 )
-from curate.schema import AESTHETIC_SCORE, DROP_REASON, EMBEDDING, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, PHASH, ROW, SHA256
+from curate.schema import (
+    AESTHETIC_SCORE,
+    DROP_REASON,
+    EMBEDDING,
+    KEY,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PHASH,
+    ROW,
+    SHA256,
+)
 from curate.stages import dedup, semantic
 from curate.stages.verdict import with_verdict_columns
 
@@ -87,7 +97,7 @@ def _near_pairs(hashes: DataFrame, max_distance: int) -> pa.Table:
     """Pairs of distinct hash values within the distance: bands exploded, grouped by (band, value), then compared."""
     from pyspark.sql import functions as F
 
-    bands = [F.struct(F.lit(i).alias("band"), (F.shiftrightunsigned(PHASH, lo) & F.lit((1 << (hi - lo)) - 1).cast("long"))
+    bands = [F.struct(F.lit(i).alias("band"), F.shiftrightunsigned(PHASH, lo).bitwiseAND(F.lit((1 << (hi - lo)) - 1))
                       .alias("value")) for i, (lo, hi) in enumerate(dedup.band_slices(max_distance))]
     banded = hashes.select(PHASH, F.explode(F.array(*bands)).alias("b")).select(PHASH, "b.band", "b.value")
     counted = banded.groupBy("band", "value").agg(F.count("*").alias("_n")).filter("_n > 1").drop("_n")

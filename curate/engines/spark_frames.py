@@ -45,7 +45,7 @@ def output_schema(function: TableFunction, schema: pa.Schema) -> pa.Schema:
 
 
 def map_stage(df: DataFrame, function: TableFunction, schema: pa.Schema | None = None) -> DataFrame:
-    """Run a pure stage function over every Arrow batch of df (bounded by spark.sql.execution.arrow.maxRecordsPerBatch)."""
+    """Run a pure stage function over every Arrow batch of df (spark.sql.execution.arrow.maxRecordsPerBatch rows)."""
     out = schema if schema is not None else output_schema(function, arrow_schema(df))
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

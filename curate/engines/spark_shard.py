@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from curate.config import Config
 from curate.engines.local_shard import CARRIED_SKIP
-from curate.engines.spark_frames import INDEX, global_index, spark_schema
+from curate.engines.spark_frames import INDEX, global_index
 from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
 from curate.writer import sample_document
@@ -53,7 +53,7 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -
 
     survivors = judged.filter(F.col(DROP_REASON).isNull())
     totals = survivors.agg(F.count("*").alias("n"), F.sum("jpg_bytes").alias("jpg"),
-                           F.sum(F.octet_length(F.coalesce(CAPTION, F.lit("")))).alias("text")).first()
+                           F.sum(F.octet_length(F.coalesce(CAPTION, F.lit("")))).alias("text")).collect()[0]
     n = int(totals["n"])
     total = int(totals["jpg"] or 0) + int(totals["text"] or 0) + n * shard_stage.estimated_sample_bytes(0, 0)
     shard_plan = shard_stage.plan_shards(n, total, config.world_size, config.workers_per_rank,
@@ -101,7 +101,8 @@ class _Tar:
             self.fs.rm(self.tmp)
 
 
-def _fail_once(folder: str | None) -> None:
+def _fail_once(folder: str | None, tar: _Tar) -> None:
+    """Test hook: the first writer to get here dies like a killed executor, leaving its partial temporary tar."""
     if folder is None:
         return
     try:
@@ -109,7 +110,9 @@ def _fail_once(folder: str | None) -> None:
             pass
     except FileExistsError:
         return
-    raise RuntimeError(f"{FAIL_ONCE_ENV}: injected shard-writer failure (once)")
+    tar.handle.flush()
+    log.error("%s: killing this Python worker in the middle of %s", FAIL_ONCE_ENV, tar.final)
+    os._exit(17)
 
 
 def _writer(shard_dir: str, prefix: str, metadata_columns: list[str], fail_folder: str | None) -> Any:
@@ -121,14 +124,14 @@ def _writer(shard_dir: str, prefix: str, metadata_columns: list[str], fail_folde
         try:
             for batch in batches:
                 for row in batch.to_pylist():
-                    if row[SHARD] != current:
+                    if tar is None or row[SHARD] != current:
                         if tar is not None:
                             yield _entry(current, tar.final, tar.close())
                         current, tar = row[SHARD], _Tar(fs, folder, shard_stage.shard_name(prefix, row[SHARD]))
                     tar.add(shard_stage.sample_bytes(row[KEY], row[JPG], row.get(CAPTION) or "",
                                                      sample_document(row, metadata_columns)))
                     if tar.samples == 2:
-                        _fail_once(fail_folder)
+                        _fail_once(fail_folder, tar)
             if tar is not None:
                 yield _entry(current, tar.final, tar.close())
                 tar = None
@@ -154,14 +157,11 @@ def write_shards(placed: DataFrame, downloaded: DataFrame, shard_plan: Any, conf
     fs, folder = fsspec.core.url_to_fs(shard_dir)
     fs.makedirs(folder, exist_ok=True)
     writer = _writer(shard_dir, config.shard_name, metadata_columns, os.environ.get(FAIL_ONCE_ENV))
-    from pyspark.sql.types import StructType
-
-    schema: StructType | str = ENTRY_DDL
-    rows = ordered.mapInArrow(writer, schema).collect()
+    rows = ordered.mapInArrow(writer, ENTRY_DDL).collect()
+    for stray in fs.glob(f"{folder}/.*.tmp"):  # left by attempts that were killed mid-tar
+        fs.rm(stray)
     entries = sorted((r.asDict() for r in rows), key=lambda entry: entry["shard"])
     if [e["shard"] for e in entries] != list(range(shard_plan.num_shards)):
         raise RuntimeError(f"shard writers returned {len(entries)} entries for {shard_plan.num_shards} shards")
     return [{k: v for k, v in entry.items() if k != "shard"} for entry in entries]
 
-
-__all__ = ["plan", "write_shards", "spark_schema"]

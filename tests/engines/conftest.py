@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def spark() -> Iterator["object"]:
+def spark() -> Iterator[object]:
     pyspark_sql = pytest.importorskip("pyspark.sql")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)

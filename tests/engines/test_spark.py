@@ -94,3 +94,28 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert {"duplicate_url", "duplicate_exact", "duplicate_phash", "shard_remainder", "invalid_url"} <= reasons
     assert local["shards"]["num_shards"] >= 8
     assert_same_dataset(served["local"], out)
+
+
+
+def job_flags(options: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+def test_spark_submit_job_survives_a_failed_shard_writer(served: dict[str, Any]) -> None:
+    """spark-submit, local[2,2] (one retry per task): the first shard writer dies mid-tar, its retry finishes it."""
+    out, markers = served["folder"] / "submitted", served["folder"] / "markers"
+    markers.mkdir()
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               CURATE_SPARK_FAIL_SHARD_ONCE=str(markers))
+    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2,2]",
+               "--conf", "spark.sql.shuffle.partitions=4", "--conf", "spark.ui.enabled=false",
+               str(ROOT / "jobs" / "aesthetics_filter.py"), "--input", *served["inputs"], "--output", str(out),
+               *job_flags(OPTIONS)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (markers / "failed-once").exists()
+    assert_same_dataset(served["local"], out)
