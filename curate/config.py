@@ -21,7 +21,7 @@ class Config:
     threshold: float = 5.0
     max_watermark: float = 0.8
     max_unsafe: float | None = None
-    scores: str = "metadata"
+    scores: str = "model"
     dedup: list[str] = field(default_factory=lambda: list(DEDUP_KINDS))
     phash_distance: int = 4
     semdedup_threshold: float = 0.95
