@@ -165,3 +165,12 @@ def test_parts_and_processes_do_not_change_the_output(tmp_path, corpus_factory, 
     assert len(list((many / "stages" / "download").glob("part-*.parquet"))) > 1
     assert [p.read_bytes() for p in _shards(one)] == [p.read_bytes() for p in _shards(many)]
     assert pq.read_table(one / "ledger.parquet").equals(pq.read_table(many / "ledger.parquet"))
+
+
+def test_too_few_survivors_still_leaves_the_ledger(tmp_path, corpus_factory, config_factory):
+    corpus = corpus_factory(20)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="dropped rows are in"):
+        run_local([str(corpus.path)], out, config_factory(threshold=11.0))
+    reasons = set(pq.read_table(out / "ledger.parquet")["reason"].to_pylist())
+    assert "metadata_low_aesthetic" in reasons

@@ -46,7 +46,12 @@ def shard(run: LocalRun) -> dict[str, Any]:
     """Write equal tars and index.json; a rerun after a crash rebuilds buckets and skips finished tars."""
     def body() -> dict[str, Any]:
         table = run.checkpoint("select").read()
-        table, shard_plan = plan(run, table)
+        try:
+            table, shard_plan = plan(run, table)
+        except shard_stage.ShardPlanError as error:
+            # Still show why rows went: the ledger of everything dropped so far.
+            io.write_table(accounting.ledger_table(table), run.out / "ledger.parquet")
+            raise shard_stage.ShardPlanError(f"{error}; the dropped rows are in {run.out / 'ledger.parquet'}") from None
         assignment = table.filter(pc.greater_equal(table[SHARD], 0))
         metadata_columns = [n for n in table.column_names if n not in CARRIED_SKIP]
         shard_dir, buckets = run.out / "shards", run.out / "stages" / "shard-buckets"
