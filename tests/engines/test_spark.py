@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -97,6 +98,40 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
 
 
 
+def embedding_table(rows: int, width: int = 16, seed: int = 5) -> pa.Table:
+    """Unit-ish vectors around a few centers, a third of them near-copies of an earlier row."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, width))
+    vectors = centers[rng.integers(0, 4, rows)] + rng.normal(scale=0.6, size=(rows, width))
+    copies = rng.random(rows) < 0.3
+    sources = rng.integers(0, rows, rows)
+    vectors[copies] = vectors[sources[copies]] + rng.normal(scale=0.02, size=(int(copies.sum()), width))
+    flat = pa.array(vectors.astype(np.float16).reshape(-1))
+    return pa.table({"key": [f"{i:016x}" for i in range(rows)], "row": pa.array(range(rows), pa.int64()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, width),
+                     "aesthetic_score": pa.array(rng.uniform(4, 7, rows).round(1), pa.float32()),
+                     "original_width": pa.array(rng.integers(64, 99, rows), pa.int32()),
+                     "original_height": pa.array(np.full(rows, 64), pa.int32()),
+                     "drop_stage": pa.nulls(rows, pa.string()), "drop_reason": pa.nulls(rows, pa.string()),
+                     "drop_detail": pa.nulls(rows, pa.string())})
+
+
+def test_semantic_dedup_on_spark_flags_what_the_local_stage_flags(spark: Any, tmp_path: Path) -> None:
+    """k-means on a sampled subset (600 rows > 2 clusters x 256), boundary visitors, per-cluster search."""
+    from curate.engines.spark_dedup import semantic_flags
+    from curate.stages.semantic import flag_semantic_duplicates
+
+    table = embedding_table(600)
+    local = flag_semantic_duplicates(table, 0.97, clusters=2, seed=1)
+    expected = {r["row"]: r["drop_detail"] for r in local.filter(pc.is_valid(local["drop_reason"])).to_pylist()}
+    as_lists = table.set_column(2, "embedding", table["embedding"].cast(pa.list_(pa.float32())))
+    flags = semantic_flags(spark, spark.createDataFrame(as_lists), 0.97, 2, 1, str(tmp_path / "sample"))
+    assert flags is not None and len(expected) > 20
+    got = {r["row"]: r["drop_detail"] for r in flags.collect()}
+    assert got == expected
+    assert {r["drop_reason"] for r in flags.collect()} == {"duplicate_semantic"}
+
+
 def job_flags(options: dict[str, Any]) -> list[str]:
     flags: list[str] = []
     for name, value in options.items():
@@ -112,7 +147,7 @@ def test_spark_submit_job_survives_a_failed_shard_writer(served: dict[str, Any])
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                CURATE_SPARK_FAIL_SHARD_ONCE=str(markers))
     command = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2,2]",
-               "--conf", "spark.sql.shuffle.partitions=4", "--conf", "spark.ui.enabled=false",
+               "--conf", "spark.sql.shuffle.partitions=2", "--conf", "spark.ui.enabled=false",
                str(ROOT / "jobs" / "aesthetics_filter.py"), "--input", *served["inputs"], "--output", str(out),
                *job_flags(OPTIONS)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
