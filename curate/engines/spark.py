@@ -22,12 +22,13 @@ from curate import io
 from curate.config import Config
 from curate.engines import spark_dedup, spark_shard
 from curate.engines.local import LocalRun
-from curate.engines.spark_books import write_books
+from curate.engines.spark_books import write_books, write_ledger
 from curate.engines.spark_frames import apply_flags, arrow_schema, map_stage, output_schema
 from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PWATERMARK, ROW
 from curate.stages import prefilter, select
 from curate.stages.download import download
 from curate.stages.ingest import canonical_names, normalize
+from curate.stages.shard import ShardPlanError
 from curate.stages.verdict import with_verdict_columns
 
 if TYPE_CHECKING:
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FILE, ROW_IN_FILE, GLOBAL_ROW, PAIR = "_curate_file", "_curate_row_in_file", "_curate_row", "pair_hash"
 FIRSTS = [prefilter.FIRST_ROW_OF_PAIR, prefilter.FIRST_ROW]
-# Options that only select and shard read: a rerun that changes only these may reuse the download checkpoint.
-RECUT_OPTIONS = {"threshold", "max_watermark", "world_size", "workers_per_rank", "target_shard_size",
-                 "global_batch_size", "seed", "shard_name", "dedup", "phash_distance", "semdedup_threshold",
-                 "semdedup_clusters"}
+# Options read only after the download (threshold is not: --scores metadata applies it in prefilter): a rerun that
+# changes only these reuses the download checkpoint.
+AFTER_DOWNLOAD_OPTIONS = {"world_size", "workers_per_rank", "target_shard_size", "global_batch_size", "seed",
+                          "shard_name", "phash_distance", "semdedup_threshold", "semdedup_clusters", "device",
+                          "batch_size", "model_cache", "clip_weights", "aesthetic_weights", "aesthetic_head",
+                          "watermark_weights"}
 
 
 def _path_id(path: str) -> str:
@@ -128,6 +131,18 @@ def worker_scorer(config: Config) -> Any:
     return load_scorer(config)
 
 
+def score_profile(spark: SparkSession, scores: str) -> Any:
+    """With GPU executors but no cluster-wide spark.task.resource.gpu.amount, one GPU for each score task only
+    (stage-level scheduling), so download and shard tasks never hold a GPU."""
+    conf = spark.sparkContext.getConf()
+    if scores != "model" or conf.get("spark.task.resource.gpu.amount") or not conf.get(
+            "spark.executor.resource.gpu.amount"):
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", 1.0)).build
+
+
 class SparkRun:
     """One output folder (any fsspec/Hadoop URL) on one SparkSession."""
 
@@ -158,7 +173,7 @@ class SparkRun:
         if self.fs.exists(marker) and self.fs.exists(success):
             earlier = json.loads(self.fs.cat_file(marker))
             same = earlier["inputs"] == inputs and all(
-                current["config"].get(k) == v for k, v in earlier["config"].items() if k not in RECUT_OPTIONS)
+                current["config"].get(k) == v for k, v in earlier["config"].items() if k not in AFTER_DOWNLOAD_OPTIONS)
         self.fs.makedirs(f"{self.root}/stages", exist_ok=True)
         self.fs.pipe_file(marker, json.dumps(current, indent=1).encode())
         return same
@@ -234,8 +249,9 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
     if scores == "model":
         scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
+    profile = score_profile(spark, scores)
     scored = run.timed("score", lambda: run.checkpoint(
-        "score", map_stage(downloaded, _score(config, scores), scored_schema)))
+        "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
     c = config
     selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark),
@@ -243,7 +259,11 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     selected = run.timed("select", lambda: run.checkpoint("select", selected))
 
     def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
-        placed, shard_plan = spark_shard.plan(spark, selected, config, run.path("stages", "order"))
+        try:
+            placed, shard_plan = spark_shard.plan(spark, selected, config, run.path("stages", "order"))
+        except ShardPlanError as error:  # still show why rows went: the ledger of everything dropped so far
+            write_ledger(run, selected)
+            raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
         placed = run.checkpoint("shard", placed)
         if run.fs.exists(f"{run.root}/shards"):
             run.fs.rm(f"{run.root}/shards", recursive=True)

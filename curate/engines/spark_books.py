@@ -60,6 +60,13 @@ def drop_counts(ledger: DataFrame) -> dict[str, dict[str, int]]:
     return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=rank)}
 
 
+def write_ledger(run: SparkRun, judged: DataFrame) -> DataFrame:
+    """ledger.parquet (ordered parts) of every row judged so far; read back from what was written."""
+    ledger = map_stage(judged, accounting.ledger_table, table_schema("ledger")).orderBy(ROW)
+    ledger.write.mode("overwrite").parquet(run.path("ledger.parquet"))
+    return run.spark.read.parquet(run.path("ledger.parquet"))
+
+
 def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list[dict[str, Any]],
                 facts: dict[str, Any]) -> dict[str, Any]:
     """index.json, ledger.parquet, samples.parquet and stats.json; raises AccountingError if a row went missing."""
@@ -68,11 +75,10 @@ def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list
     write_json(run, "shards/index.json", index_document(LocalRun(".", config), shard_plan, entries))
     placed_schema = arrow_schema(placed)
     samples_schema = accounting.samples_table(placed_schema.empty_table()).schema
-    ledger = map_stage(placed, accounting.ledger_table, table_schema("ledger")).orderBy(ROW)
+    ledger = write_ledger(run, placed)
     samples = map_stage(placed, accounting.samples_table, samples_schema).orderBy(SHARD, POSITION)
-    ledger.write.mode("overwrite").parquet(run.path("ledger.parquet"))
     samples.write.mode("overwrite").parquet(run.path("samples.parquet"))
-    ledger, samples = (run.spark.read.parquet(run.path(name)) for name in ("ledger.parquet", "samples.parquet"))
+    samples = run.spark.read.parquet(run.path("samples.parquet"))
     input_rows = facts["input_rows"]
     check_accounting(input_rows, samples, ledger)
     counts = drop_counts(ledger)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +44,8 @@ def output_schema(function: TableFunction, schema: pa.Schema) -> pa.Schema:
     return function(schema.empty_table()).schema
 
 
-def map_stage(df: DataFrame, function: TableFunction, schema: pa.Schema | None = None) -> DataFrame:
+def map_stage(df: DataFrame, function: TableFunction, schema: pa.Schema | None = None,
+              profile: Any = None) -> DataFrame:
     """Run a pure stage function over every Arrow batch of df (spark.sql.execution.arrow.maxRecordsPerBatch rows)."""
     out = schema if schema is not None else output_schema(function, arrow_schema(df))
 
@@ -53,6 +54,8 @@ def map_stage(df: DataFrame, function: TableFunction, schema: pa.Schema | None =
             if batch.num_rows:
                 yield from conform(function(pa.Table.from_batches([batch])), out).to_batches()
 
+    if profile is not None:  # stage-level scheduling: e.g. one GPU for each score task only
+        return df.mapInArrow(run, spark_schema(out), profile=profile)
     return df.mapInArrow(run, spark_schema(out))
 
 
