@@ -95,6 +95,11 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert {"duplicate_url", "duplicate_exact", "duplicate_phash", "shard_remainder", "invalid_url"} <= reasons
     assert local["shards"]["num_shards"] >= 8
     assert_same_dataset(served["local"], out)
+    # A re-cut with another seed resumes after the download checkpoint and still matches the local engine.
+    reseeded = Config(**{**OPTIONS, "seed": 8}).validate()
+    run_local(served["inputs"], served["folder"] / "local-seed-8", reseeded)
+    assert run_spark(spark, served["inputs"], str(out), reseeded)["timings"].get("download") is None
+    assert_same_dataset(served["folder"] / "local-seed-8", out)
 
 
 
