@@ -34,7 +34,7 @@ def sample_rows(rows: int, seed: int = 3) -> tuple[dict[str, Response], list[dic
     table: list[dict[str, Any]] = []
     image = generated_image(rng, 80, 80)
     for i in range(rows):
-        width, height = int(rng.integers(48, 160)), int(rng.integers(48, 160))
+        width, height = (int(rng.integers(48, 160)), int(rng.integers(48, 160))) if i else (120, 100)
         near = i % 10 == 9
         image = image if near else generated_image(rng, width, height)
         routes[f"/img/{i:05d}.jpg"] = Response(jpeg(image, quality=70 if near else 90))
@@ -42,6 +42,7 @@ def sample_rows(rows: int, seed: int = 3) -> tuple[dict[str, Response], list[dic
                       "HEIGHT": float(image.height), "AESTHETIC_SCORE": float(rng.uniform(4.0, 7.5)),
                       "pwatermark": float(rng.beta(0.6, 2.0)), "punsafe": float(rng.beta(0.5, 8)),
                       "LANGUAGE": "en"})
+    table[0].update(AESTHETIC_SCORE=6.5, pwatermark=0.1, punsafe=0.0)  # the hostile rows copy row 0's metadata
     add_hostile_rows(routes, table, rng)
     return routes, table
 
@@ -93,6 +94,7 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert stats["dropped_by_stage"] == local["dropped_by_stage"]
     reasons = {r for stage in local["dropped_by_stage"].values() for r in stage}
     assert {"duplicate_url", "duplicate_exact", "duplicate_phash", "shard_remainder", "invalid_url"} <= reasons
+    assert len(local["dropped_by_stage"]["download"]) >= 2
     assert local["shards"]["num_shards"] >= 8
     assert_same_dataset(served["local"], out)
     # A re-cut with another seed resumes after the download checkpoint and still matches the local engine.
