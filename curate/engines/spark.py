@@ -86,7 +86,7 @@ def _ingest(table: pa.Table) -> pa.Table:
     rows = pc.cast(table[GLOBAL_ROW], pa.int64())
     table = normalize(table.drop_columns([GLOBAL_ROW]), 0)
     table = table.set_column(table.column_names.index(ROW), ROW, rows)
-    return table.append_column(PAIR, pc.cast(prefilter._pair_hashes(table), pa.int64()))
+    return table.append_column(PAIR, pc.cast(prefilter.pair_hashes(table), pa.int64()))
 
 
 def _prefilter(config: Config, scores: str, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:

@@ -95,7 +95,7 @@ def flag_metadata_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
     return with_reason(table, low, STAGE, "metadata_low_aesthetic", pc.cast(values, pa.string()))
 
 
-def _pair_hashes(table: pa.Table) -> pa.Array:
+def pair_hashes(table: pa.Table) -> pa.Array:
     """A second hash of url+caption, to tell a true duplicate from a key collision."""
     urls, captions = table[URL].to_pylist(), table[CAPTION].to_pylist()
     return pa.array([mmh3.hash64((u or "") + (c or ""), seed=1)[0] for u, c in zip(urls, captions, strict=True)])
@@ -103,7 +103,7 @@ def _pair_hashes(table: pa.Table) -> pa.Array:
 
 def first_rows(table: pa.Table) -> pa.Table:
     """Partial aggregate (key, pair_hash) -> first row; merge partials with merge_first_rows."""
-    pairs = pa.table({KEY: table[KEY], _PAIR: _pair_hashes(table), ROW: table[ROW]})
+    pairs = pa.table({KEY: table[KEY], _PAIR: pair_hashes(table), ROW: table[ROW]})
     return pairs.group_by([KEY, _PAIR]).aggregate([(ROW, "min")]).rename_columns([KEY, _PAIR, FIRST_ROW_OF_PAIR])
 
 
@@ -116,7 +116,7 @@ def merge_first_rows(partials: list[pa.Table]) -> pa.Table:
 
 def flag_duplicate_urls(table: pa.Table, firsts: pa.Table) -> pa.Table:
     """Rows that repeat an earlier row's url+caption (duplicate_url) or only its key (key_collision)."""
-    probe = pa.table({KEY: table[KEY], _PAIR: _pair_hashes(table), "_order": pa.array(range(table.num_rows))})
+    probe = pa.table({KEY: table[KEY], _PAIR: pair_hashes(table), "_order": pa.array(range(table.num_rows))})
     joined = probe.join(firsts, [KEY, _PAIR]).sort_by("_order")
     if joined.num_rows != table.num_rows:
         raise RuntimeError("first-row table does not cover this batch; build it from every ingested row")
