@@ -110,7 +110,7 @@ def corpus_factory(tmp_path: Path, server: ImageServer):
 
 def small_config(**changes: Any) -> Config:
     values: dict[str, Any] = dict(scores="metadata", world_size=4, workers_per_rank=2, min_size=256,
-                                  allow_private_network=True, threads=8, image_size=256, timeout=5.0)
+                                  allow_private_network=True, threads=8, image_size=256, timeout=30.0)
     values.update(changes)
     return Config(**values).validate()
 
