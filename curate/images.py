@@ -9,6 +9,7 @@ as an uncompressed BMP, so the Resizer stays the one place that resizes and enco
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -91,7 +92,12 @@ def _load(image: Image.Image, body: bytes) -> None:
         raise DecodeError("decode_failed", f"{type(error).__name__}: {error} ({describe(body)})") from error
 
 
-def prepare(body: bytes) -> bytes:
+class Prepared(NamedTuple):
+    body: bytes  # what the Resizer decodes
+    gray: Image.Image  # a small upright grayscale copy from the same decode, for the perceptual hash
+
+
+def prepare(body: bytes) -> Prepared:
     """Bytes the Resizer decodes faithfully (original width and height after EXIF rotation); raises DecodeError."""
     if not body:
         raise DecodeError("empty_body", "200 with an empty body")
@@ -99,7 +105,7 @@ def prepare(body: bytes) -> bytes:
         if image.format == "JPEG" and image.mode == "RGB" and _orientation(image) == 1:
             image.draft("RGB", DRAFT_SIZE)  # a 1/8-scale decode still reads every byte: truncation shows
             _load(image, body)
-            return body
+            return Prepared(body, image.convert("L"))
         _load(image, body)  # the first frame of an animation or a multi-page file
         try:
             upright = to_rgb(ImageOps.exif_transpose(image) or image)
@@ -107,4 +113,6 @@ def prepare(body: bytes) -> bytes:
             raise DecodeError("decode_failed", f"{type(error).__name__}: {error} ({describe(body)})") from error
     buffer = io.BytesIO()
     upright.save(buffer, "BMP")
-    return buffer.getvalue()
+    gray = upright.convert("L")
+    gray.thumbnail((256, 256))
+    return Prepared(buffer.getvalue(), gray)

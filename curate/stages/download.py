@@ -95,11 +95,9 @@ def resizer_for(options: DownloadOptions) -> Any:
     return _resizers[cache_key]
 
 
-def phash_of(jpeg: bytes) -> int:
-    """64-bit pHash as signed int64; JPEG draft mode decodes at 1/8 scale since pHash looks at 32x32."""
-    with Image.open(io.BytesIO(jpeg)) as image:
-        image.draft("L", (64, 64))
-        value = int(str(imagehash.phash(image.convert("L"))), 16)
+def phash_of(gray: Image.Image) -> int:
+    """64-bit pHash as signed int64, from the small grayscale copy of the one decode (pHash looks at 32x32)."""
+    value = int(str(imagehash.phash(gray)), 16)
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
@@ -122,13 +120,10 @@ def _download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
         prepared = prepare(body)
     except DecodeError as decode_error:
         return {**row, STATUS: decode_error.reason, "error": str(decode_error)}
-    jpeg, width, height, original_width, original_height, problem = resizer_for(options)(io.BytesIO(prepared))
+    jpeg, width, height, original_width, original_height, problem = resizer_for(options)(io.BytesIO(prepared.body))
     if problem is not None or jpeg is None:
         return {**row, STATUS: "decode_failed", "error": f"resize: {problem}"}
-    try:
-        row[PHASH] = phash_of(jpeg)
-    except Exception as phash_error:  # a JPEG cv2 wrote but PIL rejects is still a row, not a crash
-        return {**row, STATUS: "decode_failed", "error": f"phash: {phash_error}"}
+    row[PHASH] = phash_of(prepared.gray)
     return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
             STORED_WIDTH: width, STORED_HEIGHT: height}
 

@@ -102,11 +102,11 @@ def test_sixteen_bit_alpha_is_composited_on_white() -> None:
     """img2dataset scales 16-bit alpha as if it were 8-bit; a fully transparent 16-bit pixel must come out white."""
     pixels = np.zeros((8, 8, 4), np.uint16)
     pixels[:, 4:, 3] = 32768  # black, fully transparent on the left, half transparent on the right
-    prepared = Image.open(io.BytesIO(prepare(png_rgba16(pixels)))).convert("RGB")
+    prepared = Image.open(io.BytesIO(prepare(png_rgba16(pixels)).body)).convert("RGB")
     assert prepared.getpixel((0, 0)) == (255, 255, 255)
     assert all(abs(v - 127) <= 2 for v in prepared.getpixel((7, 0)))
     gray16 = Image.fromarray(np.full((8, 8), 65535, np.uint16))
-    assert Image.open(io.BytesIO(prepare(encode(gray16, "PNG")))).convert("RGB").getpixel((0, 0)) == (255,) * 3
+    assert Image.open(io.BytesIO(prepare(encode(gray16, "PNG")).body)).convert("RGB").getpixel((0, 0)) == (255,) * 3
 
 
 def test_decode_errors_are_values_not_crashes() -> None:
