@@ -7,11 +7,9 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import io
@@ -210,9 +208,3 @@ def _load_scorer(config: Config) -> Any:
 
     return load_scorer(config)
 
-
-def with_config(config: Config, **changes: Any) -> Config:
-    return replace(config, **changes).validate()
-
-
-__all__ = ["LocalRun", "STAGES", "pa"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -148,10 +147,3 @@ def json_value(value: Any) -> Any:
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
-
-
-def read_tar_keys(data: bytes) -> list[str]:
-    """Sample keys in a tar, in order (used by verify and tests)."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return list(dict.fromkeys(m.name.rsplit(".", 1)[0] for m in tar.getmembers()))
-
