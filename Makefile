@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,15 @@ bench: install
 
 bench-download bench-shard bench-e2e: install
 	$(PY) -m bench.run --only $(@:bench-%=%)
+
+# Full size (make bench runs these smaller, without writing): Spark vs local on 2,000 rows, 3 rounds (~6 min);
+# semantic dedup at N = 100k, then N = 1M (the 1M run writes last, so latest.json's dedup_* figures are 1M's).
+bench-spark: install
+	$(PY) -m bench.bench_spark
+
+bench-dedup: install
+	$(PY) -m bench.bench_dedup --n 100000
+	$(PY) -m bench.bench_dedup
 
 lint: install
 	$(VENV)/bin/ruff check .

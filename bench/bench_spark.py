@@ -18,6 +18,7 @@ download, and Spark's `books` (ledger, samples, stats written as one more pass) 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shutil
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round (default 3)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("pyspark") is None:
+        print("bench_spark: pyspark is not installed, skipped")
+        return {}
     figures = measure(args.rows, args.repeats)
     if not args.no_write:
         merge_results(figures)

@@ -1,10 +1,10 @@
 """`make bench`: every benchmark in one run, each guarded so one failure does not stop the others.
 
-Figures go to bench/results/latest.json, merged by key. The dedup benchmark runs at a small N here and prints
-without writing (its 1M-row figures in latest.json come from `python -m bench.bench_dedup`, which takes longer than
-this harness's 10-minute budget).
+Figures go to bench/results/latest.json, merged by key. The dedup and Spark benchmarks run smaller here and print
+without writing (their figures in latest.json come from `make bench-dedup` (100k and 1M rows) and `make bench-spark`
+(2,000 rows, 3 rounds), which together take longer than this harness's 10-minute budget).
 
-    .venv/bin/python -m bench.run [--only download,shard,e2e,dedup,score] [--rows 2000] [--repeats 3]
+    .venv/bin/python -m bench.run [--only download,shard,e2e,dedup,score,spark] [--rows 2000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from bench.common import machine
 
 DEDUP_ARGS = ["--n", "50000", "--brute-n", "10000", "--repeats", "3", "--no-write"]
 SCORE_ARGS: list[str] = []
+SPARK_ARGS = ["--rows", "1000", "--repeats", "1", "--no-write"]  # make bench-spark: 2,000 rows, 3 rounds, ~6 min
 
 
 def _optional(module: str, argv: list[str]) -> Callable[[], Any]:
@@ -47,6 +48,7 @@ def targets(rows: int, repeats: int) -> dict[str, Callable[[], Any]]:
         "shard": lambda: bench_shard.main(["--rows", str(rows), "--repeats", str(max(repeats, 5))]),
         "dedup": _optional("bench.bench_dedup", DEDUP_ARGS),
         "score": _optional("bench.bench_score", SCORE_ARGS),
+        "spark": _optional("bench.bench_spark", SPARK_ARGS),  # bench_spark skips itself without pyspark
     }
 
 
