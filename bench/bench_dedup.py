@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from curate.dedup_embeddings import dedup_embeddings
-from curate.stages.semantic import merge_components
+from curate.stages.components import merge_components
 
 DIM = 768
 CENTRES = 2_000

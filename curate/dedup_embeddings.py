@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.stages.semantic import find_duplicates, ranks_by_survivor_rule
+from curate.stages.semantic import find_duplicates
+from curate.stages.verdict import ranks_by_survivor_rule
 
 log = logging.getLogger(__name__)
 

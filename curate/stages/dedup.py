@@ -5,31 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from curate.schema import AESTHETIC_SCORE, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, PHASH, SHA256
-from curate.stages.verdict import alive, survivor_order, with_reason
+from curate.schema import KEY, PHASH, SHA256
+from curate.stages.components import merge_components
+from curate.stages.verdict import alive, survivor_ranks, with_reason
 
 STAGE = "dedup"
 
 
 def survivors(labels: np.ndarray, table: pa.Table) -> np.ndarray:
     """For each row, the index of its group's survivor (the survivor rule of DESIGN.md); -1 where unlabelled."""
-    aesthetic = _numpy(table, AESTHETIC_SCORE, np.nan)
-    area = _numpy(table, ORIGINAL_WIDTH, np.nan) * _numpy(table, ORIGINAL_HEIGHT, np.nan)
-    order = survivor_order(aesthetic, area, np.asarray(table[KEY].to_pylist(), dtype=object).astype(str))
+    order = np.argsort(survivor_ranks(table), kind="stable")
     order = order[labels[order] >= 0]
-    first_of_label: dict[int, int] = {}
-    for index in order.tolist():
-        first_of_label.setdefault(int(labels[index]), index)
-    return np.array([first_of_label.get(int(label), -1) for label in labels], dtype=np.int64)
-
-
-def _numpy(table: pa.Table, column: str, fill: float) -> np.ndarray:
-    if column not in table.column_names:
-        return np.full(table.num_rows, fill)
-    return pc.fill_null(pc.cast(table[column], pa.float64()), fill).to_numpy()
+    _, first = np.unique(labels[order], return_index=True)  # the best row of each label comes first in order
+    best = dict(zip(labels[order[first]].tolist(), order[first].tolist(), strict=True))
+    return np.array([best.get(int(label), -1) for label in labels], dtype=np.int64)
 
 
 def flag_group_duplicates(table: pa.Table, labels: np.ndarray, reason: str) -> pa.Table:
@@ -82,8 +72,8 @@ def phash_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Connected-component label per hash; identical hashes collapse first so a huge group costs O(n)."""
     unique, inverse = np.unique(hashes.astype(np.uint64), return_inverse=True)
     pairs = phash_pairs(unique, max_distance)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(unique), len(unique)))
-    _, labels = connected_components(graph, directed=False)
+    labels = np.arange(len(unique), dtype=np.int64)
+    merge_components(labels, pairs[:, 0], pairs[:, 1])
     return labels[inverse]
 
 

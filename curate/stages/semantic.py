@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.schema import AESTHETIC_SCORE, EMBEDDING, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH
-from curate.stages.verdict import alive, survivor_order, with_reason, with_verdict_columns
+from curate.stages.components import merge_components
+from curate.stages.verdict import alive, survivor_ranks, with_reason, with_verdict_columns
 
 log = logging.getLogger(__name__)
 
@@ -143,31 +144,6 @@ def cluster_members(nearest: np.ndarray, second: np.ndarray | None = None) -> li
     return [rows[part] for part in np.split(order, bounds) if len(part)]
 
 
-def _compress(labels: np.ndarray) -> None:
-    """Point every node straight at its root (pointer jumping)."""
-    while True:
-        parents = labels[labels]
-        if np.array_equal(parents, labels):
-            return
-        labels[:] = parents
-
-
-def merge_components(labels: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
-    """Union-find in numpy: join the components of each pair; labels[x] ends as the smallest index of x's component.
-
-    labels must be compressed with labels[x] <= x (np.arange(n) to start); it is updated in place.
-    """
-    while len(left):
-        a, b = labels[left], labels[right]
-        apart = a != b
-        if not apart.any():
-            return
-        a, b = a[apart], b[apart]
-        np.minimum.at(labels, np.maximum(a, b), np.minimum(a, b))  # hook the larger root under the smaller
-        _compress(labels)
-        left, right = left[apart], right[apart]
-
-
 def join_similar(unit: np.ndarray, threshold: float, labels: np.ndarray, ids: np.ndarray) -> None:
     """Merge labels[ids[i]] and labels[ids[j]] for every pair of rows with inner product >= threshold (exact)."""
     n = len(unit)
@@ -270,33 +246,11 @@ def find_duplicates(
     return nearest, survivor
 
 
-def ranks_by_survivor_rule(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The position of each row in the survivor order (0 is the best row)."""
-    order = survivor_order(aesthetic, area, keys)
-    ranks = np.empty(len(order), dtype=np.int64)
-    ranks[order] = np.arange(len(order))
-    return ranks
-
-
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A fixed_size_list embedding column without nulls as an n × d numpy array (float16 stays float16)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     width = array.type.list_size
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def _float_column(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric column as float64 with NaN for nulls (all NaN when the column is absent)."""
-    if name not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False)
-
-
-def table_ranks(table: pa.Table) -> np.ndarray:
-    """Survivor-rule ranks of a table's rows from aesthetic_score, original_width × original_height and key."""
-    area = _float_column(table, ORIGINAL_WIDTH) * _float_column(table, ORIGINAL_HEIGHT)
-    keys = table[KEY].to_numpy(zero_copy_only=False).astype(str)
-    return ranks_by_survivor_rule(_float_column(table, AESTHETIC_SCORE), area, keys)
 
 
 def dedup_group(table: pa.Table, threshold: float, seed: int = 0) -> pa.Table:
@@ -307,7 +261,7 @@ def dedup_group(table: pa.Table, threshold: float, seed: int = 0) -> pa.Table:
     twice), `groupBy("cluster").applyInArrow(lambda t: dedup_group(t, threshold, seed), "key string, survivor_key
     string")`, then `resolve_survivors` on the rows whose survivor_key differs from their key.
     """
-    positions = dedup_cluster(embedding_matrix(table[EMBEDDING]), table_ranks(table), threshold, seed)
+    positions = dedup_cluster(embedding_matrix(table[EMBEDDING]), survivor_ranks(table), threshold, seed)
     return pa.table({KEY: table[KEY], "survivor_key": table[KEY].take(pa.array(positions))})
 
 
@@ -318,7 +272,7 @@ def resolve_survivors(pairs: pa.Table, rows: pa.Table) -> pa.Table:
     key named in pairs (each once).
     """
     keys = rows[KEY]
-    order = np.argsort(table_ranks(rows), kind="stable")
+    order = np.argsort(survivor_ranks(rows), kind="stable")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
     left = pc.index_in(pairs[KEY], keys).to_numpy(zero_copy_only=False)
@@ -342,7 +296,7 @@ def flag_semantic_duplicates(table: pa.Table, threshold: float, clusters: int | 
         if name in table.column_names
     ]
     rows = table.select(needed).take(pa.array(candidates))
-    _, survivor = find_duplicates(embedding_matrix(rows[EMBEDDING]), table_ranks(rows), threshold, clusters, seed)
+    _, survivor = find_duplicates(embedding_matrix(rows[EMBEDDING]), survivor_ranks(rows), threshold, clusters, seed)
     duplicate = survivor != np.arange(len(candidates))
     mask = np.zeros(table.num_rows, dtype=bool)
     mask[candidates[duplicate]] = True

@@ -6,7 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, VERDICT_COLUMNS
+from curate.schema import (
+    AESTHETIC_SCORE,
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
+    KEY,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    VERDICT_COLUMNS,
+)
 
 
 def with_verdict_columns(table: pa.Table) -> pa.Table:
@@ -58,3 +67,25 @@ def survivor_order(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) ->
     area = np.nan_to_num(np.asarray(area, dtype=np.float64), nan=-1.0)
     # np.lexsort sorts by the last key first; negate to get descending order.
     return np.lexsort((np.asarray(keys), -area, -aesthetic))
+
+
+def ranks_by_survivor_rule(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The position of each row in the survivor order (0 is the best row)."""
+    order = survivor_order(aesthetic, area, keys)
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order))
+    return ranks
+
+
+def float_column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64 with NaN for nulls (all NaN when the column is absent)."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def survivor_ranks(table: pa.Table) -> np.ndarray:
+    """Survivor-rule ranks of a table's rows from aesthetic_score, original_width × original_height and key."""
+    area = float_column(table, ORIGINAL_WIDTH) * float_column(table, ORIGINAL_HEIGHT)
+    keys = table[KEY].to_numpy(zero_copy_only=False).astype(str)
+    return ranks_by_survivor_rule(float_column(table, AESTHETIC_SCORE), area, keys)

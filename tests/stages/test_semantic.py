@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from curate.stages import semantic
+from curate.stages.components import merge_components
 from curate.stages.semantic import (
     cluster_members,
     dedup_cluster,
@@ -14,7 +15,6 @@ from curate.stages.semantic import (
     default_cluster_count,
     find_duplicates,
     flag_semantic_duplicates,
-    merge_components,
     resolve_survivors,
 )
 
