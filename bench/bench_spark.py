@@ -173,6 +173,13 @@ def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str,
                                                                             strict=True)]
     print(f"  per round {min(exponents):.2f}-{max(exponents):.2f}; load average (1/5/15 min) before "
           f"{'/'.join(f'{v:.1f}' for v in load_before)}, after {'/'.join(f'{v:.1f}' for v in load_after)}")
+    parts: dict[str, list[float]] = {}
+    for name, stages in (("download", ["download"]), ("other stages", [s for _, _, ss in COMPARED for s in ss
+                                                                       if s != "download"])):
+        small = statistics.median(seconds_of(r, stages) for r in quarter_runs)
+        big = statistics.median(seconds_of(r, stages) for r in spark_runs)
+        parts[name] = [round(small, 2), round(big, 2), round(math.log(big / small) / math.log(rows / quarter), 3)]
+        print(f"  Spark {name}: {small:.2f} s -> {big:.2f} s, exponent {parts[name][2]:.2f}")
 
     def min_max(values: list[float], digits: int = 2) -> list[float]:
         return [round(min(values), digits), round(max(values), digits)]
@@ -186,12 +193,14 @@ def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str,
         "local_seconds": round(statistics.median(local_totals), 2),
         "local_seconds_min_max": min_max(local_totals),
         "spark_stage_seconds": {k: round(v, 3) for k, v in table["spark"].items()},
-        "spark_local_stage_seconds": {k: round(v, 3) for k, v in table["local"].items()},
+        "spark_local_stage_seconds": {k: round(v, 3) for k, v in table["local"].items() if k != "books"},
         "spark_stage_ratio": {k: None if v is None else round(v, 2) for k, v in table["ratios"].items()},
         "spark_scale_exponent": round(exponent, 3),
         "spark_scale_exponent_min_max": min_max(exponents, 3),
         "spark_scale_rows": [quarter, rows],
         "spark_scale_seconds": [round(t_small.median, 2), round(t_big.median, 2)],
+        "spark_scale_download_seconds_exponent": parts["download"],
+        "spark_scale_other_stages_seconds_exponent": parts["other stages"],
         "spark_jvm_startup_seconds": round(jvm, 1),
         "spark_bench_rows": rows,
         "spark_repeats": repeats,
