@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: install
 bench: install
 	$(PY) -m bench.run
 
-bench-download bench-shard bench-e2e: install
+bench-download bench-shard bench-e2e bench-score: install
 	$(PY) -m bench.run --only $(@:bench-%=%)
 
 # Full size (make bench runs these smaller, without writing): Spark vs local on 2,000 rows, 3 rounds (~6 min);
