@@ -50,7 +50,7 @@ class WatermarkDetector:
 
     def __init__(self, network: nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        # channels_last on CPU too: the depthwise convolutions run ~1.5x faster in oneDNN, same outputs (to 1e-8)
+        # channels_last on CPU too: 1.08x (1.05-1.12) on a batch of 32 here, same outputs; the pixels are NHWC already
         self.network = network.eval().to(self.device, memory_format=torch.channels_last)
 
     @classmethod
