@@ -322,15 +322,21 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
         "reference": lambda: reference(scorer, subset, plain_network),
     }
 
+    cpu_seconds: dict[str, list[float]] = {"ours": [], "reference": []}
+
     def timed(name: str) -> Callable[[], float]:
         def run() -> float:
+            if name == "ours":  # the peak is sampled every round: other jobs' load moves it
+                peak_rates.extend(matmul_gflops(repeats=1))
             vit_clock.take()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             outputs[name] = bodies[name]()
             seconds = time.perf_counter() - started
+            cpu_seconds[name].append((time.process_time() - cpu_started) / count)
             vit_seconds, vit_images = vit_clock.take()
             vit_rates[name].append(flop_counted * vit_images / vit_seconds)
-            print(f"  {name}: {count / seconds:.3f} images/s", flush=True)
+            print(f"  {name}: {count / seconds:.3f} images/s, {cpu_seconds[name][-1]:.2f} CPU s per image, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
             return count / seconds
 
         return run
@@ -352,6 +358,10 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
     print(f"  fp32 matmul 4096^3: peak {peak:.1f} GFLOP/s (median {statistics.median(peak_rates):.1f}, "
           f"min {min(peak_rates):.1f}, n={len(peak_rates)}); ViT-L/14 in ours at {statistics.median(fractions):.2f} "
           f"of peak ({min(fractions):.2f}-{max(fractions):.2f})")
+    cpu_ratios = [b / a for a, b in zip(cpu_seconds["ours"], cpu_seconds["reference"], strict=True)]
+    print(f"  CPU seconds per image (process time, less sensitive to other jobs): ours "
+          f"{statistics.median(cpu_seconds['ours']):.2f}, reference {statistics.median(cpu_seconds['reference']):.2f}; "
+          f"ratio reference/ours {statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")
 
     print("pixel shortcut (JPEG draft decode), random-weight heads rescaled as the docstring says (a proxy):")
     found = deltas(outputs["ours"], outputs["reference"])
@@ -388,6 +398,10 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
                                                  round(max(rates["reference"]), 4)],
         "score_ratio_vs_reference": round(statistics.median(ratios), 4),
         "score_ratio_min_max": [round(min(ratios), 4), round(max(ratios), 4)],
+        "score_cpu_seconds_per_image": round(statistics.median(cpu_seconds["ours"]), 3),
+        "score_reference_cpu_seconds_per_image": round(statistics.median(cpu_seconds["reference"]), 3),
+        "score_cpu_time_ratio_vs_reference": round(statistics.median(cpu_ratios), 4),
+        "score_cpu_time_ratio_min_max": [round(min(cpu_ratios), 4), round(max(cpu_ratios), 4)],
         "score_preprocess_images_per_s": round(pre_ours.median, 2),
         "score_preprocess_reference_images_per_s": round(pre_reference.median, 2),
         "score_preprocess_ratio_vs_reference": round(statistics.median(pre["ratios"]), 3),
