@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import machine
 
 DEDUP_ARGS = ["--n", "50000", "--brute-n", "10000", "--repeats", "3", "--no-write"]
-SCORE_ARGS: list[str] = []
+SCORE_ARGS = ["--budget-s", "60", "--repeats", "2", "--no-write"]  # make bench-score: 300 s of rounds, ~6.5 min
 SPARK_ARGS = ["--rows", "1000", "--repeats", "1", "--no-write"]  # make bench-spark: 2,000 rows, 3 rounds, ~6 min
 
 
