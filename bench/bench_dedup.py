@@ -11,10 +11,7 @@ a subsample with the same statistics, on which exact brute force (faiss IndexFla
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -25,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from bench.common import merge_results
 from curate.dedup_embeddings import dedup_embeddings
 from curate.stages.components import merge_components
 
@@ -34,7 +32,6 @@ CHUNK = 10_000
 DUPLICATES_PER_CHUNK = 500
 NEAR_MISSES_PER_CHUNK = 200
 THRESHOLD = 0.95
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -118,34 +115,6 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[flo
 
 def _dedup(path: Path, out: Path) -> Callable[[], np.ndarray]:
     return lambda: ~dedup_embeddings([str(path)], str(out), threshold=THRESHOLD)["keep"].to_numpy()
-
-
-def _machine() -> str:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in line
-            ),
-            platform.processor() or platform.machine(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.machine()
-    )
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
-
-
-def merge_results(figures: dict) -> None:
-    """Update this benchmark's keys in bench/results/latest.json, keeping everyone else's."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update(figures)
-    results["machine"] = _machine()
-    results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    temporary = RESULTS.with_name(f".{RESULTS.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, RESULTS)
 
 
 def _spread(seconds: list[float]) -> str:

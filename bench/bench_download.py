@@ -8,7 +8,6 @@ Both run as commands a user would type (`curate download OUT` on a folder whose 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bench.common import WORK, Series, cores, interleaved, merge_results, tool, wall
+from bench.common import WORK, Series, bench_main, cores, interleaved, tool, wall
 from bench.corpus import CorpusServer, ensure_images, write_corpus
 from curate.config import Config
 from curate.engines.local import LocalRun
@@ -140,15 +139,7 @@ def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="URLs in the corpus (default 2,000)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up (default 3)")
-    parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
-    args = parser.parse_args(argv)
-    figures = measure(args.rows, args.repeats)
-    if not args.no_write:
-        merge_results(figures)
-    return figures
+    return bench_main(__doc__, argv, measure, "URLs in the corpus (default 2,000)", repeats=3)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ is log(t_rows / t_quarter) / log 4 (1.0 is linear).
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_download import Settings
-from bench.common import WORK, Series, merge_results
+from bench.common import WORK, Series, bench_main
 from bench.corpus import CorpusServer, ensure_images, write_corpus
 from curate.engines.local import STAGES
 from curate.pipeline import run_local
@@ -99,15 +98,7 @@ def stage_table_quiet(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the end-to-end corpus (default 2,000)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each size after a warm-up (default 3)")
-    parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
-    args = parser.parse_args(argv)
-    figures = measure(args.rows, args.repeats)
-    if not args.no_write:
-        merge_results(figures)
-    return figures
+    return bench_main(__doc__, argv, measure, "rows of the end-to-end corpus (default 2,000)", repeats=3)
 
 
 if __name__ == "__main__":

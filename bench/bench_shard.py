@@ -9,7 +9,6 @@ shard then fsync'd; and `dd if=/dev/zero conv=fsync` writing as many bytes. All 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 
 from bench.bench_download import Settings
 from bench.bench_e2e import SETTINGS, run_once
-from bench.common import WORK, Series, interleaved, merge_results, wall
+from bench.common import WORK, Series, bench_main, interleaved, wall
 from bench.corpus import CorpusServer, ensure_images, write_corpus
 from curate.engines.local import LocalRun
 from curate.engines.local_shard import shard
@@ -116,15 +115,7 @@ def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the run whose shards are rewritten")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (default 5)")
-    parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
-    args = parser.parse_args(argv)
-    figures = measure(args.rows, args.repeats)
-    if not args.no_write:
-        merge_results(figures)
-    return figures
+    return bench_main(__doc__, argv, measure, "rows of the run whose shards are rewritten", repeats=5)
 
 
 if __name__ == "__main__":

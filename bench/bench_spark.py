@@ -17,7 +17,6 @@ download, and Spark's `books` (ledger, samples, stats written as one more pass) 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 
 from bench.bench_download import Settings
 from bench.bench_e2e import run_once as run_local_once
-from bench.common import WORK, Series, merge_results
+from bench.common import WORK, Series, bench_main
 from bench.corpus import CorpusServer, ensure_images, write_corpus
 
 SETTINGS = Settings()
@@ -211,18 +210,10 @@ def measure(rows: int, repeats: int, settings: Settings = SETTINGS) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the corpus (default 2,000; scale at rows/4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round (default 3)")
-    parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
-    args = parser.parse_args(argv)
     if importlib.util.find_spec("pyspark") is None:
         print("bench_spark: pyspark is not installed, skipped")
         return {}
-    figures = measure(args.rows, args.repeats)
-    if not args.no_write:
-        merge_results(figures)
-    return figures
+    return bench_main(__doc__, argv, measure, "rows of the corpus (default 2,000; scale at rows/4)", repeats=3)
 
 
 if __name__ == "__main__":

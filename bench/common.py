@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -93,3 +94,17 @@ def merge_results(figures: dict[str, Any], path: Path = RESULTS) -> dict[str, An
 
 def cores() -> int:
     return os.cpu_count() or 1
+
+
+def bench_main(doc: str | None, argv: list[str] | None, measure: Callable[[int, int], dict[str, Any]],
+               rows_help: str, repeats: int = 3) -> dict[str, Any]:
+    """The --rows/--repeats/--no-write command line every corpus benchmark shares: measure, then merge the figures."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000, help=rows_help)
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds after a warm-up ({repeats})")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
+    args = parser.parse_args(argv)
+    figures = measure(args.rows, args.repeats)
+    if not args.no_write:
+        merge_results(figures)
+    return figures
