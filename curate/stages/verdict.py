@@ -88,4 +88,7 @@ def survivor_ranks(table: pa.Table) -> np.ndarray:
     """Survivor-rule ranks of a table's rows from aesthetic_score, original_width × original_height and key."""
     area = float_column(table, ORIGINAL_WIDTH) * float_column(table, ORIGINAL_HEIGHT)
     keys = table[KEY].to_numpy(zero_copy_only=False).astype(str)
-    return ranks_by_survivor_rule(float_column(table, AESTHETIC_SCORE), area, keys)
+    # Model scores of identical images differ in the last bits with the batch they ran in (local vs Spark):
+    # compare them at 1e-4 so such ties fall to resolution and key, the same on every engine.
+    aesthetic = np.round(float_column(table, AESTHETIC_SCORE), 4)
+    return ranks_by_survivor_rule(aesthetic, area, keys)
