@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
@@ -77,20 +78,28 @@ class LocalRun:
 
         return self._timed("ingest", body)
 
+    def score_column_nulls(self) -> dict[str, int]:
+        """Null count of each LAION score column every ingested part has (reads those two columns only)."""
+        nulls: dict[str, int] = {}
+        for index, path in enumerate(self.checkpoint("ingest").parts()):
+            names = pq.read_schema(path).names
+            present = [c for c in (AESTHETIC, PWATERMARK) if c in names and (index == 0 or c in nulls)]
+            columns = pq.read_table(path, columns=present)
+            nulls = {c: nulls.get(c, 0) + columns[c].null_count for c in present}
+        return nulls
+
     def resolve_scores(self) -> str:
         """model/metadata, deciding `auto` from whether every row carries LAION's score columns."""
         if self.config.scores != "auto":
             return self.config.scores
-        table = self.checkpoint("ingest").read(columns=None)
-        have = all(c in table.column_names and table[c].null_count == 0 for c in (AESTHETIC, PWATERMARK))
-        return "metadata" if have else "model"
+        nulls = self.score_column_nulls()
+        return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
 
     def require_metadata_scores(self) -> None:
-        names = self.checkpoint("ingest").read().column_names
-        if AESTHETIC not in names:
+        if AESTHETIC not in self.score_column_nulls():
             raise ValueError(
-                "--scores metadata needs an AESTHETIC_SCORE/aesthetic column and the input has none "
-                f"(columns: {names}); use --scores model to compute scores from the images"
+                "--scores metadata needs an AESTHETIC_SCORE/aesthetic column in every input file and the input "
+                "lacks it; use --scores model to compute scores from the images"
             )
 
     # -- prefilter --------------------------------------------------------------------------------------
@@ -198,8 +207,6 @@ def _download_part(job: tuple[str, int, DownloadOptions]) -> None:
     """One prefilter part to one download part (a picklable unit of work for the process pool)."""
     out, index, options = job
     part = io.Checkpoint(out, "prefilter").parts()[index]
-    import pyarrow.parquet as pq
-
     io.Checkpoint(out, "download").write_part(index, download(pq.read_table(part), options))
 
 
