@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
-from curate.engines.local import LocalRun, Progress
+from curate.engines.local import STAGES, LocalRun, Progress
 from curate.engines.local_shard import finish, shard
 from curate.stages.download import retry_transient
 
@@ -82,9 +82,7 @@ def recut(output: str | Path, config: Config, progress: Progress | None = None,
     if reselect:
         run.select(force=True)
     shard(run)
-    path = run.out / "stages" / "run.json"
-    earlier = json.loads(path.read_text())
-    io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
+    record_config(run.out, config)
     return finish_and_report(run, started)
 
 
@@ -109,7 +107,13 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     run.dedup()
     run.select(force=True)
     shard(run)
-    return finish(run, started)
+    return finish_and_report(run, started)
+
+
+def record_config(out: Path, config: Config) -> None:
+    """Keep the run's inputs and store the settings a re-cut or re-run used, so a later resume compares to them."""
+    path = out / "stages" / "run.json"
+    io.write_json({"inputs": json.loads(path.read_text())["inputs"], "config": config.to_dict()}, path)
 
 
 def load_run_config(output: str | Path) -> Config:
@@ -123,8 +127,7 @@ def load_run_config(output: str | Path) -> Config:
 def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any] | None:
     """Re-run one stage from the previous stage's checkpoint; later checkpoints are marked stale."""
     run = LocalRun(output, config)
-    stages = ["prefilter", "download", "score", "dedup", "select", "shard"]
-    for later in stages[stages.index(stage):]:
+    for later in STAGES[STAGES.index(stage):]:
         marker = run.checkpoint(later).path / "_SUCCESS"
         marker.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -137,7 +140,5 @@ def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any
     if stage == "score":
         run.checkpoint("score").reset()
     getattr(run, stage)(*([scores] if stage in ("prefilter", "score") else []))
-    path = run.out / "stages" / "run.json"
-    earlier = json.loads(path.read_text())
-    io.write_json({"inputs": earlier["inputs"], "config": config.to_dict()}, path)
+    record_config(run.out, config)
     return None
