@@ -33,7 +33,9 @@ class Config:
     processes: int = 1
     timeout: float = 10.0
     max_image_bytes: int = 32 * 1024 * 1024
+    allow_loopback: bool = False
     allow_private_network: bool = False
+    allow_link_local: bool = False
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
@@ -112,7 +114,10 @@ OPTION_HELP: dict[str, str] = {
     "processes": "Download processes.",
     "timeout": "Seconds allowed for one URL, redirects and body included.",
     "max_image_bytes": "Largest body fetched, in bytes.",
-    "allow_private_network": "Allow URLs on loopback/private/link-local addresses (tests and the demo).",
+    "allow_loopback": "Allow URLs on loopback addresses only (127.0.0.0/8, ::1): what tests and the demo need.",
+    "allow_private_network": "Allow URLs on loopback and private addresses (RFC 1918, ULA fc00::/7); not link-local.",
+    "allow_link_local": "Also allow link-local addresses (169.254.0.0/16, fe80::/10) and the cloud metadata service "
+                        "(169.254.169.254, fd00:ec2::254, metadata.google.internal). Only on a trusted network.",
     "disallowed_header_directives": "Comma list of X-Robots-Tag directives that opt an image out.",
     "user_agent_token": "The agent name X-Robots-Tag directives are matched against.",
     "batch_size_rows": "Rows per batch (and per checkpoint part).",

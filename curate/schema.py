@@ -40,6 +40,7 @@ WATERMARK_PROB = "watermark_prob"
 SCORES_SOURCE = "scores_source"
 EMBEDDING = "embedding"
 
+PASSES_THRESHOLDS = "passes_thresholds"  # dedup's survivor rule only; never written to the books
 SHARD = "shard"
 POSITION = "position"
 

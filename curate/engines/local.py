@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from curate import io
 from curate.config import Config
 from curate.fetch import FetchPolicy
-from curate.schema import AESTHETIC, CAPTION, JPG, PWATERMARK, ROW
+from curate.schema import AESTHETIC, CAPTION, JPG, PASSES_THRESHOLDS, PWATERMARK, ROW
 from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
 from curate.stages.ingest import check_input_schema, normalize
@@ -125,7 +125,8 @@ class LocalRun:
     def download_options(self) -> DownloadOptions:
         c = self.config
         policy = FetchPolicy(timeout=c.timeout, max_bytes=c.max_image_bytes,
-                             allow_private_network=c.allow_private_network,
+                             allow_private_network=c.allow_private_network, allow_loopback=c.allow_loopback,
+                             allow_link_local=c.allow_link_local,
                              disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
                              user_agent_token=c.user_agent_token)
         return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, threads=c.threads, policy=policy)
@@ -176,8 +177,10 @@ class LocalRun:
     # -- dedup and select -------------------------------------------------------------------------------
     def dedup(self) -> dict[str, Any]:
         def body() -> dict[str, Any]:
-            table = self.checkpoint("score").read()
-            kinds = self.config.dedup
+            c, kinds = self.config, self.config.dedup
+            # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
+            table = select.with_threshold_pass(self.checkpoint("score").read(), c.min_size, c.threshold,
+                                               c.max_watermark, c.max_unsafe)
             if "exact" in kinds:
                 table = dedup.flag_exact_duplicates(table)
             if "phash" in kinds:
@@ -188,7 +191,7 @@ class LocalRun:
 
                 table = flag_semantic_duplicates(table, self.config.semdedup_threshold,
                                                  self.config.semdedup_clusters, self.config.seed)
-            self.checkpoint("dedup").write_part(0, table)
+            self.checkpoint("dedup").write_part(0, table.drop_columns([PASSES_THRESHOLDS]))
             return {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
 
         return self._timed("dedup", body)
@@ -197,8 +200,10 @@ class LocalRun:
         def body() -> dict[str, Any]:
             table = self.checkpoint("dedup").read()
             c = self.config
-            self.checkpoint("select").write_part(0, select.select(table, c.min_size, c.threshold, c.max_watermark))
-            return {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark}
+            self.checkpoint("select").write_part(
+                0, select.select(table, c.min_size, c.threshold, c.max_watermark, c.max_unsafe))
+            return {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
+                    "max_unsafe": c.max_unsafe}
 
         return self._timed("select", body, force=force)
 

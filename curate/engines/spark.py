@@ -24,7 +24,7 @@ from curate.engines import spark_dedup, spark_shard
 from curate.engines.local import LocalRun
 from curate.engines.spark_books import write_books, write_ledger
 from curate.engines.spark_frames import apply_flags, arrow_schema, map_stage, output_schema
-from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PWATERMARK, ROW
+from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
 from curate.stages import prefilter, select
 from curate.stages.download import download
 from curate.stages.ingest import canonical_names, normalize
@@ -217,7 +217,10 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
 
 def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
     c, kinds = run.config, run.config.dedup
-    judged = scored
+    # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
+    judged = map_stage(scored, lambda t: select.with_threshold_pass(
+        t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe),
+        arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
     if "phash" in kinds:
@@ -229,7 +232,7 @@ def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str,
                                            run.path("stages", "semantic-sample"))
         judged = apply_flags(judged, flags)
     meta = {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
-    return judged, meta
+    return judged.drop(PASSES_THRESHOLDS), meta
 
 
 def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Config) -> dict[str, Any]:
@@ -254,7 +257,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
     c = config
-    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark),
+    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe),
                          arrow_schema(judged))
     selected = run.timed("select", lambda: run.checkpoint("select", selected))
 

@@ -33,6 +33,7 @@ from curate.schema import (
     KEY,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
+    PASSES_THRESHOLDS,
     PHASH,
     ROW,
     SHA256,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
-RANK_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT]
+RANK_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS]
 PAIR_BLOCK = 2048  # rows per block of a band group's distance matrix
 
 
@@ -195,7 +196,8 @@ def semantic_flags(spark: SparkSession, df: DataFrame, threshold: float, cluster
         return None
     named = pa.concat_arrays([pairs_table[KEY].combine_chunks(), pairs_table["survivor_key"].combine_chunks()]).unique()
     keys = spark.createDataFrame(pa.table({KEY: named}))
-    ranks = candidates.select(KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT).join(keys, KEY).toArrow()
+    ranks = candidates.select(KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS).join(
+        keys, KEY).toArrow()
     survivors = semantic.resolve_survivors(pairs_table, ranks)
     log.info("semantic dedup: %d rows, %d clusters, %d duplicates", n, k, survivors.num_rows)
     flags = spark.createDataFrame(survivors).join(candidates.select(ROW, KEY), KEY)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.schema import AESTHETIC, CAPTION, HEIGHT, KEY, PUNSAFE, PWATERMARK, ROW, URL, WIDTH
-from curate.stages.verdict import with_reason, with_verdict_columns
+from curate.stages.verdict import above, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "prefilter"
 MAX_URL_LENGTH = 2048
@@ -69,10 +69,10 @@ def flag_metadata_size(table: pa.Table, min_size: int) -> pa.Table:
 
 
 def flag_above(table: pa.Table, column: str, limit: float | None, reason: str) -> pa.Table:
-    """Rows whose metadata column is above limit; no-op when the column or the limit is absent."""
+    """Rows whose metadata column is above limit (verdict.above); no-op when the column or the limit is absent."""
     if limit is None or column not in table.column_names:
         return table
-    return with_reason(table, pc.greater(table[column], limit), STAGE, reason, pc.cast(table[column], pa.string()))
+    return with_reason(table, above(table[column], limit), STAGE, reason, stored_text(table[column]))
 
 
 def flag_invalid_scores(table: pa.Table) -> pa.Table:
@@ -83,7 +83,7 @@ def flag_invalid_scores(table: pa.Table) -> pa.Table:
         values = table[column]
         bad = pc.or_(pc.is_nan(values), pc.or_(pc.less(values, 0.0), pc.greater(values, high)))
         table = with_reason(table, bad, STAGE, "invalid_metadata_score",
-                            pc.binary_join_element_wise(f"{column}=", pc.cast(values, pa.string()), ""))
+                            pc.binary_join_element_wise(f"{column}=", stored_text(values), ""))
     return table
 
 
@@ -91,8 +91,8 @@ def flag_metadata_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
     if AESTHETIC not in table.column_names:
         return table
     values = table[AESTHETIC]
-    low = pc.or_kleene(pc.less(values, threshold), pc.is_null(values))
-    return with_reason(table, low, STAGE, "metadata_low_aesthetic", pc.cast(values, pa.string()))
+    low = pc.or_kleene(below(values, threshold), pc.is_null(values))
+    return with_reason(table, low, STAGE, "metadata_low_aesthetic", stored_text(values))
 
 
 def pair_hashes(table: pa.Table) -> pa.Array:

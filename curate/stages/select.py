@@ -8,13 +8,17 @@ import pyarrow.compute as pc
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
+    DROP_REASON,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
+    PASSES_THRESHOLDS,
+    PUNSAFE,
     PWATERMARK,
     SCORES_SOURCE,
+    VERDICT_COLUMNS,
     WATERMARK_PROB,
 )
-from curate.stages.verdict import with_reason
+from curate.stages.verdict import above, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "select"
 
@@ -42,17 +46,38 @@ def flag_low_resolution(table: pa.Table, min_size: int) -> pa.Table:
 
 def flag_watermark(table: pa.Table, max_watermark: float) -> pa.Table:
     values = table[WATERMARK_PROB]
-    return with_reason(table, pc.greater(values, max_watermark), STAGE, "watermark", pc.cast(values, pa.string()))
+    return with_reason(table, above(values, max_watermark), STAGE, "watermark", stored_text(values))
+
+
+def flag_unsafe(table: pa.Table, max_unsafe: float | None) -> pa.Table:
+    """Rows whose punsafe is above max_unsafe (no-op when unset or the column is absent)."""
+    if max_unsafe is None or PUNSAFE not in table.column_names:
+        return table
+    values = table[PUNSAFE]
+    return with_reason(table, above(values, max_unsafe), STAGE, "unsafe", stored_text(values))
 
 
 def flag_low_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
     values = table[AESTHETIC_SCORE]
     table = with_reason(table, pc.is_null(values), STAGE, "no_aesthetic_score")
-    return with_reason(table, pc.less(values, threshold), STAGE, "low_aesthetic", pc.cast(values, pa.string()))
+    return with_reason(table, below(values, threshold), STAGE, "low_aesthetic", stored_text(values))
 
 
-def select(table: pa.Table, min_size: int, threshold: float, max_watermark: float) -> pa.Table:
-    """Apply the thresholds in the recipe's order: resolution, watermark, aesthetic."""
+def select(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
+           max_unsafe: float | None = None) -> pa.Table:
+    """Apply the thresholds in the recipe's order: resolution, watermark, safety, aesthetic."""
     table = flag_low_resolution(table, min_size)
     table = flag_watermark(table, max_watermark)
+    table = flag_unsafe(table, max_unsafe)
     return flag_low_aesthetic(table, threshold)
+
+
+def with_threshold_pass(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
+                        max_unsafe: float | None = None) -> pa.Table:
+    """Add PASSES_THRESHOLDS: whether select would keep the row on its own, so dedup can prefer such copies."""
+    names = [n for n in table.column_names if n not in (*VERDICT_COLUMNS, PASSES_THRESHOLDS)]
+    probe = select(with_verdict_columns(table.select(names)), min_size, threshold, max_watermark, max_unsafe)
+    passes = pc.is_null(probe[DROP_REASON])
+    if PASSES_THRESHOLDS in table.column_names:
+        return table.set_column(table.column_names.index(PASSES_THRESHOLDS), PASSES_THRESHOLDS, passes)
+    return table.append_column(PASSES_THRESHOLDS, passes)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import AESTHETIC_SCORE, EMBEDDING, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH
+from curate.schema import AESTHETIC_SCORE, EMBEDDING, KEY, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, PASSES_THRESHOLDS
 from curate.stages.components import merge_components
 from curate.stages.verdict import alive, survivor_ranks, with_reason, with_verdict_columns
 
@@ -292,7 +292,7 @@ def flag_semantic_duplicates(table: pa.Table, threshold: float, clusters: int | 
         return table
     needed = [
         name
-        for name in (KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, EMBEDDING)
+        for name in (KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS, EMBEDDING)
         if name in table.column_names
     ]
     rows = table.select(needed).take(pa.array(candidates))

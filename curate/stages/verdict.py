@@ -14,6 +14,7 @@ from curate.schema import (
     KEY,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
+    PASSES_THRESHOLDS,
     VERDICT_COLUMNS,
 )
 
@@ -58,20 +59,55 @@ def with_reason(
     return table
 
 
-def survivor_order(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Indices sorted best first: highest aesthetic score, then larger original resolution, then smallest key.
+def _at_limit(values: pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
+    """True where a value equals limit as a float64 or as a float32: LAION releases store scores in either."""
+    as_float32 = float(np.float32(limit))
+    return pc.or_(pc.equal(values, limit), pc.equal(values, as_float32))
+
+
+def _as_float64(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    values = pa.chunked_array([values]) if isinstance(values, pa.Array) else values
+    return pc.cast(values, pa.float64())
+
+
+def above(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
+    """values > limit, where a value that is the limit in its own precision (float32(0.8) for 0.8) is not above."""
+    values = _as_float64(values)
+    return pc.and_(pc.greater(values, limit), pc.invert(_at_limit(values, limit)))
+
+
+def below(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
+    """values < limit, where a value that is the limit in its own precision (float32(5.1) for 5.1) is not below."""
+    values = _as_float64(values)
+    return pc.and_(pc.less(values, limit), pc.invert(_at_limit(values, limit)))
+
+
+def stored_text(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each value as its column stored it: the shortest float32 text when the value is a float32, else float64's."""
+    values = _as_float64(values)
+    as_float32 = pc.cast(values, pa.float32(), safe=False)
+    is_float32 = pc.equal(pc.cast(as_float32, pa.float64()), values)
+    return pc.if_else(is_float32, pc.cast(as_float32, pa.string()), pc.cast(values, pa.string()))
+
+
+def survivor_order(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray,
+                   passes: np.ndarray | None = None) -> np.ndarray:
+    """Indices sorted best first: rows that pass the select thresholds, then highest aesthetic score, then larger
+    original resolution, then smallest key.
 
     Missing scores and areas rank last. The first index of any group of duplicates is its survivor.
     """
     aesthetic = np.nan_to_num(np.asarray(aesthetic, dtype=np.float64), nan=-np.inf)
     area = np.nan_to_num(np.asarray(area, dtype=np.float64), nan=-1.0)
+    fails = np.zeros(len(aesthetic), dtype=bool) if passes is None else ~np.asarray(passes, dtype=bool)
     # np.lexsort sorts by the last key first; negate to get descending order.
-    return np.lexsort((np.asarray(keys), -area, -aesthetic))
+    return np.lexsort((np.asarray(keys), -area, -aesthetic, fails))
 
 
-def ranks_by_survivor_rule(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def ranks_by_survivor_rule(aesthetic: np.ndarray, area: np.ndarray, keys: np.ndarray,
+                           passes: np.ndarray | None = None) -> np.ndarray:
     """The position of each row in the survivor order (0 is the best row)."""
-    order = survivor_order(aesthetic, area, keys)
+    order = survivor_order(aesthetic, area, keys, passes)
     ranks = np.empty(len(order), dtype=np.int64)
     ranks[order] = np.arange(len(order))
     return ranks
@@ -85,10 +121,13 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def survivor_ranks(table: pa.Table) -> np.ndarray:
-    """Survivor-rule ranks of a table's rows from aesthetic_score, original_width × original_height and key."""
+    """Survivor-rule ranks from passes_thresholds (when present), aesthetic_score, original area and key."""
     area = float_column(table, ORIGINAL_WIDTH) * float_column(table, ORIGINAL_HEIGHT)
     keys = table[KEY].to_numpy(zero_copy_only=False).astype(str)
     # Model scores of identical images differ in the last bits with the batch they ran in (local vs Spark):
     # compare them at 1e-4 so such ties fall to resolution and key, the same on every engine.
     aesthetic = np.round(float_column(table, AESTHETIC_SCORE), 4)
-    return ranks_by_survivor_rule(aesthetic, area, keys)
+    passes = None
+    if PASSES_THRESHOLDS in table.column_names:
+        passes = pc.fill_null(table[PASSES_THRESHOLDS], False).to_numpy(zero_copy_only=False)
+    return ranks_by_survivor_rule(aesthetic, area, keys, passes)
