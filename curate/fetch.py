@@ -1,10 +1,14 @@
-"""A bounded, guarded HTTP client: one deadline per URL, a size cap, no private addresses, opt-out headers.
+"""A bounded, guarded HTTP client: one deadline per URL, a size cap, network scopes, opt-out headers.
 
 Traps of the usual clients it avoids: urllib's timeout bounds each socket read, not the download (a server that
 trickles a byte a second never times out), so a watchdog shuts the socket at the URL's deadline; urllib reads
 file: and data: URLs, so only http/https reach the network code; a check-then-connect on a host name can be
 answered differently by DNS the second time, so the connection goes to the address that was checked, and every
 redirect hop is checked again.
+
+Network scopes: public addresses are always fetched; loopback opens with allow_loopback, loopback and private
+ranges with allow_private_network, link-local ranges and the cloud metadata service only with allow_link_local;
+reserved, multicast and unspecified addresses never.
 """
 
 from __future__ import annotations
@@ -25,16 +29,33 @@ CHUNK = 64 * 1024
 VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 _SAFE_PATH = "/%!$&'()*+,;=:@-._~"
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                                "fc00::/7"))
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254"))
+METADATA_HOSTS = frozenset({"metadata.google.internal"})
+PUBLIC, LOOPBACK, PRIVATE, LINK_LOCAL = "public", "loopback", "private-network", "link-local"
+SCOPE_OPTIONS = {LOOPBACK: "--allow-loopback", PRIVATE: "--allow-private-network", LINK_LOCAL: "--allow-link-local"}
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
     timeout: float = 10.0
     max_bytes: int = 32 * 1024 * 1024
-    allow_private_network: bool = False
+    allow_private_network: bool = False  # loopback and private ranges
+    allow_loopback: bool = False
+    allow_link_local: bool = False  # link-local ranges and the cloud metadata service
     disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     user_agent_token: str = "img2dataset"
     user_agent: str = "Mozilla/5.0 (compatible; curate/0.1; +https://github.com/curate; img2dataset)"
+
+    def opens(self, scope: str) -> bool:
+        """Whether URLs may reach addresses of scope (PUBLIC, LOOPBACK, PRIVATE or LINK_LOCAL)."""
+        if scope == LOOPBACK:
+            return self.allow_loopback or self.allow_private_network
+        if scope == PRIVATE:
+            return self.allow_private_network
+        return scope == PUBLIC or (scope == LINK_LOCAL and self.allow_link_local)
 
 
 class FetchError(Exception):
@@ -71,16 +92,76 @@ def is_disallowed(header_values: list[str], token: str, directives: tuple[str, .
     return False
 
 
-def _blocked(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(address.split("%")[0])
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, 6to4, Teredo): where its packets end up."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+    if embedded is None and ip in _NAT64:
+        embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return embedded
+
+
+def _is_metadata(address: str) -> bool:
+    ip = _parse(address)
+    return ip in METADATA_ADDRESSES or _embedded_ipv4(ip) in METADATA_ADDRESSES
+
+
+def address_scope(address: str) -> str | None:
+    """PUBLIC, LOOPBACK, PRIVATE or LINK_LOCAL; None for what no option opens (reserved, multicast, unspecified)."""
+    ip = _parse(address)
     if isinstance(ip, ipaddress.IPv6Address):
-        # An IPv4 address carried inside IPv6 (mapped, NAT64, 6to4, Teredo) is judged as that IPv4 address.
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and _blocked(str(embedded)):
-            return True
-    return not ip.is_global or ip.is_multicast
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d itself on a dual-stack socket
+            return address_scope(str(ip.ipv4_mapped))
+        # An IPv4 address carried inside IPv6 (NAT64, 6to4, Teredo) is judged as that IPv4 address.
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and (inner := address_scope(str(embedded))) != PUBLIC:
+            return inner
+        if ip in _IPV4_COMPATIBLE and not ip.is_loopback:  # deprecated ::a.b.c.d, tunnelled to a.b.c.d by sit0
+            return None
+    if ip in METADATA_ADDRESSES or ip.is_link_local:
+        return LINK_LOCAL
+    if ip.is_loopback:
+        return LOOPBACK
+    if any(ip in network for network in _PRIVATE_NETWORKS):
+        return PRIVATE
+    return PUBLIC if ip.is_global and not ip.is_multicast else None
+
+
+def _blocked(address: str) -> bool:
+    """Whether address needs an option or is never allowed (the hostile tests patch it to make a server public)."""
+    return address_scope(address) != PUBLIC
+
+
+def refusal(destination: str, policy: FetchPolicy) -> str | None:
+    """Why policy forbids a host name or address, naming the option that would allow it; None when allowed.
+
+    A host name is judged by name only (the cloud metadata service's); its addresses are judged after DNS.
+    """
+    try:
+        _parse(destination)
+    except ValueError:
+        if destination.rstrip(".").lower() in METADATA_HOSTS and not policy.allow_link_local:
+            return f"{destination} is the cloud metadata service: refused unless {SCOPE_OPTIONS[LINK_LOCAL]}"
+        return None
+    why = _address_refusal(destination, policy)
+    return None if why is None else f"{destination} is {why}"
+
+
+def _address_refusal(address: str, policy: FetchPolicy) -> str | None:
+    if not _blocked(address):
+        return None
+    scope = address_scope(address)
+    if scope is None:
+        return "a reserved, multicast or unspecified address, which no option allows"
+    if policy.opens(scope):
+        return None
+    kind = "the cloud metadata service's address" if _is_metadata(address) else f"a {scope} address"
+    return f"{kind}: refused unless {SCOPE_OPTIONS[scope]}"
 
 
 def _lookup(host: str, port: int, timeout: float) -> list[Any]:
@@ -108,8 +189,11 @@ def _lookup(host: str, port: int, timeout: float) -> list[Any]:
     return answer["infos"]
 
 
-def resolve(host: str, port: int, allow_private: bool, timeout: float = 10.0) -> str:
-    """The address to connect to; refuses loopback, private, link-local and reserved ones unless allowed."""
+def resolve(host: str, port: int, policy: FetchPolicy, timeout: float = 10.0) -> str:
+    """The address to connect to; refuses a host, or any of its addresses, that policy's network scopes do not open."""
+    reason = refusal(host, policy)  # before DNS: the metadata host name is refused without asking anyone
+    if reason is not None:
+        raise FetchError("blocked_address", reason)
     try:
         infos = _lookup(host, port, timeout)
     except (socket.gaierror, UnicodeError) as error:
@@ -117,10 +201,10 @@ def resolve(host: str, port: int, allow_private: bool, timeout: float = 10.0) ->
     addresses = [info[4][0] for info in infos]
     if not addresses:
         raise FetchError("dns_failed", f"{host}: no address")
-    if not allow_private:
-        for address in addresses:
-            if _blocked(address):
-                raise FetchError("blocked_address", f"{host} resolves to {address}")
+    for address in addresses:
+        why = _address_refusal(address, policy)
+        if why is not None:
+            raise FetchError("blocked_address", f"{host} resolves to {address}, {why}")
     return addresses[0]
 
 
@@ -216,7 +300,7 @@ def _connect(url: str, policy: FetchPolicy, deadline: float) -> _PinnedHTTPConne
     except UnicodeError as error:
         raise FetchError("invalid_url", f"host {hostname[:200]!r} is not a valid IDN: {error}") from error
     port = port or (443 if scheme == "https" else 80)
-    address = resolve(host, port, policy.allow_private_network, _remaining(deadline, url))
+    address = resolve(host, port, policy, _remaining(deadline, url))
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
     connection = cls(host, address, port, deadline)
     try:

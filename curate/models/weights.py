@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "~/.cache/curate"
 DOWNLOAD_TIMEOUT_S = 60.0
+HUB_PROBE_TIMEOUT_S = 10.0
 
 
 class WeightsError(ValueError):
@@ -93,17 +94,27 @@ def _resolve_official(spec: WeightSpec, cache: Path) -> Path:
         if cached.is_file():
             _check_sha256(spec, source, cached)
             return cached
+    looked = ", ".join(str(_cache_path(source, cache)) for source in spec.sources)
+    if _offline():
+        raise WeightsError(
+            f"{spec.name} weights: not in the cache ({looked}), and HF_HUB_OFFLINE is set, so not downloaded. "
+            f"Pass {spec.option} PATH to a local copy, or set --model-cache to a folder that holds them."
+        )
     failures = []
     for source in spec.sources:
         try:
             return _fetch(spec, source, cache)
         except WeightsError as error:
             failures.append(str(error))
-    looked = ", ".join(str(_cache_path(source, cache)) for source in spec.sources)
     raise WeightsError(
         f"{spec.name} weights: not in the cache ({looked}) and could not be downloaded: {'; '.join(failures)}. "
         f"Download them elsewhere and pass {spec.option} PATH, or set --model-cache to a folder that holds them."
     )
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE, read as huggingface_hub reads it: the user asked for no downloads at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _cache_path(source: Source, cache: Path) -> Path:
@@ -142,9 +153,11 @@ def _download_url(url: str, target: Path) -> None:
 
 
 def _download_hub(source: Source, target: Path) -> None:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     assert source.hub_repo is not None
+    # One short try first: on an unreachable hub, hf_hub_download retries with backoff for ~25 s, logging each twice.
+    get_hf_file_metadata(hf_hub_url(source.hub_repo, source.filename), timeout=HUB_PROBE_TIMEOUT_S)
     staging = tempfile.mkdtemp(dir=target.parent, prefix=".hub-")
     try:
         downloaded = hf_hub_download(repo_id=source.hub_repo, filename=source.filename, local_dir=staging)

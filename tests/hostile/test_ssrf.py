@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from curate import fetch as fetch_module
-from curate.fetch import FetchError, FetchPolicy, fetch
+from curate.fetch import FetchError, FetchPolicy, fetch, refusal, resolve
 from curate.server import ImageServer, Response, _Handler
 from tests.hostile.conftest import jpeg, outcomes, row, run_rows, serve
 
@@ -30,6 +30,103 @@ def test_private_and_special_addresses_are_blocked(address: str) -> None:
 @pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"])
 def test_public_addresses_pass(address: str) -> None:
     assert not fetch_module._blocked(address)
+
+
+POLICIES = {"no option": FetchPolicy(), "--allow-loopback": FetchPolicy(allow_loopback=True),
+            "--allow-private-network": FetchPolicy(allow_private_network=True),
+            "--allow-link-local": FetchPolicy(allow_link_local=True)}
+LOOPBACK = {"--allow-loopback", "--allow-private-network"}
+# Destination -> the options that open it; every other option (and none) must refuse it.
+SCOPE_TABLE: dict[str, set[str]] = {
+    "127.0.0.1": LOOPBACK, "127.5.5.5": LOOPBACK, "::1": LOOPBACK, "::ffff:127.0.0.1": LOOPBACK,
+    "10.0.0.1": {"--allow-private-network"}, "172.16.0.1": {"--allow-private-network"},
+    "172.31.255.254": {"--allow-private-network"}, "192.168.1.1": {"--allow-private-network"},
+    "fd12::1": {"--allow-private-network"}, "::ffff:10.0.0.1": {"--allow-private-network"},
+    "169.254.169.254": {"--allow-link-local"}, "169.254.1.1": {"--allow-link-local"},
+    "fd00:ec2::254": {"--allow-link-local"}, "fe80::1": {"--allow-link-local"}, "fe80::1%1": {"--allow-link-local"},
+    "::ffff:169.254.169.254": {"--allow-link-local"}, "::ffff:a9fe:a9fe": {"--allow-link-local"},
+    "64:ff9b::a9fe:a9fe": {"--allow-link-local"}, "metadata.google.internal": {"--allow-link-local"},
+    "METADATA.google.internal.": {"--allow-link-local"},
+    "0.0.0.0": set(), "::": set(), "100.64.0.1": set(), "224.0.0.1": set(), "ff02::1": set(),
+    "255.255.255.255": set(), "::127.0.0.1": set(), "192.0.2.1": set(),
+    "93.184.216.34": set(POLICIES), "2606:4700::1111": set(POLICIES), "example.com": set(POLICIES),
+}
+
+
+@pytest.mark.parametrize("option", list(POLICIES))
+@pytest.mark.parametrize("destination", list(SCOPE_TABLE))
+def test_each_option_opens_exactly_its_scope(destination: str, option: str) -> None:
+    allowed = refusal(destination, POLICIES[option]) is None
+    assert allowed == (option in SCOPE_TABLE[destination])
+
+
+@pytest.mark.parametrize("destination", [d for d, opened in SCOPE_TABLE.items() if opened != set(POLICIES)])
+def test_every_option_together_still_refuses_only_the_reserved_addresses(destination: str) -> None:
+    everything = FetchPolicy(allow_loopback=True, allow_private_network=True, allow_link_local=True)
+    assert (refusal(destination, everything) is None) == bool(SCOPE_TABLE[destination])
+
+
+@pytest.mark.parametrize(("destination", "wording"), [
+    ("127.5.5.5", "127.5.5.5 is a loopback address: refused unless --allow-loopback"),
+    ("192.168.1.1", "192.168.1.1 is a private-network address: refused unless --allow-private-network"),
+    ("fe80::1", "fe80::1 is a link-local address: refused unless --allow-link-local"),
+    ("::ffff:169.254.169.254", "the cloud metadata service's address: refused unless --allow-link-local"),
+    ("metadata.google.internal", "metadata.google.internal is the cloud metadata service: refused unless "
+                                 "--allow-link-local"),
+    ("224.0.0.1", "224.0.0.1 is a reserved, multicast or unspecified address, which no option allows"),
+])
+def test_a_refusal_names_the_option_that_would_allow_it(destination: str, wording: str) -> None:
+    reason = refusal(destination, FetchPolicy())
+    assert reason is not None and wording in reason
+
+
+def test_the_metadata_host_name_is_refused_before_dns(fake_dns: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    answer = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: asked.append(host) or answer(host, *a, **k))
+    fake_dns["metadata.google.internal"] = "169.254.169.254"
+    for policy in (FetchPolicy(), FetchPolicy(allow_loopback=True, allow_private_network=True)):
+        with pytest.raises(FetchError) as error:
+            resolve("metadata.google.internal", 80, policy)
+        assert error.value.reason == "blocked_address" and "--allow-link-local" in str(error.value)
+    assert asked == []
+    assert resolve("metadata.google.internal", 80, FetchPolicy(allow_link_local=True)) == "169.254.169.254"
+    assert asked == ["metadata.google.internal"]
+
+
+def test_a_name_resolving_into_a_closed_scope_is_refused_with_the_option(fake_dns: dict[str, str]) -> None:
+    fake_dns.update({"internal.test": "10.1.2.3", "metadata.test": "169.254.169.254"})
+    with pytest.raises(FetchError) as error:
+        resolve("internal.test", 80, FetchPolicy(allow_loopback=True))
+    assert str(error.value) == ("internal.test resolves to 10.1.2.3, a private-network address: "
+                                "refused unless --allow-private-network")
+    with pytest.raises(FetchError) as error:
+        resolve("metadata.test", 80, FetchPolicy(allow_private_network=True))
+    assert str(error.value) == ("metadata.test resolves to 169.254.169.254, the cloud metadata service's address: "
+                                "refused unless --allow-link-local")
+
+
+def test_allow_loopback_alone_fetches_from_a_loopback_server_and_nothing_else(
+        tmp_path: Path, server: ImageServer, requests_seen: list[str], fake_dns: dict[str, str]) -> None:
+    port = server.httpd.server_address[1]
+    serve(server, "/a.jpg", Response(jpeg(4)))
+    fake_dns.update({"internal.test": "10.1.2.3", "metadata.test": "169.254.169.254"})
+    urls = [f"http://127.0.0.1:{port}/a.jpg", f"http://internal.test:{port}/b.jpg",
+            f"http://metadata.test:{port}/c.jpg", f"http://metadata.google.internal:{port}/d.jpg"]
+    rows = [row(url, f"case {i}") for i, url in enumerate(urls)]
+    result = run_rows(tmp_path, rows, allow_private_network=False, allow_loopback=True, timeout=1.0)
+    assert outcomes(result, rows) == {0: "kept", 1: "blocked_address", 2: "blocked_address", 3: "blocked_address"}
+    assert requests_seen == ["/a.jpg"]
+
+
+def test_a_refused_fetch_says_which_option_would_allow_it(server: ImageServer, requests_seen: list[str]) -> None:
+    url = serve(server, "/a.jpg", Response(jpeg(5)))
+    with pytest.raises(FetchError) as error:
+        fetch(url, FetchPolicy(timeout=1.0, allow_link_local=True))
+    assert error.value.reason == "blocked_address" and "refused unless --allow-loopback" in str(error.value)
+    assert requests_seen == []
+    assert fetch(url, FetchPolicy(timeout=1.0, allow_loopback=True)) == jpeg(5)
 
 
 def host_spellings(port: int) -> list[str]:
