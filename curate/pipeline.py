@@ -15,6 +15,7 @@ from curate.config import Config
 from curate.engines.local import STAGES, LocalRun, Progress
 from curate.engines.local_shard import finish, shard
 from curate.stages.download import retry_transient
+from curate.stages.shard import fitting_plan
 
 log = logging.getLogger(__name__)
 # Options that only select and shard read: changing them re-cuts a run instead of refusing it.
@@ -27,7 +28,10 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     from curate.report import build_report
 
     stats = finish(run, started)
-    build_report(run.out)
+    report = build_report(run.out)
+    if stats["kept"] == 0:
+        raise NothingKept(f"no sample was kept: all {stats['input_rows']} input rows were dropped. The ledger, "
+                          f"stats.json and the report say why: {report}")
     return stats
 
 
@@ -47,6 +51,30 @@ def check_same_run(out: Path, config: Config, inputs: list[str]) -> None:
     io.write_json({"inputs": inputs, "config": settings}, path)
 
 
+class NothingKept(ValueError):
+    """Every input row was dropped: the books and the report are written, the command still fails."""
+
+
+def check_shard_plan_fits(run: LocalRun, stage: str) -> None:
+    """Stop after a stage when the rows still alive cannot fill one sample per shard (before more is downloaded)."""
+    c = run.config
+    unit = c.world_size * c.workers_per_rank
+    live = run.live_rows(stage)
+    if 0 < live < unit:
+        resume = ("nothing was downloaded yet" if stage == "prefilter" else
+                  "the stages so far are checkpointed: rerun the same `curate run` command with the new values "
+                  "and it resumes without downloading again")
+        raise TooFewRows(
+            f"only {live} rows are left after {stage}, fewer than the {unit} shards that --world-size "
+            f"{c.world_size} x --workers-per-rank {c.workers_per_rank} need (one sample per data-loader worker at "
+            f"least); stopped before the next stage. Choose values that fit, e.g. "
+            f"{fitting_plan(live, c.world_size, c.workers_per_rank)}, or loosen the thresholds; {resume}")
+
+
+class TooFewRows(ValueError):
+    """The live rows cannot fill the shard plan the options ask for."""
+
+
 def run_local(inputs: list[str], output: str | Path, config: Config,
               progress: Progress | None = None) -> dict[str, Any]:
     """Every stage, resuming after the last finished one; returns stats.json's content."""
@@ -64,9 +92,13 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
 
         _load_scorer(config)  # a missing weight stops the run before any download
     run.prefilter(scores)
+    check_shard_plan_fits(run, "prefilter")
     run.download()
+    check_shard_plan_fits(run, "download")
     run.score(scores)
+    check_shard_plan_fits(run, "score")
     run.dedup()
+    check_shard_plan_fits(run, "dedup")
     run.select(force=True)
     shard(run)
     return finish_and_report(run, started)
@@ -80,6 +112,7 @@ def recut(output: str | Path, config: Config, progress: Progress | None = None,
     if not run.checkpoint("dedup").done:
         raise ValueError(f"{output}: no finished dedup stage to re-cut; run `curate run` first")
     if reselect:
+        run.dedup(force=True)  # the survivor rule depends on the thresholds
         run.select(force=True)
     shard(run)
     record_config(run.out, config)
@@ -107,6 +140,7 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     run.dedup()
     run.select(force=True)
     shard(run)
+    record_config(run.out, config)
     return finish_and_report(run, started)
 
 
@@ -131,6 +165,7 @@ def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any
         marker = run.checkpoint(later).path / "_SUCCESS"
         marker.unlink(missing_ok=True)
     started = time.perf_counter()
+    record_config(run.out, config)  # what this command used is the run's setting from now on
     if stage == "shard":
         shard(run)
         return finish_and_report(run, started)
@@ -139,6 +174,7 @@ def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any
         run.checkpoint("download").reset()
     if stage == "score":
         run.checkpoint("score").reset()
+    if stage == "select":
+        run.dedup(force=True)  # the survivor rule depends on the thresholds
     getattr(run, stage)(*([scores] if stage in ("prefilter", "score") else []))
-    record_config(run.out, config)
     return None

@@ -19,8 +19,10 @@ class Response:
 
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, Response] = {}
+    requests: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.requests.append(self.path)
         response = self.routes.get(self.path)
         if response is None:
             self.send_error(404)
@@ -50,8 +52,9 @@ class ImageServer:
     """`with ImageServer(routes) as server: server.url("/a.jpg")`; routes can be added while it runs."""
 
     def __init__(self, routes: dict[str, Response] | None = None) -> None:
-        handler = type("Handler", (_Handler,), {"routes": dict(routes or {})})
+        handler = type("Handler", (_Handler,), {"routes": dict(routes or {}), "requests": []})
         self.routes: dict[str, Response] = handler.routes  # type: ignore[attr-defined]
+        self.requests: list[str] = handler.requests  # type: ignore[attr-defined] # paths asked for, in order
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -11,7 +11,7 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from curate.cli import app
-from curate.pipeline import run_local
+from curate.pipeline import rerun_stage, run_local
 from curate.verify import verify
 
 
@@ -152,9 +152,12 @@ def test_missing_scores_fail_before_any_download(tmp_path, server, config_factor
 
 
 def test_too_few_survivors_is_a_clear_error(tmp_path, corpus_factory, config_factory):
+    """After select nothing can be checked earlier: the shard plan names the options that fit and the re-cut."""
     corpus = corpus_factory(20)
-    with pytest.raises(ValueError, match="samples survived"):
-        run_local([str(corpus.path)], tmp_path / "out", config_factory(world_size=64, workers_per_rank=8))
+    out = tmp_path / "out"
+    stats = run_local([str(corpus.path)], out, config_factory(world_size=2, workers_per_rank=1))
+    with pytest.raises(ValueError, match=r"samples survived.*e\.g\. --world-size 4 --workers-per-rank.*curate shard"):
+        rerun_stage("shard", out, config_factory(world_size=4, workers_per_rank=stats["kept"]))
 
 
 def test_parts_and_processes_do_not_change_the_output(tmp_path, corpus_factory, config_factory):
@@ -170,7 +173,7 @@ def test_parts_and_processes_do_not_change_the_output(tmp_path, corpus_factory, 
 def test_too_few_survivors_still_leaves_the_ledger(tmp_path, corpus_factory, config_factory):
     corpus = corpus_factory(20)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="dropped rows are in"):
+    with pytest.raises(ValueError, match="no sample was kept.*report"):
         run_local([str(corpus.path)], out, config_factory(threshold=11.0))
     reasons = set(pq.read_table(out / "ledger.parquet")["reason"].to_pylist())
     assert "metadata_low_aesthetic" in reasons

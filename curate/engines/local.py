@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 from curate import io
 from curate.config import Config
 from curate.fetch import FetchPolicy
-from curate.schema import AESTHETIC, CAPTION, JPG, PASSES_THRESHOLDS, PWATERMARK, ROW
+from curate.schema import AESTHETIC, CAPTION, DROP_REASON, JPG, PASSES_THRESHOLDS, PWATERMARK, ROW
 from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
 from curate.stages.ingest import check_input_schema, normalize
+from curate.stages.verdict import alive
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -111,13 +112,13 @@ class LocalRun:
             if "url" in self.config.dedup:
                 columns = ["key", ROW, "url", CAPTION]
                 firsts = prefilter.merge_first_rows([prefilter.first_rows(p) for p in source.iter_parts(columns)])
-            on_metadata = scores == "metadata"
+            judged_by = prefilter_thresholds(self.config, scores)
+            live = 0
             for index, part in enumerate(source.iter_parts()):
-                target.write_part(index, prefilter.prefilter(
-                    part, firsts, self.config.min_size,
-                    self.config.max_watermark if on_metadata else None, self.config.max_unsafe,
-                    self.config.threshold if on_metadata else None))
-            return {"parts": len(source.parts())}
+                part = prefilter.prefilter(part, firsts, **judged_by)
+                live += pc.sum(alive(part).cast("int64")).as_py() or 0
+                target.write_part(index, part)
+            return {"parts": len(source.parts()), "live_rows": live, "judged_by": judged_by}
 
         return self._timed("prefilter", body)
 
@@ -175,7 +176,22 @@ class LocalRun:
         return self._timed("score", body)
 
     # -- dedup and select -------------------------------------------------------------------------------
-    def dedup(self) -> dict[str, Any]:
+    def live_rows(self, stage: str) -> int:
+        """Rows no stage has dropped yet in a finished stage's checkpoint (reads the drop_reason column only)."""
+        return sum(part.num_rows - part[DROP_REASON].null_count
+                   for part in self.checkpoint(stage).iter_parts([DROP_REASON]))
+
+    def not_reconsidered(self) -> dict[str, int]:
+        """Rows prefilter dropped on metadata that this run's thresholds would keep: a re-cut cannot bring them back."""
+        counts: dict[str, int] = {}
+        for part in self.checkpoint("prefilter").iter_parts():
+            c = self.config
+            for reason, count in prefilter.recoverable(part, c.min_size, c.threshold, c.max_watermark,
+                                                       c.max_unsafe).items():
+                counts[reason] = counts.get(reason, 0) + count
+        return counts
+
+    def dedup(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             c, kinds = self.config, self.config.dedup
             # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
@@ -194,7 +210,7 @@ class LocalRun:
             self.checkpoint("dedup").write_part(0, table.drop_columns([PASSES_THRESHOLDS]))
             return {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
 
-        return self._timed("dedup", body)
+        return self._timed("dedup", body, force=force)
 
     def select(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
@@ -202,10 +218,23 @@ class LocalRun:
             c = self.config
             self.checkpoint("select").write_part(
                 0, select.select(table, c.min_size, c.threshold, c.max_watermark, c.max_unsafe))
-            return {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
-                    "max_unsafe": c.max_unsafe}
+            lost = self.not_reconsidered()
+            if lost:
+                log.warning("%d rows that these thresholds would keep were dropped on their metadata before the "
+                            "download (%s) and are not brought back; a new `curate run` into another --output with "
+                            "these thresholds fetches them", sum(lost.values()), lost)
+            judged_by = {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
+                         "max_unsafe": c.max_unsafe}
+            return {**judged_by, "judged_by": judged_by, "not_reconsidered": lost}
 
         return self._timed("select", body, force=force)
+
+
+def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
+    """The prefilter's arguments: metadata scores are judged before download only when they are the scores."""
+    on_metadata = scores == "metadata"
+    return {"min_size": config.min_size, "max_watermark": config.max_watermark if on_metadata else None,
+            "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None}
 
 
 def _download_part(job: tuple[str, int, DownloadOptions]) -> None:

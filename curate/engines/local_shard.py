@@ -31,8 +31,11 @@ def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPla
     caption_bytes = pc.sum(pc.binary_length(pc.fill_null(survivors[CAPTION], ""))).as_py() or 0
     total = (pc.sum(survivors["jpg_bytes"]).as_py() or 0) + caption_bytes
     total += survivors.num_rows * shard_stage.estimated_sample_bytes(0, 0)
-    shard_plan = shard_stage.plan_shards(survivors.num_rows, total, c.world_size, c.workers_per_rank,
-                                         c.target_shard_size, c.global_batch_size)
+    if survivors.num_rows == 0:  # nothing kept is a result: no shard, and books that say why
+        shard_plan = shard_stage.ShardPlan(0, 0, 0, c.world_size, c.workers_per_rank, c.global_batch_size)
+    else:
+        shard_plan = shard_stage.plan_shards(survivors.num_rows, total, c.world_size, c.workers_per_rank,
+                                             c.target_shard_size, c.global_batch_size)
     positions = np.full(table.num_rows, -1, dtype=np.int64)
     is_alive = alive(table).to_numpy(zero_copy_only=False)
     positions[is_alive] = shard_stage.shuffle_positions(survivors[KEY].to_pylist(), c.seed)
@@ -97,8 +100,13 @@ def finish(run: LocalRun, started: float) -> dict[str, Any]:
     io.write_table(samples, run.out / "samples.parquet")
     counts = accounting.drop_counts(ledger)
     shard_meta = run.checkpoint("shard").meta()
+    select_meta = run.checkpoint("select").meta()
     stats = {
         "input_rows": input_rows, "kept": samples.num_rows, "dropped": ledger.num_rows,
+        # the thresholds each row was judged by: metadata ones before the download, the rest in select
+        "judged_by": {"prefilter": run.checkpoint("prefilter").meta().get("judged_by"),
+                      "select": select_meta.get("judged_by")},
+        "not_reconsidered": select_meta.get("not_reconsidered", {}),
         "dropped_by_stage": counts, "funnel": accounting.funnel(input_rows, counts),
         "scores_source": run.checkpoint("score").meta().get("scores"),
         "dedup": run.checkpoint("dedup").meta(), "shards": shard_meta,

@@ -8,7 +8,19 @@ import mmh3
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import AESTHETIC, CAPTION, HEIGHT, KEY, PUNSAFE, PWATERMARK, ROW, URL, WIDTH
+from curate.schema import (
+    AESTHETIC,
+    CAPTION,
+    DROP_REASON,
+    DROP_STAGE,
+    HEIGHT,
+    KEY,
+    PUNSAFE,
+    PWATERMARK,
+    ROW,
+    URL,
+    WIDTH,
+)
 from curate.stages.verdict import above, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "prefilter"
@@ -149,3 +161,27 @@ def prefilter(
     if aesthetic_threshold is not None:
         table = flag_metadata_aesthetic(table, aesthetic_threshold)
     return table
+
+
+def recoverable(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
+                max_unsafe: float | None) -> dict[str, int]:
+    """Per reason, the rows this stage dropped on a metadata threshold that these thresholds would keep."""
+    dropped = table.filter(pc.equal(table[DROP_STAGE], STAGE))
+    if dropped.num_rows == 0:
+        return {}
+    reason = dropped[DROP_REASON]
+    names = dropped.column_names
+    checks = {"metadata_low_aesthetic": (AESTHETIC, lambda v: pc.invert(below(v, threshold))),
+              "metadata_watermark": (PWATERMARK, lambda v: pc.invert(above(v, max_watermark))),
+              "metadata_unsafe": (PUNSAFE, lambda v: pc.invert(above(v, max_unsafe)) if max_unsafe is not None
+                                  else pc.is_valid(v))}
+    counts = {}
+    for name, (column, keeps) in checks.items():
+        if column in names:
+            counts[name] = pc.sum(pc.fill_null(pc.and_(pc.equal(reason, name), keeps(dropped[column])), False)
+                                  .cast(pa.int64())).as_py() or 0
+    if WIDTH in names and HEIGHT in names:
+        short = pc.min_element_wise(_plausible_size(dropped[WIDTH]), _plausible_size(dropped[HEIGHT]))
+        large = pc.and_(pc.equal(reason, "metadata_low_resolution"), pc.greater_equal(short, min_size))
+        counts["metadata_low_resolution"] = pc.sum(pc.fill_null(large, False).cast(pa.int64())).as_py() or 0
+    return {name: count for name, count in counts.items() if count}

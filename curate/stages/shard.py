@@ -47,6 +47,13 @@ class ShardPlan:
         return self.kept // self.global_batch_size
 
 
+def fitting_plan(rows: int, world_size: int, workers_per_rank: int) -> str:
+    """Options under which `rows` samples give every data-loader worker a shard, as a hint for messages."""
+    if rows >= world_size:
+        return f"--world-size {world_size} --workers-per-rank {min(workers_per_rank, rows // world_size)}"
+    return f"--world-size {1 << (max(rows, 1).bit_length() - 1)} --workers-per-rank 1"
+
+
 def plan_shards(num_samples: int, total_bytes: int, world_size: int, workers_per_rank: int, target_bytes: int,
                 global_batch_size: int = 2048) -> ShardPlan:
     """Shard count: a multiple of world_size x workers_per_rank nearest the byte target; equal samples per shard."""
@@ -55,7 +62,8 @@ def plan_shards(num_samples: int, total_bytes: int, world_size: int, workers_per
         raise ShardPlanError(
             f"{num_samples} samples survived, fewer than one per data-loader worker "
             f"({world_size} ranks x {workers_per_rank} workers = {unit} shards at least); "
-            "lower --world-size or --workers-per-rank, or loosen the thresholds"
+            f"lower --world-size or --workers-per-rank (e.g. {fitting_plan(num_samples, world_size, workers_per_rank)}"
+            "), or loosen the thresholds; `curate shard OUT` with those options re-cuts without downloading again"
         )
     multiples = max(1, round(total_bytes / target_bytes / unit))
     multiples = min(multiples, num_samples // unit)
