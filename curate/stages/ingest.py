@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import mmh3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import CAPTION, KEY, ROW, URL, table_schema
+from curate.schema import CAPTION, KEY, PASSES_THRESHOLDS, ROW, URL, table_schema
 
 # Every spelling seen in LAION releases (compared lower-cased) -> canonical name.
 COLUMN_ALIASES = {
@@ -26,12 +28,21 @@ COLUMN_ALIASES = {
     "license": "license",
     "language": "language",
     "nsfw": "nsfw",
-    "key": "source_key",
-    "status": "source_status",
 }
-# Columns our own stages write: an input column of the same name is kept under a "source_" prefix.
-_RESERVED = {"row", "jpg", "original_width", "original_height", "stored_width", "stored_height", "sha256", "phash",
-             "aesthetic_score", "watermark_prob", "embedding", "drop_stage", "drop_reason", "drop_detail", "shard"}
+# Columns the stages write that no table schema lists, and the engines' working columns.
+INTERNAL_COLUMNS = ("error", "embedding", "jpg_bytes", PASSES_THRESHOLDS, "pair_hash", "first_row",
+                    "first_row_of_pair")
+SOURCE_PREFIX = "source_"
+
+
+@cache
+def reserved_columns() -> frozenset[str]:
+    """Every column curate adds (the schema files' and INTERNAL_COLUMNS) that is no LAION spelling: an input column of
+    such a name is carried through as SOURCE_PREFIX + name instead."""
+    added = {KEY, ROW, *INTERNAL_COLUMNS}
+    for name in ("download", "score", "verdict", "samples"):
+        added |= set(table_schema(name).names)
+    return frozenset(added - set(COLUMN_ALIASES))  # LAION's own spellings (AESTHETIC_SCORE) keep their meaning
 
 
 def canonical_names(names: list[str]) -> dict[str, str]:
@@ -40,11 +51,13 @@ def canonical_names(names: list[str]) -> dict[str, str]:
     for name in names:
         lowered = name.lower()
         target = COLUMN_ALIASES.get(lowered, lowered)
-        if target in _RESERVED:
-            target = f"source_{target}"
+        if target in reserved_columns() or target.startswith("_curate"):
+            target = f"{SOURCE_PREFIX}{target}"
         if target in mapping.values():
             other = next(k for k, v in mapping.items() if v == target)
-            raise ValueError(f"columns {other!r} and {name!r} both mean {target!r}; drop one of them")
+            raise ValueError(f"columns {other!r} and {name!r} both mean {target!r} (names are compared lower-cased, "
+                             f"LAION spellings unified, and curate's own columns get a {SOURCE_PREFIX!r} prefix); "
+                             "drop or rename one of them")
         mapping[name] = target
     if URL not in mapping.values():
         raise ValueError(f"no URL column (URL/url) among the columns found: {names}")
