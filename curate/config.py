@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
+RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no")  # img2dataset's ResizeMode
+AESTHETIC_HEADS = ("v2", "v1")
 
 
 @dataclass
@@ -58,21 +62,76 @@ class Config:
     shard_name: str = "shard"
 
     def validate(self) -> Config:
-        """Raise ValueError naming the option when a value cannot work."""
-        unknown = sorted(set(self.dedup) - set(DEDUP_KINDS))
-        if unknown:
-            raise ValueError(f"--dedup: unknown kind(s) {unknown}; choose from {','.join(DEDUP_KINDS)}")
-        if self.scores not in SCORE_SOURCES:
-            raise ValueError(f"--scores must be one of {SCORE_SOURCES}, got {self.scores!r}")
-        for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size"):
+        """Raise ValueError naming the option, and what it accepts, when a value cannot work."""
+        for spec in dataclasses.fields(self):
+            _check_type(spec.name, str(spec.type), getattr(self, spec.name))
+        _check_choices("dedup", self.dedup, DEDUP_KINDS)
+        _check_choices("scores", [self.scores], SCORE_SOURCES)
+        _check_choices("resize_mode", [self.resize_mode], RESIZE_MODES)
+        _check_choices("aesthetic_head", [self.aesthetic_head], AESTHETIC_HEADS)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size",
+                     "max_image_bytes", "batch_size_rows", "batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.min_size < 0:
+            raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
+        _check_range("threshold", self.threshold, 0.0, 10.0)
+        _check_range("max_watermark", self.max_watermark, 0.0, 1.0)
+        _check_range("max_unsafe", self.max_unsafe, 0.0, 1.0)
+        _check_range("semdedup_threshold", self.semdedup_threshold, -1.0, 1.0)
+        _check_range("timeout", self.timeout, 0.0, math.inf, low_open=True)
         if not 0 <= self.phash_distance <= 16:
-            raise ValueError("--phash-distance must be between 0 and 16")
+            raise ValueError(f"--phash-distance must be between 0 and 16, got {self.phash_distance}")
+        if self.semdedup_clusters is not None and self.semdedup_clusters < 1:
+            raise ValueError(f"--semdedup-clusters must be at least 1, got {self.semdedup_clusters}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.shard_name):
+            raise ValueError(f"--shard-name {self.shard_name!r}: use letters, digits, '.', '_' and '-' only")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "list[str]": "a comma list of strings"}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """The value has the field's type (TOML and Python callers can pass anything); ints count as floats."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind = kinds[0]
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str), "bool": isinstance(value, bool),
+          "list[str]": isinstance(value, list) and all(isinstance(item, str) for item in value)}.get(kind, True)
+    if not ok:
+        raise ValueError(f"{_flag(name)} (`{name.replace('_', '-')}` in a config file) must be "
+                         f"{_TYPE_NAMES.get(kind, kind)}, got {value!r}")
+
+
+def _check_choices(name: str, values: list[str], allowed: tuple[str, ...]) -> None:
+    unknown = [value for value in values if value not in allowed]
+    if unknown:
+        raise ValueError(f"{_flag(name)}: {', '.join(map(repr, unknown))} is not allowed; choose from "
+                         f"{', '.join(allowed)}")
+
+
+def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    """A finite number within [low, high] ((low, high] when low_open); None passes (the option is off)."""
+    if value is None:
+        return
+    inside = (low < value if low_open else low <= value) and value <= high
+    if not math.isfinite(value) or not inside:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"more than {low:g}"
+        raise ValueError(f"{_flag(name)} must be a finite number in {bounds}, got {value!r}")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
