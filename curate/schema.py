@@ -1,14 +1,14 @@
-"""Column names and Arrow schemas, loaded from the JSON files in schemas/ (the one source of truth)."""
+"""Column names and Arrow schemas, loaded from the JSON files in curate/schemas/ (the one source of truth)."""
 
 from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 
 import pyarrow as pa
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = files("curate") / "schemas"  # package data, so a built wheel carries them
 
 KEY = "key"
 ROW = "row"

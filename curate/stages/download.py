@@ -11,6 +11,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,8 +43,6 @@ from curate.schema import (
 )
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
-
 
 def _load_resizer_module() -> ModuleType:
     """img2dataset.resizer alone: the package's __init__ imports its whole downloader (webdataset, torch), ~10 s."""
@@ -62,12 +61,16 @@ def _load_resizer_module() -> ModuleType:
     return module
 
 
-_img2dataset_resizer = _load_resizer_module()
-ResizeMode, Resizer = _img2dataset_resizer.ResizeMode, _img2dataset_resizer.Resizer
+@cache
+def _resizer_module() -> ModuleType:
+    """img2dataset.resizer, loaded and patched when the download stage starts: `import curate` changes nothing."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
+    module = _load_resizer_module()
+    # Resizer silences cv2 by swapping the process's fds 1 and 2 around every image; from several threads at once the
+    # swaps interleave and leave stdout/stderr pointing at /dev/null for good. cv2 warnings are harmless: keep the fds.
+    module.SuppressStdoutStderr = contextlib.nullcontext  # type: ignore[attr-defined]
+    return module
 
-# Resizer silences cv2 by swapping the process's fds 1 and 2 around every image; from several threads at once the
-# swaps interleave and leave stdout/stderr pointing at /dev/null for good. cv2 warnings are harmless: keep the fds.
-_img2dataset_resizer.SuppressStdoutStderr = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
 
 log = logging.getLogger(__name__)
 STAGE = "download"
@@ -89,9 +92,10 @@ def resizer_for(options: DownloadOptions) -> Any:
     """One Resizer per process and setting; never upscales (resize_only_if_bigger)."""
     cache_key = (options.image_size, options.resize_mode)
     if cache_key not in _resizers:
-        mode = ResizeMode[options.resize_mode]
-        _resizers[cache_key] = Resizer(options.image_size, mode, resize_only_if_bigger=True, encode_format="jpg",
-                                       encode_quality=95)
+        resizer = _resizer_module()
+        mode = resizer.ResizeMode[options.resize_mode]
+        _resizers[cache_key] = resizer.Resizer(options.image_size, mode, resize_only_if_bigger=True,
+                                               encode_format="jpg", encode_quality=95)
     return _resizers[cache_key]
 
 
@@ -135,6 +139,7 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
     urls = table[URL].to_pylist()
     results: list[dict[str, Any]] = [{} for _ in urls]
     indices = [i for i, go in enumerate(todo) if go]
+    resizer_for(options)  # load img2dataset's resizer here, once, before the threads need it
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
         for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options), indices), strict=True):
             results[i] = result
