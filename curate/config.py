@@ -141,7 +141,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--config: no file at {path}")
-        raw = tomllib.loads(path.read_text())
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML ({error}); keys are the long option names") from None
         known = {f.name for f in dataclasses.fields(Config)}
         for key, value in raw.items():
             name = key.replace("-", "_")

@@ -50,12 +50,18 @@ def read_parquet_batches(path: str, batch_rows: int) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([batch])
 
 
-def parquet_schema(path: str) -> pa.Schema:
+def parquet_footer(path: str) -> tuple[pa.Schema, int]:
+    """A parquet file's schema and row count from its footer; raises naming the file when it is no parquet."""
     with fsspec.open(path, "rb") as handle:
         try:
-            return pq.ParquetFile(handle).schema_arrow
+            footer = pq.ParquetFile(handle)
+            return footer.schema_arrow, footer.metadata.num_rows
         except Exception as error:
             raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+
+
+def parquet_schema(path: str) -> pa.Schema:
+    return parquet_footer(path)[0]
 
 
 TMP_SUFFIX = ".tmp"

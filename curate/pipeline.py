@@ -80,10 +80,13 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     """Every stage, resuming after the last finished one; returns stats.json's content."""
     started = time.perf_counter()
     run = LocalRun(output, config, progress)
+    if run.out.exists() and not run.out.is_dir():
+        raise ValueError(f"--output {run.out} is a file; give a folder (it is created)")
+    files = run.check_inputs(inputs)  # a bad input leaves no trace in OUT, so a corrected rerun is not refused
     check_same_run(run.out, config, inputs)
     for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
         log.info("removed %s, left by an interrupted run", leftover)
-    run.ingest(inputs)
+    run.ingest(inputs, files)
     scores = run.resolve_scores()
     if scores == "metadata":
         run.require_metadata_scores()

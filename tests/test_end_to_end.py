@@ -174,6 +174,6 @@ def test_too_few_survivors_still_leaves_the_ledger(tmp_path, corpus_factory, con
     corpus = corpus_factory(20)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="no sample was kept.*report"):
-        run_local([str(corpus.path)], out, config_factory(threshold=11.0))
+        run_local([str(corpus.path)], out, config_factory(threshold=10.0))
     reasons = set(pq.read_table(out / "ledger.parquet")["reason"].to_pylist())
     assert "metadata_low_aesthetic" in reasons

@@ -57,14 +57,24 @@ class LocalRun:
         return meta
 
     # -- ingest -----------------------------------------------------------------------------------------
-    def ingest(self, inputs: list[str]) -> dict[str, Any]:
-        files = io.expand_inputs(inputs)
-        for path in files:  # every file's schema is checked before any work starts
-            schema = io.parquet_schema(path)  # raises naming the file when it is no parquet
+    @staticmethod
+    def check_inputs(inputs: list[str]) -> list[str]:
+        """The input files, each one's schema checked before any work starts; raises naming the file."""
+        files, rows = io.expand_inputs(inputs), 0
+        for path in files:
+            schema, count = io.parquet_footer(path)  # raises naming the file when it is no parquet
             try:
                 check_input_schema(schema)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from error
+            rows += count
+        if rows == 0:
+            raise ValueError(f"the input files hold no rows: {files}")
+        return files
+
+    def ingest(self, inputs: list[str], files: list[str] | None = None) -> dict[str, Any]:
+        """Every input row to the canonical table; `files` are check_inputs' result when the caller has it."""
+        files = files if files is not None else self.check_inputs(inputs)
 
         def body() -> dict[str, Any]:
             checkpoint, rows, part = self.checkpoint("ingest"), 0, 0
