@@ -7,17 +7,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional  # noqa: UP035 - typer reads Optional at runtime
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from curate import pipeline
+from curate.accounting import drop_counts
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
+from curate.schema import DROP_REASON, DROP_STAGE, KEY
+
+
+class _PlainFlags:
+    """typer prints `<bool>` after every switch (`--verbose <bool>`); a switch takes no value, so show none."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_PlainFlags, TyperCommand):
+    pass
+
+
+class Group(_PlainFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(help="LAION-style parquet metadata to WebDataset shards for text-to-image training.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=Group)
+console = Console(stderr=True)  # progress and errors
+results = Console(soft_wrap=True)  # what a command found, on stdout; long paths stay on one line
 STAGE_COMMANDS = ["prefilter", "download", "score", "dedup", "select", "shard"]
 
 
@@ -33,36 +60,45 @@ def _option_type(field: Any) -> Any:
 
 
 def _config_parameters() -> list[inspect.Parameter]:
-    """One --long-option per Config field, defaulting to None so curate.toml values are not overridden."""
+    """One --long-option per Config field, with the Config default (shown by --help)."""
     parameters = []
     for field in option_fields():
         default = default_of(field)
-        shown = ",".join(default) if isinstance(default, list) else default
         flag = "--" + field.name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if "bool" in str(field.type) else [flag]
-        option = typer.Option(None, *decls, help=f"{OPTION_HELP[field.name]} [default: {shown}]",
-                              show_default=False)
+        option = typer.Option(",".join(default) if isinstance(default, list) else default, *decls,
+                              help=OPTION_HELP[field.name], show_default=default is not None)
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=_option_type(field)))
     return parameters
 
 
 def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command every run option; it receives them gathered as `options: dict`."""
+    """Give a command every run option; it receives the ones given on the command line as `options: dict`.
+
+    Options left at their default are left out, so they do not override curate.toml or the run's own settings.
+    """
     own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
     names = [field.name for field in option_fields()]
 
-    def wrapper(**kwargs: Any) -> Any:
-        options = {name: kwargs.pop(name) for name in names}
+    def wrapper(context: typer.Context, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in names}
+        options = {name: value for name, value in values.items() if _given(context, name)}
         return command(options=options, **kwargs)
 
-    wrapper.__signature__ = inspect.Signature(own + _config_parameters())  # type: ignore[attr-defined]
+    context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    wrapper.__signature__ = inspect.Signature([context, *own, *_config_parameters()])  # type: ignore[attr-defined]
     wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
     return wrapper
 
 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file; keys are the long option names.")]  # noqa: UP045
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; a rerun resumes it).")]
+
+
+def _given(context: typer.Context, name: str) -> bool:
+    source = context.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
 
 
 def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
@@ -83,23 +119,47 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def print_summary(stats: dict[str, Any], output: Path) -> None:
-    table = Table(title=f"curate: {stats['input_rows']} rows in, {stats['kept']} kept, {stats['dropped']} dropped")
+def print_funnel(title: str, dropped_by_stage: dict[str, dict[str, int]]) -> None:
+    """The rows each stage dropped, by reason, as a table."""
+    table = Table(title=title)
     for column in ("stage", "reason", "rows"):
         table.add_column(column, justify="right" if column == "rows" else "left")
-    for stage, reasons in stats["dropped_by_stage"].items():
+    for stage, reasons in dropped_by_stage.items():
         for reason, count in reasons.items():
             table.add_row(stage, reason, str(count))
-    console.print(table)
+    results.print(table)
+
+
+def print_summary(stats: dict[str, Any], output: Path) -> None:
+    print_funnel(f"curate: {stats['input_rows']} rows in, {stats['kept']} kept, {stats['dropped']} dropped",
+                 stats["dropped_by_stage"])
     shards = stats["shards"]
-    console.print(f"shards: {shards['num_shards']} x {shards['samples_per_shard']} samples in {output / 'shards'}")
+    results.print(f"shards: {shards['num_shards']} x {shards['samples_per_shard']} samples in {output / 'shards'}")
     for name in ("ledger.parquet", "samples.parquet", "stats.json"):
-        console.print(f"{name}: {output / name}")
+        results.print(f"{name}: {output / name}")
     if (output / "report.html").exists():
-        console.print(f"report: {output / 'report.html'}")
+        results.print(f"report: {output / 'report.html'}")
 
 
-@app.command()
+def stage_funnel(output: Path, stage: str) -> tuple[int, dict[str, dict[str, int]]]:
+    """(input rows, {stage: {reason: rows}}) from a stage's checkpoint, which holds every input row and its verdict."""
+    parts = sorted((output / "stages" / stage).glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(part, columns=[KEY, DROP_STAGE, DROP_REASON]) for part in parts])
+    dropped = table.filter(pc.is_valid(table[DROP_REASON])).rename_columns([KEY, "stage", "reason"])
+    return table.num_rows, drop_counts(dropped)
+
+
+def print_stage_summary(output: Path, stage: str) -> None:
+    """The funnel up to a re-run stage, and the commands that bring the later stages up to date."""
+    rows, counts = stage_funnel(output, stage)
+    dropped = sum(sum(reasons.values()) for reasons in counts.values())
+    print_funnel(f"{stage}: {rows} rows in, {rows - dropped} pass, {dropped} dropped", counts)
+    later = STAGE_COMMANDS[STAGE_COMMANDS.index(stage) + 1:]
+    steps = ", then ".join(f"`curate {name} {output}`" for name in later)
+    results.print(f"shards, ledger and stats are now stale: run {steps} to write them")
+
+
+@app.command(cls=Command)
 @with_config_options
 def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, folders or fsspec URLs.")],
         output: Output, config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
@@ -109,7 +169,7 @@ def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, 
         bars, update = _progress()
         with bars:
             stats = pipeline.run_local(inputs, output, settings, update)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError names its file
         _fail(error)
     print_summary(stats, output)
 
@@ -129,12 +189,12 @@ def _stage_command(stage: str) -> Callable[..., Any]:
         try:
             settings = _settings_of(output, config, options)
             stats = pipeline.rerun_stage(stage, output, settings)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             _fail(error)
         if stats is not None:
             print_summary(stats, output)
         else:
-            console.print(f"{stage}: done; run `curate shard {output}` to write shards, ledger and stats")
+            print_stage_summary(output, stage)
 
     command.__name__ = stage
     command.__doc__ = f"Re-run the {stage} stage on an existing output folder (options override the run's)."
@@ -142,10 +202,10 @@ def _stage_command(stage: str) -> Callable[..., Any]:
 
 
 for _stage in STAGE_COMMANDS:
-    app.command(name=_stage)(with_config_options(_stage_command(_stage)))
+    app.command(name=_stage, cls=Command)(with_config_options(_stage_command(_stage)))
 
 
-@app.command()
+@app.command(cls=Command)
 @with_config_options
 def retry(output: Annotated[Path, typer.Argument(help="A curate output folder.")],
           config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
@@ -155,25 +215,26 @@ def retry(output: Annotated[Path, typer.Argument(help="A curate output folder.")
         bars, update = _progress()
         with bars:
             stats = pipeline.retry_failed(output, settings, update)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError names its file
         _fail(error)
     print_summary(stats, output)
 
 
-@app.command()
+@app.command(cls=Command)
 def verify(output: Annotated[Path, typer.Argument(help="A curate output folder.")]) -> None:
     """Re-read every shard: sha256, sample counts, jpg/txt/json per sample; exit 1 on any mismatch."""
     from curate.verify import verify as verify_output
 
     problems = verify_output(output)
     for problem in problems:
-        console.print(f"[red]{problem}[/]")
+        results.print(f"[red]{problem}[/]", highlight=False)
     if problems:
+        results.print(f"{output}: FAILED, {len(problems)} problem(s)", highlight=False)
         raise typer.Exit(1)
-    console.print(f"{output}: every shard matches index.json and samples.parquet")
+    results.print(f"{output}: OK, every shard matches index.json and samples.parquet", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def report(output: Annotated[Path, typer.Argument(help="A curate output folder.")]) -> None:
     """Rebuild OUT/report.html (funnel, distributions, image grids, shard plan) from a finished run."""
     from curate.report import build_report
@@ -182,10 +243,10 @@ def report(output: Annotated[Path, typer.Argument(help="A curate output folder."
         path = build_report(output)
     except ValueError as error:
         _fail(error)
-    console.print(f"report: {path}")
+    results.print(f"report: {path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(output: Output = Path("demo-out"),
          rows: Annotated[int, typer.Option(help="Rows in the generated sample.")] = 400) -> None:
     """Build a LAION-schema sample, serve its images on 127.0.0.1 and run the pipeline on it."""
@@ -195,10 +256,10 @@ def demo(output: Output = Path("demo-out"),
     with bars:
         stats = run_demo(output, rows, update)
     print_summary(stats, output)
-    console.print(f"verify with: curate verify {output}")
+    results.print(f"verify with: curate verify {output}")
 
 
-@app.command(name="score-embeddings")
+@app.command(name="score-embeddings", cls=Command)
 def score_embeddings(
     embeddings: Annotated[Path, typer.Argument(help="CLIP ViT-L/14 image embeddings: .npy of rows x 768.")],
     metadata: Annotated[Optional[Path], typer.Argument(help="Parquet with the same rows in the same order.")] = None,  # noqa: UP045
@@ -214,10 +275,10 @@ def score_embeddings(
         rows = score(embeddings, output, metadata, aesthetic_weights, aesthetic_head, model_cache)
     except ValueError as error:
         _fail(error)
-    console.print(f"{rows} rows scored: {output}")
+    results.print(f"{rows} rows scored: {output}")
 
 
-@app.command("dedup-embeddings")
+@app.command("dedup-embeddings", cls=Command)
 def dedup_embeddings_command(
         embeddings: Annotated[list[Path], typer.Argument(help="Embedding .npy files (n x d float16).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Parquet: index, cluster, keep, duplicate_of.")],
@@ -237,7 +298,7 @@ def dedup_embeddings_command(
     except ValueError as error:
         _fail(error)
     duplicates = result.num_rows - sum(result["keep"].to_pylist())
-    console.print(f"{result.num_rows} embeddings, {duplicates} duplicates: {output}")
+    results.print(f"{result.num_rows} embeddings, {duplicates} duplicates: {output}")
 
 
 @app.callback()

@@ -8,8 +8,11 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.schema import DROP_REASON, KEY
 from curate.stages.shard import KEY_PATTERN
 
 EXTENSIONS = {"jpg", "txt", "json"}
@@ -72,4 +75,33 @@ def verify(output: str | Path) -> list[str]:
         if expected != set(keys):
             problems.append(f"samples.parquet lists {len(expected)} keys, the shards hold {len(set(keys))}; "
                             f"{len(expected ^ set(keys))} differ")
-    return problems
+    stale = stale_shards(out, set(keys))
+    return problems + ([stale] if stale else [])
+
+
+def stale_shards(out: Path, shard_keys: set[str]) -> str | None:
+    """Why the shards no longer match the latest `select` (a re-cut not followed by `curate shard`), or None.
+
+    Compares content, not timestamps: the rows alive in the select checkpoint must be exactly the sharded keys
+    plus the shard remainder the ledger lists.
+    """
+    select = out / "stages" / "select"
+    if not select.is_dir():
+        return None  # shards without the run's checkpoints (copied, or the checkpoints deleted): nothing to compare
+    if not (select / "_SUCCESS").exists():
+        return (f"shards are stale: {select} is unfinished (a stage was re-run after the shards were written); "
+                f"run `curate select {out}`, then `curate shard {out}`")
+    parts = sorted(select.glob("part-*.parquet"))
+    if not parts:
+        return None
+    table = pa.concat_tables([pq.read_table(part, columns=[KEY, DROP_REASON]) for part in parts])
+    alive = set(table.filter(pc.is_null(table[DROP_REASON]))[KEY].to_pylist())
+    ledger_path, remainder = out / "ledger.parquet", set()
+    if ledger_path.exists():
+        ledger = pq.read_table(ledger_path, columns=[KEY, "reason"])
+        remainder = set(ledger.filter(pc.equal(ledger["reason"], "shard_remainder"))[KEY].to_pylist())
+    if alive != shard_keys | remainder:
+        changed = len(alive ^ (shard_keys | remainder))
+        return (f"shards are stale: the latest `curate select` keeps {len(alive)} rows, the shards and their "
+                f"remainder hold {len(shard_keys | remainder)} ({changed} differ); run `curate shard {out}`")
+    return None
