@@ -1,23 +1,29 @@
-"""Spark plumbing shared by the Spark engine's modules: Arrow schemas, stage functions as mapInArrow, global index."""
+"""Spark plumbing shared by the Spark engine's modules: Arrow schemas, stage functions as mapInArrow, global index,
+input files read each with its own schema."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from functools import reduce
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, ROW, VERDICT_COLUMNS
+from curate import io
+from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, ROW, VERDICT_COLUMNS, table_schema
+from curate.stages.ingest import check_input_schema
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
-    from pyspark.sql.types import StructType
+    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
 
 TableFunction = Callable[[pa.Table], pa.Table]
 VERDICT_DDL = "row long, drop_stage string, drop_reason string, drop_detail string"
 PARTITION, LOCAL_INDEX, INDEX = "_partition", "_local_index", "index"
+FILE, ROW_IN_FILE = "_curate_file", "_curate_row_in_file"
 
 
 def arrow_schema(df: DataFrame) -> pa.Schema:
@@ -110,3 +116,96 @@ def global_index(spark: SparkSession, df: DataFrame, order: list[str], path: str
     table = spark.createDataFrame(offsets or [(0, 0)], f"{PARTITION} long, _offset long")
     return (numbered.join(F.broadcast(table), PARTITION)
             .withColumn(INDEX, F.col(LOCAL_INDEX) + F.col("_offset")).drop(PARTITION, LOCAL_INDEX, "_offset"))
+
+
+def _kind(data_type: DataType, arrow_type: pa.DataType) -> str:
+    """number, string, null or other; from Arrow for null, which Spark reads as int."""
+    from pyspark.sql import types as T
+
+    if pa.types.is_null(arrow_type):
+        return "null"
+    if isinstance(data_type, T.NumericType | T.BooleanType):
+        return "number"
+    return "string" if isinstance(data_type, T.StringType | T.BinaryType) else "other"
+
+
+def _floating(target: str) -> bool:
+    schema = table_schema("metadata")
+    return target in schema.names and pa.types.is_floating(schema.field(target).type)
+
+
+class _Group(NamedTuple):
+    """Input files of one schema: one Spark read."""
+    paths: list[str]
+    arrow: pa.Schema
+    mapping: dict[str, str]  # input column -> canonical name
+    frame: DataFrame
+
+    def fields(self) -> Iterator[tuple[str, str, DataType, str]]:
+        """(input name, canonical name, Spark type, kind) of every column."""
+        for field in self.frame.schema:
+            kind = _kind(field.dataType, self.arrow.field(field.name).type)
+            yield field.name, self.mapping[field.name], field.dataType, kind
+
+
+def _common_types(groups: list[_Group]) -> dict[str, DataType | str]:
+    """The Spark type of each column the files disagree on. Canonical ones: double, or string where some file holds
+    strings (ingest parses them as it does per file). Others: the one type besides all-null columns; numbers of
+    several widths are left to unionByName, which widens them; numbers in one file and text in another raise."""
+    seen: dict[str, dict[DataType, tuple[str, str]]] = {}  # canonical name -> Spark type -> (kind, first file)
+    for group in groups:
+        for _, target, data_type, kind in group.fields():
+            seen.setdefault(target, {}).setdefault(data_type, (kind, group.paths[0]))
+    common: dict[str, DataType | str] = {}
+    for target, types in seen.items():
+        typed = [(t, path) for t, (kind, path) in types.items() if kind != "null"]
+        kinds = {types[t][0] for t, _ in typed}
+        if len(types) < 2:
+            continue
+        if target in table_schema("metadata").names:
+            common[target] = "double" if _floating(target) and kinds <= {"number"} else "string"
+        elif len(typed) == 1:
+            common[target] = typed[0][0]
+        elif kinds != {"number"}:
+            (first, a), (second, b) = typed[:2]
+            raise ValueError(f"column {target!r} is {first.simpleString()} in {a} but {second.simpleString()} in "
+                             f"{b}; drop or convert it in one of them")
+    return common
+
+
+def _canonical_column(name: str, target: str, kind: str, common: dict[str, DataType | str]) -> Column:
+    from pyspark.sql import functions as F
+
+    column = F.col("`" + name.replace("`", "``") + "`")
+    if target in common:
+        if _floating(target) and kind == "number":  # float32 -> double -> text keeps its exact value
+            column = column.cast("double")
+        column = column.cast(common[target])
+    return column.alias(target)
+
+
+def read_parquet_files(spark: SparkSession, files: list[str]) -> DataFrame:
+    """The rows of every file with canonical column names (ingest.canonical_names) and, where files disagree on a
+    column's type, one type; a column some files lack is null there. Files with one schema are one read. Adds each
+    row's file path (FILE) and place in its file (ROW_IN_FILE). Raises naming the file that is no parquet, has no
+    URL column or a column of a type ingest cannot read."""
+    from pyspark.sql import functions as F
+
+    with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:  # footers only; on S3 each is a round trip
+        schemas = list(pool.map(io.parquet_schema, files))
+    by_schema: dict[str, tuple[pa.Schema, list[str]]] = {}
+    for path, schema in zip(files, schemas, strict=True):
+        key = schema.to_string(show_field_metadata=False, show_schema_metadata=False)
+        by_schema.setdefault(key, (schema, []))[1].append(path)
+    groups = []
+    for schema, paths in by_schema.values():
+        try:
+            mapping = check_input_schema(schema)
+        except ValueError as error:
+            raise ValueError(f"{paths[0]}: {error}") from error
+        groups.append(_Group(paths, schema, mapping, spark.read.parquet(*paths)))
+    common = _common_types(groups)
+    tags = [F.col("_metadata.file_path").alias(FILE), F.col("_metadata.row_index").alias(ROW_IN_FILE)]
+    frames = [group.frame.select(*[_canonical_column(name, target, kind, common)
+                                   for name, target, _, kind in group.fields()], *tags) for group in groups]
+    return reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)

@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mmh3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,9 +24,10 @@ from curate.pipeline import run_local
 from curate.server import ImageServer, Response
 
 ROOT = Path(__file__).resolve().parents[2]
-OPTIONS = {"scores": "metadata", "world_size": 4, "workers_per_rank": 1, "allow_private_network": True,
-           "min_size": 64, "image_size": 96, "threads": 8, "batch_size_rows": 64, "target_shard_size": 40_000,
-           "seed": 7, "max_unsafe": 0.5, "timeout": 5.0}
+OPTIONS: dict[str, Any] = {
+    "scores": "metadata", "world_size": 4, "workers_per_rank": 1, "allow_private_network": True, "min_size": 64,
+    "image_size": 96, "threads": 8, "batch_size_rows": 64, "target_shard_size": 40_000, "seed": 7, "max_unsafe": 0.5,
+    "timeout": 5.0}
 
 
 def sample_rows(rows: int, seed: int = 3) -> tuple[dict[str, Response], list[dict[str, Any]]]:
@@ -103,6 +106,97 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert run_spark(spark, served["inputs"], str(out), reseeded)["timings"].get("download") is None
     assert_same_dataset(served["folder"] / "local-seed-8", out)
 
+
+def mixed_release_files(folder: Path, server: ImageServer, rows: int = 24) -> None:
+    """Two LAION files as releases spell them: A with int64 sizes and float64 scores; B (laion2B-en-aesthetic) with
+    int32 sizes, float32 scores and a hash column. B also repeats A's first row and holds one URL that is gone."""
+    rng = np.random.default_rng(11)
+    records: list[dict[str, Any]] = []
+    for i in range(rows):
+        width, height = int(rng.integers(48, 140)), int(rng.integers(48, 140))
+        server.routes[f"/mixed/{i}.jpg"] = Response(jpeg(generated_image(rng, width, height)))
+        records.append({"url": server.url(f"/mixed/{i}.jpg"), "caption": f"a mixed photo #{i}", "width": width,
+                        "height": height, "aesthetic": float(rng.uniform(4.0, 7.5)),
+                        "pwatermark": float(rng.beta(0.6, 2.0))})
+    gone = {"url": server.url("/mixed/gone.jpg"), "caption": "gone", "width": 120, "height": 90, "aesthetic": 6.0,
+            "pwatermark": 0.1}
+    records += [dict(records[0]), gone]
+    a, b = records[:rows // 2], records[rows // 2:]
+
+    def column(part: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.Array:
+        return pa.array([r[name] for r in part], kind)
+
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "URL": column(a, "url", pa.string()), "TEXT": column(a, "caption", pa.string()),
+        "WIDTH": column(a, "width", pa.int64()), "HEIGHT": column(a, "height", pa.int64()),
+        "AESTHETIC_SCORE": column(a, "aesthetic", pa.float64()), "pwatermark": column(a, "pwatermark", pa.float64()),
+    }), folder / "part-a.parquet")
+    pq.write_table(pa.table({
+        "url": column(b, "url", pa.string()), "caption": column(b, "caption", pa.string()),
+        "width": column(b, "width", pa.int32()), "height": column(b, "height", pa.int32()),
+        "aesthetic": column(b, "aesthetic", pa.float32()), "pwatermark": column(b, "pwatermark", pa.float32()),
+        "hash": pa.array([mmh3.hash64(r["url"] + r["caption"])[0] for r in b], pa.int64()),
+    }), folder / "part-b.parquet")
+
+
+def tar_documents(out: Path) -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            documents += [json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")]  # type: ignore[arg-type]
+    return documents
+
+
+def test_spark_engine_reads_files_whose_types_and_spellings_differ(spark: Any, tmp_path: Path) -> None:
+    """Each file is read with its own schema, then the canonical one: same rows, samples and tar bytes as local."""
+    from curate.engines.spark import run_spark
+
+    config = Config(**{**OPTIONS, "world_size": 2}).validate()
+    with ImageServer() as server:
+        mixed_release_files(tmp_path / "input", server)
+        inputs = [str(tmp_path / "input")]
+        local = run_local(inputs, tmp_path / "local", config)
+        stats = run_spark(spark, inputs, str(tmp_path / "spark"), config)
+    assert stats["input_rows"] == local["input_rows"] == 26
+    assert stats["dropped_by_stage"] == local["dropped_by_stage"]
+    reasons = {r for stage in local["dropped_by_stage"].values() for r in stage}
+    assert {"duplicate_url", "metadata_low_resolution"} <= reasons and len(local["dropped_by_stage"]["download"]) == 1
+    assert_same_dataset(tmp_path / "local", tmp_path / "spark")
+    hashes = [d["metadata"]["hash"] for d in tar_documents(tmp_path / "spark")]
+    assert None in hashes and any(h is not None for h in hashes)  # only file B has a hash column
+
+
+def test_spark_ingest_reads_numbers_and_strings_of_one_column_as_the_local_ingest(spark: Any, tmp_path: Path) -> None:
+    """A size given as text in one file and as int32 in the other, a float32 score against a text one: the rows
+    Spark ingests equal the local ingest's, file by file."""
+    from curate.engines.spark import _ingest, read_input
+    from curate.engines.spark_frames import map_stage
+    from curate.stages.ingest import normalize
+
+    files = [pa.table({"URL": ["http://a/1", "http://a/2"], "TEXT": ["one", None], "WIDTH": ["120", "wide"],
+                       "AESTHETIC_SCORE": pa.array([5.1, 6.3], pa.float32()), "LANGUAGE": ["en", "de"]}),
+             pa.table({"url": ["http://b/1"], "caption": ["three"],
+                       "width": pa.array([77], pa.int32()), "aesthetic": ["4.25"], "hash": pa.array([-5], pa.int64())})]
+    (tmp_path / "in").mkdir()
+    for index, table in enumerate(files):
+        pq.write_table(table, tmp_path / "in" / f"part-{index}.parquet")
+    local = pa.concat_tables([normalize(files[0], 0), normalize(files[1], 2)], promote_options="permissive")
+    raw, rows = read_input(spark, [str(tmp_path / "in")])
+    got = map_stage(raw, _ingest).toArrow().sort_by("row")
+    assert rows == 3
+    assert got.select(local.column_names).to_pylist() == local.to_pylist()
+
+
+def test_spark_input_errors_name_the_file(spark: Any, tmp_path: Path) -> None:
+    from curate.engines.spark import read_input
+
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="notes.parquet.*not a readable parquet file"):
+        read_input(spark, [str(tmp_path / "notes.parquet")])
+    pq.write_table(pa.table({"TEXT": ["a caption"]}), tmp_path / "no-url.parquet")
+    with pytest.raises(ValueError, match="no-url.parquet.*no URL column"):
+        read_input(spark, [str(tmp_path / "no-url.parquet")])
 
 
 def embedding_table(rows: int, width: int = 16, seed: int = 5) -> pa.Table:
