@@ -47,11 +47,22 @@ def check_accounting(input_rows: int, samples: pa.Table, ledger: pa.Table) -> No
         )
 
 
-def drop_counts(ledger: pa.Table) -> dict[str, dict[str, int]]:
-    """{stage: {reason: count}} in pipeline order."""
-    counts: dict[str, dict[str, int]] = {}
+def check_rows(low: int, high: int, rows: np.ndarray) -> None:
+    """The kept and dropped row numbers of one input range are exactly low … high - 1, each once."""
+    rows = np.sort(rows)
+    if len(rows) != high - low or not np.array_equal(rows, np.arange(low, high)):
+        missing = np.setdiff1d(np.arange(low, high), rows)[:10].tolist()
+        repeated = rows[1:][rows[1:] == rows[:-1]][:10].tolist()
+        raise AccountingError(f"accounting failed for input rows {low}-{high - 1}: {len(rows)} accounted for; "
+                              f"first missing rows: {missing}; first rows counted twice: {repeated}")
+
+
+def drop_counts(ledger: pa.Table, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """{stage: {reason: count}} in pipeline order, added to `into` (the counts of earlier ledger pieces)."""
+    counts: dict[str, dict[str, int]] = {stage: dict(reasons) for stage, reasons in (into or {}).items()}
     for row in ledger.group_by(["stage", "reason"]).aggregate([(KEY, "count")]).to_pylist():
-        counts.setdefault(row["stage"], {})[row["reason"]] = row[f"{KEY}_count"]
+        reasons = counts.setdefault(row["stage"], {})
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + row[f"{KEY}_count"]
     order = ["prefilter", "download", "score", "dedup", "select", "shard"]
     return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=_rank(order))}
 

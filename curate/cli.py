@@ -142,8 +142,8 @@ def print_summary(stats: dict[str, Any], output: Path) -> None:
 
 
 def stage_funnel(output: Path, stage: str) -> tuple[int, dict[str, dict[str, int]]]:
-    """(input rows, {stage: {reason: rows}}) from a stage's checkpoint, which holds every input row and its verdict."""
-    parts = sorted((output / "stages" / stage).glob("part-*.parquet"))
+    """(input rows, {stage: {reason: rows}}) up to a stage: the rows each earlier stage dropped, then its checkpoint."""
+    parts = pipeline.funnel_parts(output, stage)
     table = pa.concat_tables([pq.read_table(part, columns=[KEY, DROP_STAGE, DROP_REASON]) for part in parts])
     dropped = table.filter(pc.is_valid(table[DROP_REASON])).rename_columns([KEY, "stage", "reason"])
     return table.num_rows, drop_counts(dropped)

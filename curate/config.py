@@ -77,7 +77,7 @@ class Config:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.min_size < 0:
             raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
-        _check_range("threshold", self.threshold, 0.0, 10.0)
+        _check_range("threshold", self.threshold, -math.inf, math.inf)  # the predictor's output is not bounded
         _check_range("max_watermark", self.max_watermark, 0.0, 1.0)
         _check_range("max_unsafe", self.max_unsafe, 0.0, 1.0)
         _check_range("semdedup_threshold", self.semdedup_threshold, -1.0, 1.0)
@@ -130,7 +130,8 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
         return
     inside = (low < value if low_open else low <= value) and value <= high
     if not math.isfinite(value) or not inside:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"more than {low:g}"
+        bounds = (f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else
+                  f"more than {low:g}" if math.isfinite(low) else "(any finite value)")
         raise ValueError(f"{_flag(name)} must be a finite number in {bounds}, got {value!r}")
 
 

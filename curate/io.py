@@ -11,6 +11,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -108,6 +109,17 @@ def write_bytes(data: bytes, path: str | Path) -> None:
     _fsync_replace(tmp, path)
 
 
+def write_tables(tables: Iterator[pa.Table], schema: pa.Schema, path: str | Path) -> None:
+    """Stream tables into one parquet file under a temporary name, then rename (memory: one table at a time)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for table in tables:
+            writer.write_table(table.cast(schema))
+    _fsync_replace(tmp, path)
+
+
 def write_json(value: Any, path: str | Path) -> None:
     write_bytes((json.dumps(value, indent=1, sort_keys=False, default=str) + "\n").encode(), path)
 
@@ -134,6 +146,18 @@ class Checkpoint:
     def parts(self) -> list[Path]:
         return sorted(self.path.glob("part-*.parquet"))
 
+    def dropped_path(self, index: int) -> Path:
+        return self.path / f"dropped-{index:06d}.parquet"
+
+    def dropped_parts(self) -> list[Path]:
+        """The rows this stage dropped, one file per part (every column, for the books and re-fetches)."""
+        return sorted(self.path.glob("dropped-*.parquet"))
+
+    def write_split(self, index: int, table: pa.Table, alive: pa.ChunkedArray) -> None:
+        """Rows still alive to part-i, rows this step dropped to dropped-i (written first: part-i marks it done)."""
+        write_table(table.filter(pc.invert(alive)), self.dropped_path(index))
+        write_table(table.filter(alive), self.part_path(index))
+
     def finish(self, meta: dict[str, Any] | None = None) -> None:
         write_json(meta or {}, self.path / "_SUCCESS")
 
@@ -148,7 +172,9 @@ class Checkpoint:
         parts = self.parts()
         if not parts:
             raise FileNotFoundError(f"{self.path}: no checkpoint; run the earlier stages first")
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="permissive")
+        tables = [pq.read_table(p, columns=None if columns is None else
+                                [c for c in columns if c in pq.read_schema(p).names]) for p in parts]
+        return pa.concat_tables(tables, promote_options="permissive")
 
     def iter_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for part in self.parts():

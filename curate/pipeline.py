@@ -8,14 +8,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
-from curate.engines.local import STAGES, LocalRun, Progress
+from curate.engines.local import DROPPING_STAGES, STAGES, LocalRun, Progress
 from curate.engines.local_shard import finish, shard
+from curate.schema import ROW
 from curate.stages.download import retry_transient
 from curate.stages.shard import fitting_plan
+from curate.stages.verdict import alive
 
 log = logging.getLogger(__name__)
 # Options that only select and shard read: changing them re-cuts a run instead of refusing it.
@@ -133,10 +137,17 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     for later in ("score", "dedup", "select", "shard"):  # first, so a crash here can never leave them stale
         run.checkpoint(later).reset()
     options, retried = run.download_options(), 0
-    for index, path in enumerate(downloads.parts()):
-        part, count = retry_transient(pq.read_table(path), options)
+    for index in range(len(downloads.parts())):
+        if not downloads.dropped_path(index).exists():
+            continue
+        redone, count = retry_transient(pq.read_table(downloads.dropped_path(index)), options)
         if count:
-            downloads.write_part(index, part)
+            fetched = redone.filter(alive(redone))
+            live = pq.read_table(downloads.part_path(index))
+            live = live.filter(pc.invert(pc.is_in(live[ROW], fetched[ROW])))  # a retry killed half-way ran again
+            merged = pa.concat_tables([live, fetched], promote_options="permissive").sort_by(ROW)
+            downloads.write_part(index, merged)  # first: a row may briefly be in both, never in neither
+            io.write_table(redone.filter(pc.invert(alive(redone))), downloads.dropped_path(index))
             retried += count
     log.info("retried %d rows whose download failed with a transient error", retried)
     run.score(run.resolve_scores())
@@ -145,6 +156,13 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     shard(run)
     record_config(run.out, config)
     return finish_and_report(run, started)
+
+
+def funnel_parts(output: str | Path, stage: str) -> list[Path]:
+    """Files that hold every input row once as of a stage: its checkpoint and the earlier stages' dropped rows."""
+    run = LocalRun(output, Config())
+    earlier = [name for name in DROPPING_STAGES if STAGES.index(name) <= STAGES.index(stage)]
+    return run.checkpoint(stage).parts() + [path for name in earlier for path in run.checkpoint(name).dropped_parts()]
 
 
 def record_config(out: Path, config: Config) -> None:

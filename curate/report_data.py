@@ -78,6 +78,12 @@ def checkpoint_parts(out: Path, stage: str) -> list[Path]:
     return parts
 
 
+def row_parts(out: Path) -> list[Path]:
+    """Files that together hold every input row once: the rows that reached select (the shard checkpoint), and
+    the rows each earlier stage dropped (its dropped-NNNNNN.parquet parts)."""
+    return checkpoint_parts(out, "shard") + sorted((out / "stages").glob("*/dropped-*.parquet"))
+
+
 def iter_columns(parts: list[Path], wanted: list[str], filters: Any = None) -> Iterator[pa.Table]:
     """Each part's wanted columns that exist; filters prune row groups by their statistics."""
     for part in parts:
@@ -101,7 +107,7 @@ def distribution_sample(out: Path, input_rows: int) -> pa.Table:
     pieces = []
     wanted = [ROW, CAPTION, DROP_REASON, AESTHETIC_SCORE, AESTHETIC, WATERMARK_PROB, PWATERMARK,
               ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT, "scores_source"]
-    for table in iter_columns(checkpoint_parts(out, "shard"), wanted):
+    for table in iter_columns(row_parts(out), wanted):
         uniform = (row_hash(table[ROW].to_numpy()) >> np.uint64(11)).astype(np.float64) / 2.0**53
         table = table.filter(pa.array(uniform < fraction))
         names = table.column_names
@@ -142,7 +148,7 @@ def aesthetic_picks(out: Path, threshold: float, k: int) -> dict[str, list[int]]
     """Kept just above the threshold, dropped just below it, and the highest-scored kept rows."""
     above, below, highest = TopK(k), TopK(k, largest=True), TopK(k, largest=True)
     wanted = [ROW, DROP_REASON, AESTHETIC_SCORE, AESTHETIC]
-    for table in iter_columns(checkpoint_parts(out, "shard"), wanted):
+    for table in iter_columns(row_parts(out), wanted):
         score = coalesce(table, AESTHETIC_SCORE, AESTHETIC).to_numpy(zero_copy_only=False)
         rows = table[ROW].to_numpy()
         reasons = table[DROP_REASON]
@@ -179,7 +185,7 @@ def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
     """The row of each survivor key. Keys repeat (url duplicates share one), and a survivor may itself be a
     duplicate of a later kind, so prefer a kept row, then any other verdict, then a later duplicate kind."""
     best: dict[str, tuple[int, int]] = {}
-    for table in iter_columns(checkpoint_parts(out, "shard"), [ROW, KEY, DROP_REASON], [(KEY, "in", keys)]):
+    for table in iter_columns(row_parts(out), [ROW, KEY, DROP_REASON], [(KEY, "in", keys)]):
         for key, row, reason in zip(table[KEY].to_pylist(), table[ROW].to_pylist(), table[DROP_REASON].to_pylist(),
                                     strict=True):
             rank = 0 if reason is None else 3 if reason == "duplicate_url" else 2 if reason.startswith(
@@ -189,11 +195,11 @@ def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
 
 
 def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
-    """The small columns of the chosen rows, from the last checkpoint (every input row is there)."""
+    """The small columns of the chosen rows, from row_parts (every input row is there once)."""
     details: dict[int, dict[str, Any]] = {}
     if not rows:
         return details
-    for table in iter_columns(checkpoint_parts(out, "shard"), DETAIL_COLUMNS, [(ROW, "in", sorted(rows))]):
+    for table in iter_columns(row_parts(out), DETAIL_COLUMNS, [(ROW, "in", sorted(rows))]):
         for record in table.to_pylist():
             details[record[ROW]] = record
     return details

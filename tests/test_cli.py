@@ -137,7 +137,6 @@ def test_a_stage_without_its_checkpoint_is_an_error_not_a_traceback(finished):
     assert str(finished / "stages" / "select") in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="curate/engines/local.py require_metadata_scores does not name the file yet")
 def test_missing_aesthetic_column_names_the_file(tmp_path, server):
     path = tmp_path / "no-scores.parquet"
     pq.write_table(pa.table({"url": [server.url("/a.jpg")], "caption": ["a"]}), path)

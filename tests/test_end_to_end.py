@@ -146,9 +146,9 @@ def test_missing_scores_fail_before_any_download(tmp_path, server, config_factor
 
     path = tmp_path / "no-scores.parquet"
     pq.write_table(pa.table({"url": [server.url("/a.jpg")], "caption": ["a"]}), path)
-    with pytest.raises(ValueError, match="needs an AESTHETIC_SCORE"):
+    with pytest.raises(ValueError, match="no-scores.parquet: no AESTHETIC_SCORE.*--scores metadata needs"):
         run_local([str(path)], tmp_path / "out", config_factory())
-    assert not (tmp_path / "out" / "stages" / "download").exists()
+    assert not (tmp_path / "out" / "stages").exists()  # refused before any work
 
 
 def test_too_few_survivors_is_a_clear_error(tmp_path, corpus_factory, config_factory):
@@ -174,6 +174,6 @@ def test_too_few_survivors_still_leaves_the_ledger(tmp_path, corpus_factory, con
     corpus = corpus_factory(20)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="no sample was kept.*report"):
-        run_local([str(corpus.path)], out, config_factory(threshold=10.0))
+        run_local([str(corpus.path)], out, config_factory(threshold=11.0))
     reasons = set(pq.read_table(out / "ledger.parquet")["reason"].to_pylist())
     assert "metadata_low_aesthetic" in reasons

@@ -4,27 +4,58 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
+from curate.engines.local_partitions import (
+    VerdictRouter,
+    key_partitions,
+    partition_count,
+    rows_between,
+    spill,
+)
 from curate.fetch import FetchPolicy
-from curate.schema import AESTHETIC, CAPTION, DROP_REASON, JPG, PASSES_THRESHOLDS, PWATERMARK, ROW
+from curate.schema import (
+    AESTHETIC,
+    AESTHETIC_SCORE,
+    CAPTION,
+    DROP_REASON,
+    EMBEDDING,
+    JPG,
+    KEY,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PHASH,
+    PUNSAFE,
+    PWATERMARK,
+    ROW,
+    SHA256,
+    URL,
+    WATERMARK_PROB,
+)
 from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
 from curate.stages.ingest import check_input_schema, normalize
-from curate.stages.verdict import alive
+from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 STAGES = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
+# Stages that pass only live rows on and keep the rows they drop in dropped-NNNNNN.parquet parts.
+DROPPING_STAGES = ["prefilter", "download", "score", "dedup"]
+# What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
+DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE]
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
@@ -57,16 +88,18 @@ class LocalRun:
         return meta
 
     # -- ingest -----------------------------------------------------------------------------------------
-    @staticmethod
-    def check_inputs(inputs: list[str]) -> list[str]:
+    def check_inputs(self, inputs: list[str]) -> list[str]:
         """The input files, each one's schema checked before any work starts; raises naming the file."""
         files, rows = io.expand_inputs(inputs), 0
         for path in files:
             schema, count = io.parquet_footer(path)  # raises naming the file when it is no parquet
             try:
-                check_input_schema(schema)
+                names = check_input_schema(schema).values()
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from error
+            if self.config.scores == "metadata" and AESTHETIC not in names:
+                raise ValueError(f"{path}: no AESTHETIC_SCORE/aesthetic column, which --scores metadata needs in "
+                                 "every input file; use --scores model (or auto) to compute the scores from the images")
             rows += count
         if rows == 0:
             raise ValueError(f"the input files hold no rows: {files}")
@@ -114,20 +147,38 @@ class LocalRun:
             )
 
     # -- prefilter --------------------------------------------------------------------------------------
+    def part_starts(self) -> np.ndarray:
+        """The first row number of every ingest part (from the parquet footers)."""
+        counts = [pq.ParquetFile(path).metadata.num_rows for path in self.checkpoint("ingest").parts()]
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else np.zeros(0, np.int64)
+
+    def url_flags(self) -> Iterator[pa.Table | None]:
+        """Per ingest part, its url+caption duplicate verdicts: signatures spilled by key, grouped per partition."""
+        source, work = self.checkpoint("ingest"), self.out / "stages" / "prefilter-work"
+        starts = self.part_starts()
+        if "url" not in self.config.dedup:
+            yield from (None for _ in starts)
+            return
+        partitions = partition_count(self.checkpoint("ingest").meta().get("input_rows", 0))
+        files = spill((prefilter.url_signature(p) for p in source.iter_parts([KEY, ROW, URL, CAPTION])),
+                      lambda table: key_partitions(table[KEY], partitions), partitions, work / "signatures")
+        router = VerdictRouter(work / "verdicts", starts, partitions)
+        for path in files:
+            router.write(prefilter.group_url_duplicates(pq.read_table(path)))
+        yield from router.per_part(verdict_schema())
+        shutil.rmtree(work, ignore_errors=True)
+
     def prefilter(self, scores: str) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             source, target = self.checkpoint("ingest"), self.checkpoint("prefilter")
             target.reset()
-            firsts = None
-            if "url" in self.config.dedup:
-                columns = ["key", ROW, "url", CAPTION]
-                firsts = prefilter.merge_first_rows([prefilter.first_rows(p) for p in source.iter_parts(columns)])
             judged_by = prefilter_thresholds(self.config, scores)
             live = 0
-            for index, part in enumerate(source.iter_parts()):
-                part = prefilter.prefilter(part, firsts, **judged_by)
-                live += pc.sum(alive(part).cast("int64")).as_py() or 0
-                target.write_part(index, part)
+            for index, (part, url_flags) in enumerate(zip(source.iter_parts(), self.url_flags(), strict=True)):
+                part = prefilter.prefilter(part, url_flags, **judged_by)
+                keep = alive(part)
+                live += pc.sum(keep.cast("int64")).as_py() or 0
+                target.write_split(index, part, keep)
             return {"parts": len(source.parts()), "live_rows": live, "judged_by": judged_by}
 
         return self._timed("prefilter", body)
@@ -174,13 +225,14 @@ class LocalRun:
                 if target.has_part(index):
                     continue
                 part = part.append_column("jpg_bytes", pc.binary_length(part[JPG]))
-                if scorer is not None:
+                if scorer is not None and part.num_rows:
                     from curate.stages.score import score_images
 
                     part = score_images(part, scorer)
-                else:
+                else:  # an empty part still gets the score columns
                     part = select.scores_from_metadata(part)
-                target.write_part(index, part.drop_columns([JPG]))
+                part = part.drop_columns([JPG])
+                target.write_split(index, part, alive(part))
             return {"scores": scores}
 
         return self._timed("score", body)
@@ -188,14 +240,13 @@ class LocalRun:
     # -- dedup and select -------------------------------------------------------------------------------
     def live_rows(self, stage: str) -> int:
         """Rows no stage has dropped yet in a finished stage's checkpoint (reads the drop_reason column only)."""
-        return sum(part.num_rows - part[DROP_REASON].null_count
-                   for part in self.checkpoint(stage).iter_parts([DROP_REASON]))
+        return sum(part[DROP_REASON].null_count for part in self.checkpoint(stage).iter_parts([DROP_REASON]))
 
     def not_reconsidered(self) -> dict[str, int]:
         """Rows prefilter dropped on metadata that this run's thresholds would keep: a re-cut cannot bring them back."""
         counts: dict[str, int] = {}
-        for part in self.checkpoint("prefilter").iter_parts():
-            c = self.config
+        for path in self.checkpoint("prefilter").dropped_parts():
+            part, c = pq.read_table(path), self.config
             for reason, count in prefilter.recoverable(part, c.min_size, c.threshold, c.max_watermark,
                                                        c.max_unsafe).items():
                 counts[reason] = counts.get(reason, 0) + count
@@ -204,30 +255,39 @@ class LocalRun:
     def dedup(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             c, kinds = self.config, self.config.dedup
+            source, target = self.checkpoint("score"), self.checkpoint("dedup")
+            target.reset()
+            present = set().union(*(pq.read_schema(path).names for path in source.parts()))
+            semantic = "semantic" in kinds and EMBEDDING in present
+            wanted = [*DEDUP_SIGNATURE, *([EMBEDDING] if semantic else [])]
             # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-            table = select.with_threshold_pass(self.checkpoint("score").read(), c.min_size, c.threshold,
-                                               c.max_watermark, c.max_unsafe)
+            table = select.with_threshold_pass(with_verdict_columns(source.read([n for n in wanted if n in present])),
+                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe)
             if "exact" in kinds:
                 table = dedup.flag_exact_duplicates(table)
             if "phash" in kinds:
-                table = dedup.flag_phash_duplicates(table, self.config.phash_distance)
-            semantic = "semantic" in kinds and "embedding" in table.column_names
+                table = dedup.flag_phash_duplicates(table, c.phash_distance)
             if semantic:
                 from curate.stages.semantic import flag_semantic_duplicates
 
-                table = flag_semantic_duplicates(table, self.config.semdedup_threshold,
-                                                 self.config.semdedup_clusters, self.config.seed)
-            self.checkpoint("dedup").write_part(0, table.drop_columns([PASSES_THRESHOLDS]))
+                table = flag_semantic_duplicates(table, c.semdedup_threshold, c.semdedup_clusters, c.seed)
+            verdicts = verdicts_of(table).sort_by(ROW)
+            rows = verdicts[ROW].to_numpy()
+            for index, part in enumerate(source.iter_parts()):
+                low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
+                part = apply_verdicts(part, rows_between(verdicts, rows, low, high))
+                target.write_split(index, part, alive(part))
             return {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
 
         return self._timed("dedup", body, force=force)
 
     def select(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
-            table = self.checkpoint("dedup").read()
-            c = self.config
-            self.checkpoint("select").write_part(
-                0, select.select(table, c.min_size, c.threshold, c.max_watermark, c.max_unsafe))
+            c, target = self.config, self.checkpoint("select")
+            target.reset()
+            for index, part in enumerate(self.checkpoint("dedup").iter_parts()):
+                target.write_part(index, select.select(with_verdict_columns(part), c.min_size, c.threshold,
+                                                       c.max_watermark, c.max_unsafe))
             lost = self.not_reconsidered()
             if lost:
                 log.warning("%d rows that these thresholds would keep were dropped on their metadata before the "
@@ -250,8 +310,8 @@ def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
 def _download_part(job: tuple[str, int, DownloadOptions]) -> None:
     """One prefilter part to one download part (a picklable unit of work for the process pool)."""
     out, index, options = job
-    part = io.Checkpoint(out, "prefilter").parts()[index]
-    io.Checkpoint(out, "download").write_part(index, download(pq.read_table(part), options))
+    part = download(pq.read_table(io.Checkpoint(out, "prefilter").part_path(index)), options)
+    io.Checkpoint(out, "download").write_split(index, part, alive(part))
 
 
 def _load_scorer(config: Config) -> Any:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate import accounting, io
-from curate.engines.local import LocalRun
-from curate.schema import CAPTION, KEY, SHARD
+from curate.engines.local import DROPPING_STAGES, LocalRun
+from curate.engines.local_partitions import rows_between
+from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
 from curate.stages import shard as shard_stage
 from curate.stages.verdict import alive, with_reason
 from curate.writer import scatter, shard_path, write_shard
@@ -53,7 +56,7 @@ def shard(run: LocalRun) -> dict[str, Any]:
             table, shard_plan = plan(run, table)
         except shard_stage.ShardPlanError as error:
             # Still show why rows went: the ledger of everything dropped so far.
-            io.write_table(accounting.ledger_table(table), run.out / "ledger.parquet")
+            write_ledger(run, table)
             raise shard_stage.ShardPlanError(f"{error}; the dropped rows are in {run.out / 'ledger.parquet'}") from None
         assignment = table.filter(pc.greater_equal(table[SHARD], 0))
         metadata_columns = [n for n in table.column_names if n not in CARRIED_SKIP]
@@ -90,19 +93,57 @@ def index_document(run: LocalRun, plan: shard_stage.ShardPlan, entries: list[dic
     }
 
 
+LEDGER_SOURCE = [KEY, ROW, URL, DROP_STAGE, DROP_REASON, DROP_DETAIL]
+
+
+def ledger_chunks(run: LocalRun, late: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
+    """(first row, end row, ledger rows) per ingest part, in row order: the rows each dropping stage kept in its
+    dropped parts, then the select and shard verdicts of `late` (the rows that reached select)."""
+    late = accounting.ledger_table(late)
+    late_rows = late[ROW].to_numpy()
+    starts = run.part_starts()
+    ends = np.r_[starts[1:], run.checkpoint("ingest").meta()["input_rows"]]
+    for index, (low, high) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        pieces = [accounting.ledger_table(pq.read_table(path, columns=LEDGER_SOURCE))
+                  for stage in DROPPING_STAGES if (path := run.checkpoint(stage).dropped_path(index)).exists()]
+        pieces.append(rows_between(late, late_rows, low, high))
+        yield low, high, pa.concat_tables(pieces).sort_by(ROW)
+
+
+def write_ledger(run: LocalRun, late: pa.Table, samples: pa.Table | None = None) -> dict[str, dict[str, int]]:
+    """Stream OUT/ledger.parquet one input part at a time; with samples, check every input row is kept or dropped
+    exactly once on the way. Returns the drop counts."""
+    counts: dict[str, dict[str, int]] = {}
+    sample_rows = np.sort(samples[ROW].to_numpy()) if samples is not None else None
+
+    def checked() -> Iterator[pa.Table]:
+        nonlocal counts
+        for low, high, chunk in ledger_chunks(run, late):
+            if sample_rows is not None:
+                kept = sample_rows[np.searchsorted(sample_rows, low):np.searchsorted(sample_rows, high)]
+                accounting.check_rows(low, high, np.concatenate([kept, chunk[ROW].to_numpy()]))
+            counts = accounting.drop_counts(chunk, counts)
+            yield chunk
+
+    io.write_tables(checked(), table_schema("ledger"), run.out / "ledger.parquet")
+    return counts
+
+
 def finish(run: LocalRun, started: float) -> dict[str, Any]:
-    """Ledger, samples and stats from the shard checkpoint; fails loudly if a row went missing."""
+    """Ledger, samples and stats; fails loudly if a row went missing or was counted twice."""
     table = run.checkpoint("shard").read()
-    ledger, samples = accounting.ledger_table(table), accounting.samples_table(table)
+    samples = accounting.samples_table(table)
     input_rows = run.checkpoint("ingest").meta()["input_rows"]
-    accounting.check_accounting(input_rows, samples, ledger)
-    io.write_table(ledger, run.out / "ledger.parquet")
+    counts = write_ledger(run, table, samples)
+    dropped = sum(sum(reasons.values()) for reasons in counts.values())
+    if samples.num_rows + dropped != input_rows:
+        raise accounting.AccountingError(f"accounting failed: {input_rows} input rows, {samples.num_rows} kept + "
+                                         f"{dropped} dropped")
     io.write_table(samples, run.out / "samples.parquet")
-    counts = accounting.drop_counts(ledger)
     shard_meta = run.checkpoint("shard").meta()
     select_meta = run.checkpoint("select").meta()
     stats = {
-        "input_rows": input_rows, "kept": samples.num_rows, "dropped": ledger.num_rows,
+        "input_rows": input_rows, "kept": samples.num_rows, "dropped": dropped,
         # the thresholds each row was judged by: metadata ones before the download, the rest in select
         "judged_by": {"prefilter": run.checkpoint("prefilter").meta().get("judged_by"),
                       "select": select_meta.get("judged_by")},

@@ -21,9 +21,17 @@ import pyarrow.compute as pc
 from curate import io
 from curate.config import Config
 from curate.engines import spark_dedup, spark_shard
-from curate.engines.local import LocalRun
+from curate.engines.local import LocalRun, prefilter_thresholds
 from curate.engines.spark_books import write_books, write_ledger
-from curate.engines.spark_frames import apply_flags, arrow_schema, map_stage, output_schema
+from curate.engines.spark_frames import (
+    FILE,
+    ROW_IN_FILE,
+    apply_flags,
+    arrow_schema,
+    map_stage,
+    output_schema,
+    read_parquet_files,
+)
 from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
 from curate.stages import prefilter, select
 from curate.stages.download import download
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
-FILE, ROW_IN_FILE, GLOBAL_ROW, PAIR = "_curate_file", "_curate_row_in_file", "_curate_row", "pair_hash"
+GLOBAL_ROW, PAIR = "_curate_row", "pair_hash"
 FIRSTS = [prefilter.FIRST_ROW_OF_PAIR, prefilter.FIRST_ROW]
 # Options read only after the download (threshold is not: --scores metadata applies it in prefilter): a rerun that
 # changes only these reuses the download checkpoint.
@@ -50,30 +58,50 @@ def _path_id(path: str) -> str:
     return unquote(parts.netloc + parts.path)
 
 
-def file_order(found: list[str], inputs: list[str]) -> list[str]:
-    """Spark's file paths in the local engine's order (io.expand_inputs); plain sorted order if fsspec can't list."""
+def _with_scheme(path: str, scheme: str) -> str:
+    current = urlsplit(path).scheme
+    if not scheme or current == scheme:
+        return path
+    return f"{scheme}://{path[len(current) + 3:] if current else path}"
+
+
+def input_files(inputs: list[str]) -> list[str] | None:
+    """Every input file in the local engine's order (io.expand_inputs), under the scheme the input was given with
+    (Spark may know s3a:// where fsspec answers s3://); None when fsspec cannot list them."""
     try:
-        listed = [_path_id(p) for p in io.expand_inputs(inputs)]
+        return [_with_scheme(path, urlsplit(pattern).scheme)
+                for pattern in inputs for path in io.expand_inputs([pattern])]
     except Exception as error:  # e.g. a Hadoop-only filesystem: Spark reads it, fsspec does not
-        log.warning("cannot list %s with fsspec (%s); numbering rows in sorted file order", inputs, error)
-        listed = []
-    rank = {path: i for i, path in enumerate(listed)}
+        log.warning("cannot list %s with fsspec (%s); reading them as one table, rows numbered in sorted file order",
+                    inputs, error)
+        return None
+
+
+def file_order(found: list[str], listed: list[str]) -> list[str]:
+    """Spark's file paths in the order of `listed` (io.expand_inputs'); files not listed last, sorted."""
+    rank = {_path_id(path): i for i, path in enumerate(listed)}
     return sorted(found, key=lambda p: (rank.get(_path_id(p), len(rank)), p))
 
 
 def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
-    """The input rows with their global row number (files in order, then row in file), and the row count."""
+    """The input rows with their global row number (files in order, then row in file), and the row count. Each file
+    is read with its own schema (releases spell and type columns differently), then unified by name."""
     from pyspark.sql import functions as F
 
-    raw = spark.read.parquet(*inputs)
-    try:
-        canonical_names(raw.columns)
-    except ValueError as error:
-        raise ValueError(f"{inputs}: {error}") from error
-    tagged = raw.select("*", F.col("_metadata.file_path").alias(FILE), F.col("_metadata.row_index").alias(ROW_IN_FILE))
+    files = input_files(inputs)
+    if files is not None:
+        tagged = read_parquet_files(spark, files)
+    else:
+        raw = spark.read.parquet(*inputs)
+        try:
+            canonical_names(raw.columns)
+        except ValueError as error:
+            raise ValueError(f"{inputs}: {error}") from error
+        tagged = raw.select("*", F.col("_metadata.file_path").alias(FILE),
+                            F.col("_metadata.row_index").alias(ROW_IN_FILE))
     counts = {r[FILE]: r["n"] for r in tagged.groupBy(FILE).agg(F.count("*").alias("n")).collect()}
     offsets, total = [], 0
-    for path in file_order(list(counts), inputs):
+    for path in file_order(list(counts), files or []):
         offsets.append((path, total))
         total += counts[path]
     table = spark.createDataFrame(offsets, f"{FILE} string, _offset long")
@@ -90,16 +118,15 @@ def _ingest(table: pa.Table) -> pa.Table:
 
 
 def _prefilter(config: Config, scores: str, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
-    on_metadata = scores == "metadata"
+    judged_by = prefilter_thresholds(config, scores)
 
     def run(table: pa.Table) -> pa.Table:
-        firsts = None
-        if url_dedup:
-            firsts = table.select([KEY, PAIR, *FIRSTS]).group_by([KEY, PAIR]).aggregate(
-                [(name, "min") for name in FIRSTS]).rename_columns([KEY, PAIR, *FIRSTS])
-        return prefilter.prefilter(table.drop_columns([c for c in (PAIR, *FIRSTS) if c in table.column_names]),
-                                   firsts, config.min_size, config.max_watermark if on_metadata else None,
-                                   config.max_unsafe, config.threshold if on_metadata else None)
+        url_flags = None
+        if url_dedup:  # the first rows were joined on by a Spark aggregation; the rule is the local engine's
+            url_flags = prefilter.url_verdicts(table[ROW], table[prefilter.FIRST_ROW_OF_PAIR],
+                                               table[prefilter.FIRST_ROW])
+        table = table.drop_columns([c for c in (PAIR, *FIRSTS) if c in table.column_names])
+        return prefilter.prefilter(table, url_flags, **judged_by)
     return run
 
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from curate.schema import (
     AESTHETIC,
     CAPTION,
+    DROP_DETAIL,
     DROP_REASON,
     DROP_STAGE,
     HEIGHT,
@@ -21,14 +22,14 @@ from curate.schema import (
     URL,
     WIDTH,
 )
-from curate.stages.verdict import above, below, stored_text, with_reason, with_verdict_columns
+from curate.stages.verdict import above, apply_verdicts, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "prefilter"
 MAX_URL_LENGTH = 2048
 MAX_CLAIMED_SIDE = 1_000_000
 FIRST_ROW = "first_row"
 FIRST_ROW_OF_PAIR = "first_row_of_pair"
-_PAIR = "pair_hash"
+PAIR = "pair_hash"
 
 
 def url_problem(url: str | None) -> str | None:
@@ -113,46 +114,46 @@ def pair_hashes(table: pa.Table) -> pa.Array:
     return pa.array([mmh3.hash64((u or "") + (c or ""), seed=1)[0] for u, c in zip(urls, captions, strict=True)])
 
 
-def first_rows(table: pa.Table) -> pa.Table:
-    """Partial aggregate (key, pair_hash) -> first row; merge partials with merge_first_rows."""
-    pairs = pa.table({KEY: table[KEY], _PAIR: pair_hashes(table), ROW: table[ROW]})
-    return pairs.group_by([KEY, _PAIR]).aggregate([(ROW, "min")]).rename_columns([KEY, _PAIR, FIRST_ROW_OF_PAIR])
+def url_signature(table: pa.Table) -> pa.Table:
+    """Signature step of url+caption dedup: (key, pair_hash, row) per row; group every row of one key together."""
+    return pa.table({KEY: table[KEY], PAIR: pc.cast(pair_hashes(table), pa.int64()), ROW: table[ROW]})
 
 
-def merge_first_rows(partials: list[pa.Table]) -> pa.Table:
-    merged = pa.concat_tables(partials).group_by([KEY, _PAIR]).aggregate([(FIRST_ROW_OF_PAIR, "min")])
-    merged = merged.rename_columns([KEY, _PAIR, FIRST_ROW_OF_PAIR])
-    per_key = merged.group_by([KEY]).aggregate([(FIRST_ROW_OF_PAIR, "min")]).rename_columns([KEY, FIRST_ROW])
-    return merged.join(per_key, KEY)
+def url_verdicts(rows: pa.ChunkedArray, first_of_pair: pa.ChunkedArray, first_of_key: pa.ChunkedArray) -> pa.Table:
+    """The rule: a row repeating an earlier row's url+caption is duplicate_url (detail: that row); the first row of a
+    url+caption whose key an earlier, different url+caption holds is key_collision (detail: the key's first row)."""
+    repeat = pc.not_equal(rows, first_of_pair)
+    collision = pc.and_(pc.invert(repeat), pc.not_equal(rows, first_of_key))
+    reason = pc.if_else(repeat, "duplicate_url", pc.if_else(collision, "key_collision", pa.scalar(None, pa.string())))
+    detail = pc.cast(pc.if_else(repeat, first_of_pair, first_of_key), pa.string())
+    verdicts = pa.table({ROW: rows, DROP_STAGE: pa.nulls(len(rows), pa.string()), DROP_REASON: reason,
+                         DROP_DETAIL: detail})
+    verdicts = verdicts.filter(pc.is_valid(verdicts[DROP_REASON]))
+    return verdicts.set_column(1, DROP_STAGE, pa.array([STAGE] * verdicts.num_rows, pa.string()))
 
 
-def flag_duplicate_urls(table: pa.Table, firsts: pa.Table) -> pa.Table:
-    """Rows that repeat an earlier row's url+caption (duplicate_url) or only its key (key_collision)."""
-    probe = pa.table({KEY: table[KEY], _PAIR: pair_hashes(table), "_order": pa.array(range(table.num_rows))})
-    joined = probe.join(firsts, [KEY, _PAIR]).sort_by("_order")
-    if joined.num_rows != table.num_rows:
-        raise RuntimeError("first-row table does not cover this batch; build it from every ingested row")
-    rows = table[ROW]
-    repeat = pc.not_equal(rows, joined[FIRST_ROW_OF_PAIR])
-    collision = pc.and_(pc.equal(rows, joined[FIRST_ROW_OF_PAIR]), pc.not_equal(rows, joined[FIRST_ROW]))
-    table = with_reason(table, repeat, STAGE, "duplicate_url", pc.cast(joined[FIRST_ROW_OF_PAIR], pa.string()))
-    return with_reason(table, collision, STAGE, "key_collision", pc.cast(joined[FIRST_ROW], pa.string()))
+def group_url_duplicates(pairs: pa.Table) -> pa.Table:
+    """Group step: every row of some keys (all rows of each key) -> url_verdicts of those rows."""
+    firsts = pairs.group_by([KEY, PAIR]).aggregate([(ROW, "min")]).rename_columns([KEY, PAIR, FIRST_ROW_OF_PAIR])
+    per_key = firsts.group_by([KEY]).aggregate([(FIRST_ROW_OF_PAIR, "min")]).rename_columns([KEY, FIRST_ROW])
+    joined = pairs.join(firsts, [KEY, PAIR]).join(per_key, KEY)
+    return url_verdicts(joined[ROW], joined[FIRST_ROW_OF_PAIR], joined[FIRST_ROW]).sort_by(ROW)
 
 
 def prefilter(
     table: pa.Table,
-    firsts: pa.Table | None,
+    url_flags: pa.Table | None,
     min_size: int,
     max_watermark: float | None,
     max_unsafe: float | None,
     aesthetic_threshold: float | None,
 ) -> pa.Table:
-    """All metadata checks in order; the first that applies is the row's reason."""
+    """All metadata checks in order; the first that applies is the row's reason. url_flags are the url+caption
+    duplicate verdicts of these rows (group_url_duplicates or url_verdicts), None when that dedup is off."""
     table = with_verdict_columns(table)
     table = flag_invalid_urls(table)
     table = flag_empty_captions(table)
-    if firsts is not None:
-        table = flag_duplicate_urls(table, firsts)
+    table = apply_verdicts(table, url_flags)
     table = flag_metadata_size(table, min_size)
     if max_watermark is not None or aesthetic_threshold is not None:  # metadata scores are trusted: check them
         table = flag_invalid_scores(table)

@@ -15,6 +15,7 @@ from curate.schema import (
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
     PASSES_THRESHOLDS,
+    ROW,
     VERDICT_COLUMNS,
 )
 
@@ -57,6 +58,31 @@ def with_reason(
     for name, values in columns.items():
         table = table.set_column(table.column_names.index(name), name, values)
     return table
+
+
+def apply_verdicts(table: pa.Table, verdicts: pa.Table | None) -> pa.Table:
+    """Set verdicts (row, drop_stage, drop_reason, drop_detail), found by a global step, on the rows they name that
+    are still alive: the apply part of signature -> group -> apply."""
+    table = with_verdict_columns(table)
+    if verdicts is None or verdicts.num_rows == 0 or table.num_rows == 0:
+        return table
+    index = pc.index_in(table[ROW], value_set=verdicts[ROW].combine_chunks())
+    hit = pc.and_(pc.is_valid(index), alive(table))
+    safe_index = pc.fill_null(index, 0)
+    for name in VERDICT_COLUMNS:
+        values = verdicts[name].combine_chunks().take(safe_index)
+        table = table.set_column(table.column_names.index(name), name, pc.if_else(hit, values, table[name]))
+    return table
+
+
+def verdict_schema() -> pa.Schema:
+    return pa.schema([pa.field(ROW, pa.int64()), *(pa.field(name, pa.string()) for name in VERDICT_COLUMNS)])
+
+
+def verdicts_of(table: pa.Table) -> pa.Table:
+    """The rows a step flagged, as (row, drop_stage, drop_reason, drop_detail)."""
+    flagged = table.filter(pc.is_valid(table[DROP_REASON]))
+    return flagged.select([ROW, *VERDICT_COLUMNS]).cast(verdict_schema())
 
 
 def _at_limit(values: pa.ChunkedArray, limit: float) -> pa.ChunkedArray:

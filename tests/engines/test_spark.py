@@ -213,6 +213,7 @@ def embedding_table(rows: int, width: int = 16, seed: int = 5) -> pa.Table:
                      "aesthetic_score": pa.array(rng.uniform(4, 7, rows).round(1), pa.float32()),
                      "original_width": pa.array(rng.integers(64, 99, rows), pa.int32()),
                      "original_height": pa.array(np.full(rows, 64), pa.int32()),
+                     "passes_thresholds": pa.array(rng.random(rows) < 0.8),  # the survivor rule's first key
                      "drop_stage": pa.nulls(rows, pa.string()), "drop_reason": pa.nulls(rows, pa.string()),
                      "drop_detail": pa.nulls(rows, pa.string())})
 

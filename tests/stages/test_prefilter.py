@@ -1,7 +1,7 @@
 import pyarrow as pa
 
 from curate.stages.ingest import normalize
-from curate.stages.prefilter import first_rows, merge_first_rows, prefilter, url_problem
+from curate.stages.prefilter import group_url_duplicates, prefilter, url_problem, url_signature
 
 
 def _table(rows, first_row=0):
@@ -29,7 +29,7 @@ def test_prefilter_reasons_in_order():
          "pwatermark": None, "punsafe": None},
     ]
     table = _table(rows)
-    out = prefilter(table, merge_first_rows([first_rows(table)]), min_size=512, max_watermark=0.8, max_unsafe=0.5,
+    out = prefilter(table, group_url_duplicates(url_signature(table)), min_size=512, max_watermark=0.8, max_unsafe=0.5,
                     aesthetic_threshold=None)
     assert out["drop_reason"].to_pylist() == [None, "invalid_url", "empty_caption", "metadata_low_resolution",
                                               "metadata_watermark", "metadata_unsafe", "duplicate_url", None]
@@ -37,13 +37,16 @@ def test_prefilter_reasons_in_order():
     assert out["drop_detail"][6].as_py() == "0"  # the first occurrence's row number
 
 
-def test_first_rows_merge_across_batches_and_detect_collisions():
+def test_url_verdicts_group_across_batches_and_detect_collisions():
     first = _table([{"url": "http://a/1", "caption": "x"}], 0)
     second = _table([{"url": "http://a/1", "caption": "x"}, {"url": "http://a/2", "caption": "y"}], 1)
     # Force a key collision: a different url+caption under the first row's key.
     second = second.set_column(0, "key", pa.array([first["key"][0].as_py()] * 2))
-    firsts = merge_first_rows([first_rows(first), first_rows(second)])
-    out = prefilter(second, firsts, 0, None, None, None)
+    verdicts = group_url_duplicates(pa.concat_tables([url_signature(first), url_signature(second)]))
+    assert verdicts.to_pylist() == [
+        {"row": 1, "drop_stage": "prefilter", "drop_reason": "duplicate_url", "drop_detail": "0"},
+        {"row": 2, "drop_stage": "prefilter", "drop_reason": "key_collision", "drop_detail": "0"}]
+    out = prefilter(second, verdicts, 0, None, None, None)
     assert out["drop_reason"].to_pylist() == ["duplicate_url", "key_collision"]
-    kept = prefilter(first, firsts, 0, None, None, None)
+    kept = prefilter(first, verdicts, 0, None, None, None)
     assert kept["drop_reason"].to_pylist() == [None]
