@@ -147,12 +147,12 @@ def _cast_canonical(table: pa.Table) -> pa.Table:
             column = pc.cast(column, column.type.value_type)
         if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
             column = pa.chunked_array([_decoded(c) for c in column.chunks], pa.string())
-        if column.type == field.type:
-            continue
-        if pa.types.is_floating(field.type) and (pa.types.is_string(column.type) or
-                                                  pa.types.is_large_string(column.type)):
+        if column.type == field.type:  # a decoded dictionary or binary column still replaces the original
+            casted: pa.ChunkedArray | pa.Array = column
+        elif pa.types.is_floating(field.type) and (pa.types.is_string(column.type) or
+                                                    pa.types.is_large_string(column.type)):
             numbers = [_to_float(v) for v in column.to_pylist()]
-            casted: pa.ChunkedArray | pa.Array = pa.array(numbers, field.type)
+            casted = pa.array(numbers, field.type)
         else:
             casted = pc.cast(column, field.type, safe=False)
         table = table.set_column(table.column_names.index(field.name), field.name, casted)

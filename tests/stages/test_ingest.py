@@ -43,3 +43,12 @@ def test_no_url_column_names_the_columns_found():
 def test_two_spellings_of_one_column_are_refused():
     with pytest.raises(ValueError, match="both mean 'caption'"):
         canonical_names(["url", "TEXT", "caption"])
+
+
+def test_binary_and_dictionary_text_columns_become_strings():
+    table = pa.table({"URL": pa.array([b"http://a/1.jpg", b"http://a/\xff.jpg"], pa.binary()),
+                      "TEXT": pa.array(["one", "two"]).dictionary_encode()})
+    out = normalize(table, 0)
+    assert out["url"].type == pa.string() and out["caption"].type == pa.string()
+    assert out["url"].to_pylist() == ["http://a/1.jpg", "http://a/\ufffd.jpg"]
+    assert out["key"][0].as_py() == key_of("http://a/1.jpg", "one")
