@@ -12,7 +12,9 @@ from typing import Any
 
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
-RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no")  # img2dataset's ResizeMode
+RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no", "bucket")  # img2dataset's + bucket
+INPUT_FORMATS = ("auto", "parquet", "webdataset")
+PRECISIONS = ("auto", "fp32", "bf16")
 AESTHETIC_HEADS = ("v2", "v1")
 
 
@@ -30,13 +32,19 @@ class Config:
     phash_distance: int = 4
     semdedup_threshold: float = 0.95
     semdedup_clusters: int | None = None
+    # input
+    input_format: str = "auto"
+    caption_field: str | None = None
     # download
     image_size: int = 1024
     resize_mode: str = "keep_ratio"
+    buckets: int = 1024
     threads: int = 32
     processes: int = 1
     timeout: float = 10.0
     max_image_bytes: int = 32 * 1024 * 1024
+    max_per_host: int = 4
+    ca_bundle: str | None = None
     allow_loopback: bool = False
     allow_private_network: bool = False
     allow_link_local: bool = False
@@ -47,6 +55,7 @@ class Config:
     batch_size_rows: int = 10_000
     # models
     device: str = "auto"
+    precision: str = "auto"
     batch_size: int = 64
     model_cache: str = "~/.cache/curate"
     clip_weights: str | None = None
@@ -69,10 +78,13 @@ class Config:
         _check_choices("scores", [self.scores], SCORE_SOURCES)
         _check_choices("resize_mode", [self.resize_mode], RESIZE_MODES)
         _check_choices("aesthetic_head", [self.aesthetic_head], AESTHETIC_HEADS)
+        _check_choices("input_format", [self.input_format], INPUT_FORMATS)
+        _check_choices("precision", [self.precision], PRECISIONS)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size",
-                     "max_image_bytes", "batch_size_rows", "batch_size", "global_batch_size"):
+                     "max_image_bytes", "batch_size_rows", "batch_size", "global_batch_size", "max_per_host",
+                     "buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.min_size < 0:
@@ -171,12 +183,20 @@ OPTION_HELP: dict[str, str] = {
     "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
     "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
+    "input_format": "Input kind: parquet (metadata to download), webdataset (tars already downloaded, e.g. by "
+                    "img2dataset), or auto (by the .tar suffix).",
+    "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member.",
     "image_size": "Resize so the shorter side is this many pixels (never upscales).",
-    "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no.",
+    "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): 1024 for SDXL, "
+               "512 for the SD recipe.",
+    "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no; or bucket "
+                   "(scale to cover the aspect bucket, centre crop, never upscale).",
     "threads": "Download threads per process.",
     "processes": "Download processes.",
     "timeout": "Seconds allowed for one URL, redirects and body included.",
     "max_image_bytes": "Largest body fetched, in bytes.",
+    "max_per_host": "At most this many concurrent requests to one host.",
+    "ca_bundle": "PEM file of extra certificate authorities to trust for HTTPS (e.g. a test or corporate CA).",
     "allow_loopback": "Allow URLs on loopback addresses only (127.0.0.0/8, ::1): what tests and the demo need.",
     "allow_private_network": "Allow URLs on loopback and private addresses (RFC 1918, ULA fc00::/7); not link-local.",
     "allow_link_local": "Also allow link-local addresses (169.254.0.0/16, fe80::/10) and the cloud metadata service "
@@ -185,6 +205,7 @@ OPTION_HELP: dict[str, str] = {
     "user_agent_token": "The agent name X-Robots-Tag directives are matched against.",
     "batch_size_rows": "Rows per batch (and per checkpoint part).",
     "device": "Model device: auto, cpu or cuda.",
+    "precision": "Model precision: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32), fp32, bf16.",
     "batch_size": "Images per model batch.",
     "model_cache": "Where official weights are downloaded to.",
     "clip_weights": "Local file (or URL) of the CLIP ViT-L/14 OpenAI weights.",
