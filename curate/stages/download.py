@@ -119,6 +119,11 @@ def _download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
         body = fetch(url, options.policy)
     except FetchError as error:
         return {STATUS: error.reason, "error": str(error)}
+    return process_body(body, options)
+
+
+def process_body(body: bytes, options: DownloadOptions) -> dict[str, Any]:
+    """Check, resize and measure fetched (or already stored) image bytes: the download columns of one row."""
     row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest() if body else None}
     try:
         prepared = prepare(body)
