@@ -148,6 +148,11 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
         for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options), indices), strict=True):
             results[i] = result
+    return with_download_results(table, results)
+
+
+def with_download_results(table: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
+    """The download columns from one result per row ({} for rows not processed); failures get their reason."""
     for field in table_schema("download"):
         values = pa.array([r.get(field.name) for r in results], field.type)
         table = table.append_column(field, values) if field.name not in table.column_names else table
