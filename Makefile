@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench-spark: install
 # The recipe's models at full size, 300 s of timed rounds (~6.5 min); make bench runs a 60 s version.
 bench-score: install
 	$(PY) -m bench.bench_score
+
+# Issue 13: both engines on LAION-size files, 1,000 live rows each; local at 1M and 10M rows, Spark at 100k and 1M
+# (--sizes, --spark-sizes, --no-spark). bench/work: ~1 GB of images, ~0.55 GB of corpora and an output per size.
+bench-scale: install
+	$(PY) -m bench.bench_scale
 
 bench-dedup: install
 	$(PY) -m bench.bench_dedup --n 100000

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -163,3 +164,143 @@ class CorpusServer:
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         self.process.join()
+
+
+# The scale corpus (bench_scale): N rows of which a fixed few pass the metadata prefilter; generated in chunks.
+SCALE_DEAD_HOST = "http://127.0.0.1:9"  # nothing listens on port 9; prefilter drops these rows before download
+SCALE_MIN_SIDE = 512  # curate run's default --min-size: live rows' images are at least this large
+SCALE_REPEAT_EVERY = 20  # 5 % of the rows repeat an earlier row's url+caption
+SCALE_CHUNK_ROWS = 500_000  # rows generated and written at a time (one row group)
+_GOLDEN, _MASK64 = 0x9E3779B97F4A7C15, (1 << 64) - 1
+SCALE_SCHEMA = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.float64()),
+                          ("HEIGHT", pa.float64()), ("similarity", pa.float64()), ("punsafe", pa.float64()),
+                          ("pwatermark", pa.float64()), ("AESTHETIC_SCORE", pa.float64())])
+
+
+def _mix(rows: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of each row number: a random number any chunk can compute for any row, earlier chunks' too."""
+    z = rows.astype(np.uint64) + np.uint64((seed + 1) * _GOLDEN & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def live_images(count: int) -> list[int]:
+    """The first `count` image indices whose shorter side passes SCALE_MIN_SIDE (about 40 % of them do)."""
+    found: list[int] = []
+    index = 0
+    while len(found) < count:
+        if min(image_size(index)) >= SCALE_MIN_SIDE:
+            found.append(index)
+        index += 1
+    return found
+
+
+def ensure_images_at(indices: list[int], processes: int = 2) -> float:
+    """Generate the images of these indices that are not cached yet; returns the seconds it took."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in indices if not image_path(i).exists()]
+    started = time.perf_counter()
+    if missing:
+        print(f"generating {len(missing)} images under {IMAGES} (cached for later runs)", flush=True)
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_image, missing, chunksize=32))
+    return time.perf_counter() - started
+
+
+class ScaleLayout:
+    """Which rows are live (a fixed set), which repeat an earlier row, and the url and caption of any row."""
+
+    def __init__(self, rows: int, live: int, seed: int, base_url: str) -> None:
+        if rows < 2 * live:
+            raise ValueError(f"a scale corpus of {rows} rows cannot hold {live} live rows; give at least {2 * live}")
+        self.rows, self.seed = rows, seed
+        self.live_rows = np.sort(np.random.default_rng([seed, rows, live]).choice(rows, live, replace=False))
+        images = live_images(live)
+        self.live_urls = pa.array([f"{base_url}/img/{i}.jpg" for i in images])
+        self.live_sizes = np.array([image_size(i) for i in images], dtype=np.float64)
+
+    def live_rank(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(is live, index into the live rows) of each row."""
+        rank = np.minimum(np.searchsorted(self.live_rows, rows), len(self.live_rows) - 1)
+        return self.live_rows[rank] == rows, rank
+
+    def is_repeat(self, rows: np.ndarray) -> np.ndarray:
+        repeat = (_mix(rows, self.seed) % np.uint64(SCALE_REPEAT_EVERY) == 0) & (rows != 0)
+        return repeat & ~self.live_rank(rows)[0]
+
+    def sources(self, rows: np.ndarray) -> np.ndarray:
+        """The row each row takes its url and caption from: itself, or for a repeat a random earlier non-repeat."""
+        source = rows.copy()
+        repeat = self.is_repeat(rows)
+        source[repeat] = (_mix(rows[repeat], self.seed + 1) % rows[repeat].astype(np.uint64)).astype(np.int64)
+        while (chained := self.is_repeat(source) & repeat).any():  # row 0 is never a repeat: this ends
+            source[chained] -= 1
+        return source
+
+    def urls(self, rows: np.ndarray) -> pa.Array:
+        live, rank = self.live_rank(rows)
+        dead = pc.binary_join_element_wise(SCALE_DEAD_HOST + "/", pc.cast(pa.array(rows), pa.string()), ".jpg", "")
+        return pc.if_else(pa.array(live), self.live_urls.take(pa.array(rank)), dead)
+
+    def captions(self, rows: np.ndarray) -> pa.Array:
+        words = pa.array(WORDS).take(pa.array(rows % len(WORDS)))
+        things = pa.array(THINGS).take(pa.array((_mix(rows, self.seed + 2) % np.uint64(len(THINGS))).astype(np.int64)))
+        number = pc.binary_join_element_wise("#", pc.cast(pa.array(rows), pa.string()), "")
+        return pc.binary_join_element_wise(words, things, number, " ")
+
+
+def scale_chunk(layout: ScaleLayout, start: int, stop: int) -> pa.Table:
+    """Rows start..stop-1: dead rows fail one metadata check each (aesthetic, size or watermark), repeats and live
+    rows pass them all (repeats are dropped as duplicate_url), live rows carry their image's true size."""
+    rows = np.arange(start, stop, dtype=np.int64)
+    count = stop - start
+    rng = np.random.default_rng([layout.seed, layout.rows, start])
+    live, rank = layout.live_rank(rows)
+    dead = ~live & ~layout.is_repeat(rows)
+    reason = np.where(dead, (_mix(rows, layout.seed + 3) % np.uint64(3)).astype(np.int64), -1)
+    width, height = rng.integers(512, 2048, count).astype(np.float64), rng.integers(512, 2048, count).astype(np.float64)
+    small = reason == 1
+    height[small] = rng.integers(64, SCALE_MIN_SIDE, int(small.sum()))
+    width[live], height[live] = layout.live_sizes[rank[live], 0], layout.live_sizes[rank[live], 1]
+    aesthetic = np.where(reason == 0, rng.uniform(3.0, 4.9, count), rng.uniform(5.0, 8.0, count))
+    watermark = np.where(reason == 2, rng.uniform(0.85, 1.0, count), rng.beta(0.6, 2.0, count) * 0.75)
+    sources = layout.sources(rows)
+    return pa.Table.from_pydict({
+        "URL": layout.urls(sources),
+        "TEXT": layout.captions(sources),
+        "WIDTH": width,
+        "HEIGHT": height,
+        "similarity": rng.uniform(0.28, 0.4, count),
+        "punsafe": rng.beta(0.5, 8.0, count),
+        "pwatermark": watermark,
+        "AESTHETIC_SCORE": aesthetic,
+    }, schema=SCALE_SCHEMA)
+
+
+def write_scale_corpus(rows: int, live: int, seed: int, base_url: str, path: Path) -> float:
+    """The scale corpus at path (kept when already there: the path names rows, live, seed and port); returns the
+    seconds it took to write, 0 when cached. Memory is bounded by one chunk."""
+    if path.exists():
+        return 0.0
+    started = time.perf_counter()
+    layout = ScaleLayout(rows, live, seed, base_url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with pq.ParquetWriter(temporary, SCALE_SCHEMA) as writer:
+        for start in range(0, rows, SCALE_CHUNK_ROWS):
+            writer.write_table(scale_chunk(layout, start, min(rows, start + SCALE_CHUNK_ROWS)),
+                               row_group_size=SCALE_CHUNK_ROWS)
+    temporary.replace(path)
+    return time.perf_counter() - started
+
+
+class PinnedCorpusServer(CorpusServer):
+    """CorpusServer on a chosen port when it is free (else any port), so a cached corpus's URLs stay valid."""
+
+    def __init__(self, port: int) -> None:
+        try:
+            self.httpd = _Server(("127.0.0.1", port), _Handler)
+        except OSError:
+            self.httpd = _Server(("127.0.0.1", 0), _Handler)
+        self.process = multiprocessing.get_context("fork").Process(target=self.httpd.serve_forever, daemon=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_download, bench_e2e, bench_shard, common, corpus
+from bench import bench_download, bench_e2e, bench_scale, bench_shard, common, corpus
 from bench.bench_download import Settings
 
 SMALL = Settings(processes=1, threads=4, rows_per_part=20, world_size=2)
@@ -60,3 +60,23 @@ def test_e2e_shard_and_results(work: Path, tmp_path: Path) -> None:
     merged = json.loads(path.read_text())
     assert merged["dedup_recall"] == 0.99 and "scale_exponent" in merged and "shard_ratio_vs_tar" in merged
     assert merged["machine"] and merged["date"]
+
+
+def test_scale_corpus_and_local_runs(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale corpus keeps exactly its live rows after the prefilter; `curate run` runs twice in a child."""
+    monkeypatch.setattr(bench_scale, "WORK", work)
+    rows = corpus.scale_chunk(corpus.ScaleLayout(2000, 20, 0, "http://live"), 0, 2000).to_pylist()
+    seen: set[tuple[str, str]] = set()
+    passing = []
+    for row in rows:
+        first = (row["URL"], row["TEXT"]) not in seen
+        seen.add((row["URL"], row["TEXT"]))
+        metadata = row["AESTHETIC_SCORE"] >= 5 and row["pwatermark"] <= 0.8 and min(row["WIDTH"], row["HEIGHT"]) >= 512
+        if first and metadata:
+            passing.append(row["URL"])
+    assert len(passing) == 20 and all(url.startswith("http://live/img/") for url in passing)
+    assert 50 < len(rows) - len(seen) < 150  # about 5 % url+caption repeats
+    figures = bench_scale.main(["--sizes", "2000,4000", "--live", "20", "--no-spark", "--no-write"])
+    assert isinstance(figures["scale_local_exponent"], float) and figures["scale_local_peak_rss_gb_4k"] > 0
+    assert set(figures["scale_local_download_seconds"]) == {"2000", "4000"}
+    assert all(stats["total"] > 0 for stats in figures["scale_local_stage_seconds"].values())
