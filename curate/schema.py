@@ -41,6 +41,9 @@ SCORES_SOURCE = "scores_source"
 EMBEDDING = "embedding"
 
 PASSES_THRESHOLDS = "passes_thresholds"  # dedup's survivor rule only; never written to the books
+# WebDataset input: where a row's image lies in an input tar (read by the decode stage, never copied before)
+TAR_PATH, TAR_OFFSET, TAR_SIZE, IMAGE_FORMAT = "tar_path", "tar_offset", "tar_size", "image_format"
+LOCATION_COLUMNS = (TAR_PATH, TAR_OFFSET, TAR_SIZE, IMAGE_FORMAT)
 SHARD = "shard"
 POSITION = "position"
 

@@ -48,6 +48,7 @@ from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
 from curate.stages.ingest import check_input_schema, normalize
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
+from curate.webdataset_input import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -90,6 +91,11 @@ class LocalRun:
     # -- ingest -----------------------------------------------------------------------------------------
     def check_inputs(self, inputs: list[str]) -> list[str]:
         """The input files, each one's schema checked before any work starts; raises naming the file."""
+        if is_webdataset(inputs, self.config.input_format):
+            tars = expand_tars(inputs)
+            for path in tars:
+                check_tar(path)
+            return tars
         files, rows = io.expand_inputs(inputs), 0
         for path in files:
             schema, count = io.parquet_footer(path)  # raises naming the file when it is no parquet
@@ -109,16 +115,26 @@ class LocalRun:
         """Every input row to the canonical table; `files` are check_inputs' result when the caller has it."""
         files = files if files is not None else self.check_inputs(inputs)
 
+        tars = is_webdataset(inputs, self.config.input_format)
+
         def body() -> dict[str, Any]:
             checkpoint, rows, part = self.checkpoint("ingest"), 0, 0
             checkpoint.reset()
+            damage: list[dict[str, Any]] = []
             for path in files:
-                for batch in io.read_parquet_batches(path, self.config.batch_size_rows):
-                    checkpoint.write_part(part, normalize(batch, rows))
+                if tars:
+                    batches = (normalize_rows(batch, rows) for batch in
+                               read_tar_rows(path, self.config.batch_size_rows, self.config.caption_field, damage))
+                else:
+                    batches = (normalize(batch, rows) for batch in
+                               io.read_parquet_batches(path, self.config.batch_size_rows))
+                for batch in batches:  # rows counts up as each batch is numbered
+                    checkpoint.write_part(part, batch)
                     rows, part = rows + batch.num_rows, part + 1
             if rows == 0:
                 raise ValueError(f"the input files hold no rows: {files}")
-            return {"input_files": files, "input_rows": rows, "parts": part}
+            return {"input_files": files, "input_rows": rows, "parts": part,
+                    "input_format": "webdataset" if tars else "parquet", "damaged_inputs": damage}
 
         return self._timed("ingest", body)
 
@@ -147,6 +163,10 @@ class LocalRun:
             )
 
     # -- prefilter --------------------------------------------------------------------------------------
+    def stored_images(self) -> bool:
+        """True when the input is WebDataset tars: the images are read from them, not fetched."""
+        return self.checkpoint("ingest").meta().get("input_format") == "webdataset"
+
     def part_starts(self) -> np.ndarray:
         """The first row number of every ingest part (from the parquet footers)."""
         counts = [pq.ParquetFile(path).metadata.num_rows for path in self.checkpoint("ingest").parts()]
@@ -175,7 +195,7 @@ class LocalRun:
             judged_by = prefilter_thresholds(self.config, scores)
             live = 0
             for index, (part, url_flags) in enumerate(zip(source.iter_parts(), self.url_flags(), strict=True)):
-                part = prefilter.prefilter(part, url_flags, **judged_by)
+                part = prefilter.prefilter(part, url_flags, **judged_by, check_urls=not self.stored_images())
                 keep = alive(part)
                 live += pc.sum(keep.cast("int64")).as_py() or 0
                 target.write_split(index, part, keep)
@@ -199,7 +219,7 @@ class LocalRun:
             todo = [i for i in range(len(source.parts())) if not target.has_part(i)]
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
-            jobs = [(str(self.out), i, self.download_options()) for i in todo]
+            jobs = [(str(self.out), i, self.download_options(), self.stored_images()) for i in todo]
             if self.config.processes > 1 and len(jobs) > 1:
                 # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
                 context = multiprocessing.get_context("spawn")
@@ -307,10 +327,16 @@ def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
             "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None}
 
 
-def _download_part(job: tuple[str, int, DownloadOptions]) -> None:
+def _download_part(job: tuple[str, int, DownloadOptions, bool]) -> None:
     """One prefilter part to one download part (a picklable unit of work for the process pool)."""
-    out, index, options = job
-    part = download(pq.read_table(io.Checkpoint(out, "prefilter").part_path(index)), options)
+    out, index, options, stored = job
+    part = pq.read_table(io.Checkpoint(out, "prefilter").part_path(index))
+    if stored:
+        from curate.stages.stored import decode_stored
+
+        part = decode_stored(part, options)
+    else:
+        part = download(part, options)
     io.Checkpoint(out, "download").write_split(index, part, alive(part))
 
 

@@ -16,7 +16,18 @@ import pyarrow.parquet as pq
 from curate import accounting, io
 from curate.engines.local import DROPPING_STAGES, LocalRun
 from curate.engines.local_partitions import rows_between
-from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
+from curate.schema import (
+    CAPTION,
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
+    KEY,
+    LOCATION_COLUMNS,
+    ROW,
+    SHARD,
+    URL,
+    table_schema,
+)
 from curate.stages import shard as shard_stage
 from curate.stages.verdict import alive, with_reason
 from curate.writer import scatter, shard_path, write_shard
@@ -24,7 +35,8 @@ from curate.writer import scatter, shard_path, write_shard
 log = logging.getLogger(__name__)
 CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
                 "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
-                "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard"}
+                "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard",
+                *LOCATION_COLUMNS}
 
 
 def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPlan]:

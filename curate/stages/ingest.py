@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import CAPTION, KEY, PASSES_THRESHOLDS, ROW, URL, table_schema
+from curate.schema import CAPTION, KEY, LOCATION_COLUMNS, PASSES_THRESHOLDS, ROW, URL, table_schema
 
 # Every spelling seen in LAION releases (compared lower-cased) -> canonical name.
 COLUMN_ALIASES = {
@@ -31,7 +31,7 @@ COLUMN_ALIASES = {
 }
 # Columns the stages write that no table schema lists, and the engines' working columns.
 INTERNAL_COLUMNS = ("error", "embedding", "jpg_bytes", PASSES_THRESHOLDS, "pair_hash", "first_row",
-                    "first_row_of_pair")
+                    "first_row_of_pair", *LOCATION_COLUMNS)
 SOURCE_PREFIX = "source_"
 
 
@@ -175,7 +175,10 @@ def normalize(table: pa.Table, first_row: int) -> pa.Table:
     mapping = check_input_schema(table.schema)
     table = table.rename_columns([mapping[name] for name in table.column_names])
     for index, name in enumerate(table.column_names):  # strings Python cannot decode would crash a later stage
-        table = table.set_column(index, name, valid_utf8(table[name]))
+        column = table[name]
+        if pa.types.is_null(column.type):  # an all-null column: Arrow joins and later batches need a real type
+            column = column.cast(pa.string())
+        table = table.set_column(index, name, valid_utf8(column))
     if CAPTION not in table.column_names:
         table = table.append_column(CAPTION, pa.nulls(table.num_rows, pa.string()))
     table = _cast_canonical(table)

@@ -147,11 +147,13 @@ def prefilter(
     max_watermark: float | None,
     max_unsafe: float | None,
     aesthetic_threshold: float | None,
+    check_urls: bool = True,
 ) -> pa.Table:
     """All metadata checks in order; the first that applies is the row's reason. url_flags are the url+caption
     duplicate verdicts of these rows (group_url_duplicates or url_verdicts), None when that dedup is off."""
     table = with_verdict_columns(table)
-    table = flag_invalid_urls(table)
+    if check_urls:  # not for images already downloaded: their url is a record, not something to fetch
+        table = flag_invalid_urls(table)
     table = flag_empty_captions(table)
     table = apply_verdicts(table, url_flags)
     table = flag_metadata_size(table, min_size)

@@ -52,3 +52,8 @@ def test_binary_and_dictionary_text_columns_become_strings():
     assert out["url"].type == pa.string() and out["caption"].type == pa.string()
     assert out["url"].to_pylist() == ["http://a/1.jpg", "http://a/\ufffd.jpg"]
     assert out["key"][0].as_py() == key_of("http://a/1.jpg", "one")
+
+
+def test_an_all_null_column_gets_a_real_type():
+    out = normalize(pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["one"], "extra": pa.nulls(1)}), 0)
+    assert out["extra"].type == pa.string() and out["extra"].to_pylist() == [None]
