@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
@@ -37,7 +38,9 @@ from curate.stages import prefilter, select
 from curate.stages.download import download
 from curate.stages.ingest import canonical_names, normalize
 from curate.stages.shard import ShardPlanError
+from curate.stages.stored import decode_stored
 from curate.stages.verdict import with_verdict_columns
+from curate.webdataset_input import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -117,7 +120,37 @@ def _ingest(table: pa.Table) -> pa.Table:
     return table.append_column(PAIR, pc.cast(prefilter.pair_hashes(table), pa.int64()))
 
 
-def _prefilter(config: Config, scores: str, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
+def _pair_hashes(table: pa.Table) -> pa.Table:
+    """Rows the driver already normalized (WebDataset input): only the pair hash is added."""
+    table = table.drop_columns([GLOBAL_ROW])
+    return table.append_column(PAIR, pc.cast(prefilter.pair_hashes(table), pa.int64()))
+
+
+def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
+    """WebDataset input: the driver reads the tars' headers, captions and json (the local engine's ingest, no image
+    bytes) into OUT/stages/ingest parts; Spark reads those rows. Their images are read from the tars at download."""
+    files = expand_tars(inputs)
+    for path in files:  # a file that is no tar is refused before any work
+        check_tar(path)
+    folder, rows, part = f"{run.root}/stages/ingest", 0, 0
+    damage: list[dict[str, Any]] = []
+    if run.fs.exists(folder):
+        run.fs.rm(folder, recursive=True)
+    run.fs.makedirs(folder, exist_ok=True)
+    for path in files:
+        for batch in read_tar_rows(path, run.config.batch_size_rows, run.config.caption_field, damage):
+            table = normalize_rows(batch, rows)
+            with run.fs.open(f"{folder}/part-{part:06d}.parquet", "wb") as handle:
+                pq.write_table(table, handle)
+            rows, part = rows + table.num_rows, part + 1
+    if rows == 0:
+        raise ValueError(f"the input tars hold no samples: {files}")
+    run.damaged_inputs = damage
+    ingested = run.spark.read.option("mergeSchema", "true").parquet(run.path("stages", "ingest"))
+    return ingested.withColumn(GLOBAL_ROW, ingested[ROW]), rows
+
+
+def _prefilter(config: Config, scores: str, url_dedup: bool, stored: bool = False) -> Callable[[pa.Table], pa.Table]:
     judged_by = prefilter_thresholds(config, scores)
 
     def run(table: pa.Table) -> pa.Table:
@@ -126,7 +159,7 @@ def _prefilter(config: Config, scores: str, url_dedup: bool) -> Callable[[pa.Tab
             url_flags = prefilter.url_verdicts(table[ROW], table[prefilter.FIRST_ROW_OF_PAIR],
                                                table[prefilter.FIRST_ROW])
         table = table.drop_columns([c for c in (PAIR, *FIRSTS) if c in table.column_names])
-        return prefilter.prefilter(table, url_flags, **judged_by)
+        return prefilter.prefilter(table, url_flags, **judged_by, check_urls=not stored)
     return run
 
 
@@ -177,6 +210,7 @@ class SparkRun:
         self.spark, self.config, self.out = spark, config, str(output).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.out)
         self.timings: dict[str, float] = {}
+        self.damaged_inputs: list[dict[str, Any]] = []
 
     def path(self, *parts: str) -> str:
         return "/".join([self.out, *parts])
@@ -221,7 +255,7 @@ class SparkRun:
         return "metadata" if all((v or 0) == 0 for v in nulls.collect()[0]) else "model"
 
 
-def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str) -> DataFrame:
+def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str, stored: bool) -> DataFrame:
     """Prefilter (with the url+caption first rows as a Spark aggregation), then download, checkpointed with images."""
     from pyspark.sql import functions as F
 
@@ -234,11 +268,11 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
         rows = ingested.join(pairs.join(per_key, KEY), [KEY, PAIR]).select(*ingested.columns, *FIRSTS)
     kept = [f for f in arrow_schema(rows) if f.name not in (PAIR, *FIRSTS)]
     schema = with_verdict_columns(pa.schema(kept).empty_table()).schema  # prefilter only adds the verdict columns
-    judged = map_stage(rows, _prefilter(c, scores, url_dedup), schema)
+    judged = map_stage(rows, _prefilter(c, scores, url_dedup, stored), schema)
     options = LocalRun(".", c).download_options()
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
-    fetched = map_stage(spread, lambda table: download(table, options))
+    fetched = map_stage(spread, lambda table: decode_stored(table, options) if stored else download(table, options))
     return run.checkpoint("download", fetched)
 
 
@@ -268,14 +302,19 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     run = SparkRun(spark, output, config)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size_rows))
     resume = run.resumable(inputs)
-    raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs))
-    ingested = map_stage(raw, _ingest)
+    stored = is_webdataset(inputs, config.input_format)  # images already downloaded, in tars
+    if stored:
+        raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
+        ingested = map_stage(raw, _pair_hashes)
+    else:
+        raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs))
+        ingested = map_stage(raw, _ingest)
     scores = run.resolve_scores(ingested)
     if resume:
         log.info("download: done in an earlier run, resuming after it")
         downloaded = spark.read.parquet(run.path("stages", "download"))
     else:
-        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores))
+        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
     scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
     if scores == "model":
         scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))

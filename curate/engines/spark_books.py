@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from curate.engines.spark import SparkRun
 
-STAGE_ORDER = ["prefilter", "download", "score", "dedup", "select", "shard"]
+STAGE_ORDER = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
 
 
 def write_json(run: SparkRun, name: str, value: Any) -> None:
