@@ -14,13 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
+from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, CROP_LEFT, CROP_TOP, SMALLER_THAN_BUCKET
 from curate.stages.shard import sample_bytes, shard_name, tar_end
 
 _RECORD = struct.Struct("<qQ")  # position, length of the member bytes that follow
 
 
 def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[str, Any]:
-    """The KEY.json document of one sample."""
+    """The KEY.json document of one sample, with SDXL's conditioning: original size, crop, aspect bucket."""
     from curate.stages.shard import json_value
 
     document = {
@@ -30,6 +31,9 @@ def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[st
         "aesthetic_score": json_value(row.get("aesthetic_score")),
         "watermark_prob": json_value(row.get("watermark_prob")),
         "scores_source": row.get("scores_source"), "sha256": row["sha256"],
+        "crop_top": row.get(CROP_TOP), "crop_left": row.get(CROP_LEFT),
+        "bucket_width": row[BUCKET_WIDTH], "bucket_height": row[BUCKET_HEIGHT],
+        "smaller_than_bucket": row[SMALLER_THAN_BUCKET],
     }
     document["metadata"] = {name: json_value(row.get(name)) for name in metadata_columns}
     return document
@@ -40,7 +44,8 @@ def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, m
     bucket_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     # Join on the input row number: keys repeat among dropped rows (url+caption duplicates).
-    wanted = assignment.select([ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source"])
+    wanted = assignment.select([ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source",
+                                *BUCKET_COLUMNS])
     for part in parts:
         part = part.drop_columns([c for c in wanted.column_names if c != ROW and c in part.column_names])
         joined = part.join(wanted, ROW, join_type="inner")

@@ -211,7 +211,8 @@ class LocalRun:
                              allow_link_local=c.allow_link_local,
                              disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
                              user_agent_token=c.user_agent_token)
-        return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, threads=c.threads, policy=policy)
+        return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
+                               threads=c.threads, policy=policy)
 
     def download(self) -> dict[str, Any]:
         def body() -> dict[str, Any]:

@@ -29,6 +29,7 @@ from curate.schema import (
     table_schema,
 )
 from curate.stages import shard as shard_stage
+from curate.stages.buckets import BUCKET_COLUMNS, CROP_LEFT, CROP_TOP, add_buckets, bucket_counts
 from curate.stages.verdict import alive, with_reason
 from curate.writer import scatter, shard_path, write_shard
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
                 "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
                 "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard",
-                *LOCATION_COLUMNS}
+                *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS}
 
 
 def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPlan]:
@@ -54,7 +55,7 @@ def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPla
     positions = np.full(table.num_rows, -1, dtype=np.int64)
     is_alive = alive(table).to_numpy(zero_copy_only=False)
     positions[is_alive] = shard_stage.shuffle_positions(survivors[KEY].to_pylist(), c.seed)
-    table = shard_stage.assign_shards(table, shard_plan, positions)
+    table = add_buckets(shard_stage.assign_shards(table, shard_plan, positions), c.buckets)
     remainder = pc.and_(alive(table), pc.equal(table[SHARD], -1))
     detail = f"{shard_plan.remainder} samples do not fill {shard_plan.num_shards} equal shards"
     return with_reason(table, remainder, "shard", "shard_remainder", detail), shard_plan
@@ -86,7 +87,10 @@ def shard(run: LocalRun) -> dict[str, Any]:
             entries.append(write_shard(bucket, shard_path(shard_dir, run.config.shard_name, index)))
             run.progress("shard", index + 1, shard_plan.num_shards)
         shutil.rmtree(buckets)
+        per_bucket = bucket_counts(assignment)
+        entries = [{**entry, "buckets": per_bucket.get(index, {})} for index, entry in enumerate(entries)]
         io.write_json(index_document(run, shard_plan, entries), shard_dir / "index.json")
+        io.write_json(sizes_document(entries), shard_dir / "sizes.json")
         run.checkpoint("shard").write_part(0, table)
         return {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
                 "remainder": shard_plan.remainder}
@@ -102,7 +106,13 @@ def index_document(run: LocalRun, plan: shard_stage.ShardPlan, entries: list[dic
         "world_size": c.world_size, "workers_per_rank": c.workers_per_rank,
         "samples_per_shard": plan.samples_per_shard, "samples_per_rank": plan.samples_per_rank,
         "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch, "seed": c.seed,
+        "buckets": c.buckets,
     }
+
+
+def sizes_document(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """shards/sizes.json as open_clip's get_dataset_size reads it: shard file name -> samples."""
+    return {entry["url"].rsplit("/", 1)[-1]: entry["nsamples"] for entry in entries}
 
 
 LEDGER_SOURCE = [KEY, ROW, URL, DROP_STAGE, DROP_REASON, DROP_DETAIL]

@@ -1,5 +1,6 @@
-"""The Spark engine's books: ledger, samples, index.json and stats.json (the local engine's shapes), and the check
-that every input row is accounted for. ledger.parquet and samples.parquet are parquet folders of ordered parts."""
+"""The Spark engine's books: ledger, samples, index.json, sizes.json and stats.json (the local engine's shapes), and
+the check that every input row is accounted for.
+ledger.parquet and samples.parquet are parquet folders of ordered parts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 
 from curate import accounting
 from curate.engines.local import LocalRun
-from curate.engines.local_shard import index_document
+from curate.engines.local_shard import index_document, sizes_document
 from curate.engines.spark_frames import arrow_schema, map_stage
 from curate.schema import POSITION, ROW, SHARD, table_schema
 
@@ -73,6 +74,7 @@ def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list
     started = time.perf_counter()
     config = run.config
     write_json(run, "shards/index.json", index_document(LocalRun(".", config), shard_plan, entries))
+    write_json(run, "shards/sizes.json", sizes_document(entries))
     placed_schema = arrow_schema(placed)
     samples_schema = accounting.samples_table(placed_schema.empty_table()).schema
     ledger = write_ledger(run, placed)

@@ -19,9 +19,10 @@ import pyarrow as pa
 
 from curate.config import Config
 from curate.engines.local_shard import CARRIED_SKIP
-from curate.engines.spark_frames import INDEX, global_index
+from curate.engines.spark_frames import INDEX, global_index, map_stage
 from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
+from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, add_buckets, bucket_name
 from curate.writer import sample_document
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def _draws(seed: int) -> Any:
 
 
 def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -> tuple[DataFrame, Any]:
-    """judged with position and shard added, the remainder flagged; and the ShardPlan (from counts only)."""
+    """judged with position, shard and aspect bucket added, the remainder flagged; and the ShardPlan (from counts)."""
     from pyspark.sql import functions as F
 
     survivors = judged.filter(F.col(DROP_REASON).isNull())
@@ -69,7 +70,8 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -
     detail = f"{shard_plan.remainder} samples do not fill {shard_plan.num_shards} equal shards"
     for column, value in ((DROP_STAGE, "shard"), (DROP_DETAIL, detail), (DROP_REASON, "shard_remainder")):
         placed = placed.withColumn(column, F.when(remainder, F.lit(value)).otherwise(F.col(column)))
-    return placed, shard_plan
+    base = config.buckets
+    return map_stage(placed, lambda table: add_buckets(table, base)), shard_plan
 
 
 class _Tar:
@@ -151,7 +153,7 @@ def write_shards(placed: DataFrame, downloaded: DataFrame, shard_plan: Any, conf
     from pyspark.sql import functions as F
 
     metadata_columns = [name for name in placed.columns if name not in CARRIED_SKIP]
-    assignment = placed.filter(F.col(SHARD) >= 0).select(ROW, SHARD, POSITION, *SCORE_COLUMNS)
+    assignment = placed.filter(F.col(SHARD) >= 0).select(ROW, SHARD, POSITION, *SCORE_COLUMNS, *BUCKET_COLUMNS)
     images = downloaded.drop(*[c for c in assignment.columns if c != ROW]).join(assignment, ROW)
     ordered = images.repartition(shard_plan.num_shards, SHARD).sortWithinPartitions(SHARD, POSITION)
     fs, folder = fsspec.core.url_to_fs(shard_dir)
@@ -163,5 +165,9 @@ def write_shards(placed: DataFrame, downloaded: DataFrame, shard_plan: Any, conf
     entries = sorted((r.asDict() for r in rows), key=lambda entry: entry["shard"])
     if [e["shard"] for e in entries] != list(range(shard_plan.num_shards)):
         raise RuntimeError(f"shard writers returned {len(entries)} entries for {shard_plan.num_shards} shards")
-    return [{k: v for k, v in entry.items() if k != "shard"} for entry in entries]
+    per_bucket: dict[int, dict[str, int]] = {}
+    for row in assignment.groupBy(SHARD, BUCKET_WIDTH, BUCKET_HEIGHT).count().collect():
+        per_bucket.setdefault(row[SHARD], {})[bucket_name(row[BUCKET_WIDTH], row[BUCKET_HEIGHT])] = row["count"]
+    return [{**{k: v for k, v in entry.items() if k != "shard"}, "buckets": dict(sorted(per_bucket.get(
+        entry["shard"], {}).items()))} for entry in entries]
 

@@ -41,6 +41,7 @@ from curate.schema import (
     VERDICT_COLUMNS,
     table_schema,
 )
+from curate.stages.buckets import BucketResizer, crop_columns
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
 
 
@@ -81,6 +82,7 @@ SUCCESS = "success"
 class DownloadOptions:
     image_size: int = 1024
     resize_mode: str = "keep_ratio"
+    buckets: int = 1024  # base size of the aspect buckets, for resize_mode "bucket"
     threads: int = 32
     policy: FetchPolicy = FetchPolicy()
 
@@ -91,6 +93,8 @@ _resizers: dict[tuple[int, str], Any] = {}
 def resizer_for(options: DownloadOptions) -> Any:
     """One Resizer per process and setting; never upscales (resize_only_if_bigger)."""
     cache_key = (options.image_size, options.resize_mode)
+    if options.resize_mode == "bucket":  # scale to cover the aspect bucket, centre crop (curate.stages.buckets)
+        return BucketResizer(options.buckets)
     if cache_key not in _resizers:
         resizer = _resizer_module()
         mode = resizer.ResizeMode[options.resize_mode]
@@ -134,7 +138,8 @@ def process_body(body: bytes, options: DownloadOptions) -> dict[str, Any]:
         return {**row, STATUS: "decode_failed", "error": f"resize: {problem}"}
     row[PHASH] = phash_of(prepared.gray)
     return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
-            STORED_WIDTH: width, STORED_HEIGHT: height}
+            STORED_WIDTH: width, STORED_HEIGHT: height,
+            **crop_columns(options.resize_mode, options.buckets, original_width, original_height)}
 
 
 def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
