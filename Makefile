@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench-score: install
 
 # Issue 13: both engines on LAION-size files, 1,000 live rows each; local at 1M and 10M rows, Spark at 100k and 1M
 # (--sizes, --spark-sizes, --no-spark). bench/work: ~1 GB of images, ~0.55 GB of corpora and an output per size.
+# Curate img2dataset-format tars (2,000 photos) vs the hand-rolled webdataset decode + TarWriter script (issue 14).
+bench-reshard: install
+	$(PY) -m bench.bench_reshard
+
 bench-scale: install
 	$(PY) -m bench.bench_scale
 

@@ -6,6 +6,7 @@ generation would only cost quality.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,10 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from curate.images import DecodeError, prepare
 from curate.schema import (
+    DOWNLOAD_BYTES,
     JPG,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
+    PHASH,
+    SHA256,
     STATUS,
     STORED_HEIGHT,
     STORED_WIDTH,
@@ -25,7 +30,14 @@ from curate.schema import (
     TAR_PATH,
     TAR_SIZE,
 )
-from curate.stages.download import SUCCESS, DownloadOptions, process_body, resizer_for, with_download_results
+from curate.stages.download import (
+    SUCCESS,
+    DownloadOptions,
+    phash_of,
+    process_body,
+    resizer_for,
+    with_download_results,
+)
 from curate.stages.verdict import alive, with_verdict_columns
 from curate.webdataset_input import read_stored
 
@@ -45,9 +57,33 @@ def keeps_bytes(body: bytes, result: dict[str, Any]) -> bool:
             image.getexif().get(EXIF_ORIENTATION, 1) == 1
 
 
+def fits_as_is(body: bytes, options: DownloadOptions) -> tuple[int, int] | None:
+    """(width, height) of a clean upright JPEG the resize mode would leave at its size, from its header; else None."""
+    if not body.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            clean = image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION, 1) == 1
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - anything odd takes the full path, which reports it
+        return None
+    side = {"keep_ratio": min(width, height), "keep_ratio_largest": max(width, height), "no": 0}.get(
+        options.resize_mode)
+    return (width, height) if clean and side is not None and side <= options.image_size else None
+
+
 def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
     if body is None:
         return {STATUS: "truncated", "error": "the image member runs past the end of its tar"}
+    size = fits_as_is(body, options)
+    if size is not None:  # no resize, no re-encode: the one decode checks the bytes and gives the pHash
+        row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest()}
+        try:
+            prepared = prepare(body)
+        except DecodeError as error:
+            return {**row, STATUS: error.reason, "error": str(error)}
+        return {**row, STATUS: SUCCESS, JPG: body, PHASH: phash_of(prepared.gray), ORIGINAL_WIDTH: size[0],
+                ORIGINAL_HEIGHT: size[1], STORED_WIDTH: size[0], STORED_HEIGHT: size[1]}
     result = process_body(body, options)
     if keeps_bytes(body, result):
         result[JPG] = body
