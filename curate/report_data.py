@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -132,10 +133,15 @@ def distribution_sample(out: Path, input_rows: int) -> pa.Table:
     return pa.concat_tables(pieces) if pieces else pa.table({})
 
 
+def ledger_batches(ledger: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The ledger in bounded batches, a file (local engine) or a folder of parts (Spark engine) alike."""
+    yield from ds.dataset(ledger, format="parquet").to_batches(columns=columns, batch_size=1 << 20)
+
+
 def sample_per_reason(ledger: Path, k: int) -> dict[str, list[int]]:
     """Up to k ledger rows per reason, a fixed hash sample spread over the whole run."""
     picks: dict[str, TopK] = {}
-    for batch in pq.ParquetFile(ledger).iter_batches(columns=[ROW, "reason"], batch_size=1 << 20):
+    for batch in ledger_batches(ledger, [ROW, "reason"]):
         rows, reasons = batch.column(ROW).to_numpy(), batch.column("reason")
         hashes = row_hash(rows).astype(np.float64)
         for reason in pc.unique(reasons).to_pylist():
@@ -170,7 +176,7 @@ def duplicate_groups(out: Path, sampled: dict[str, list[int]], groups: int,
     first = pq.read_table(ledger, columns=[ROW, "detail"], filters=[(ROW, "in", chosen_rows)])
     survivors = list(dict.fromkeys(v for v in first.sort_by(ROW)["detail"].to_pylist() if v))[:groups]
     copies: dict[str, list[int]] = {key: [] for key in survivors}
-    for batch in pq.ParquetFile(ledger).iter_batches(columns=[ROW, "reason", "detail"], batch_size=1 << 20):
+    for batch in ledger_batches(ledger, [ROW, "reason", "detail"]):
         mask = pc.and_(pc.starts_with(batch.column("reason"), "duplicate_"),
                        pc.is_in(batch.column("detail"), pa.array(survivors)))
         hits = batch.filter(mask)

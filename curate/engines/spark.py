@@ -340,4 +340,17 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
 
     placed, shard_plan, entries = run.timed("shard", shard)
     facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started}
-    return write_books(run, placed, shard_plan, entries, facts)
+    stats = write_books(run, placed, shard_plan, entries, facts)
+    write_report(run)
+    return stats
+
+
+def write_report(run: SparkRun) -> None:
+    """OUT/report.html, by the one report builder both engines share (it reads either engine's folder)."""
+    from curate.report import build_report
+
+    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    if protocol in ("file", "local"):
+        build_report(run.root)
+    else:  # the builder reads and writes local files
+        log.warning("no report.html written to %s: copy the folder locally and run `curate report` on it", run.out)

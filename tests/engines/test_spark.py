@@ -73,7 +73,8 @@ def read_books(out: Path) -> dict[str, Any]:
     tars = {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
     return {"ledger": ledger.select(["row", "key", "stage", "reason", "detail"]).to_pylist(),
             "samples": samples.select(["key", "shard", "position", "row"]).to_pylist(),
-            "index": json.loads((out / "shards" / "index.json").read_text()), "tars": tars}
+            "index": json.loads((out / "shards" / "index.json").read_text()), "tars": tars,
+            "sizes": json.loads((out / "shards" / "sizes.json").read_text())}
 
 
 def assert_same_dataset(local: Path, spark_out: Path) -> None:
@@ -81,6 +82,7 @@ def assert_same_dataset(local: Path, spark_out: Path) -> None:
     assert got["samples"] == expected["samples"]
     assert got["ledger"] == expected["ledger"]
     assert got["index"] == expected["index"]
+    assert got["sizes"] == expected["sizes"] == {e["url"]: e["nsamples"] for e in expected["index"]["shardlist"]}
     assert list(got["tars"]) == list(expected["tars"])
     for name, data in expected["tars"].items():
         assert got["tars"][name] == data, f"{name} differs"
@@ -100,6 +102,9 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert len(local["dropped_by_stage"]["download"]) >= 2
     assert local["shards"]["num_shards"] >= 8
     assert_same_dataset(served["local"], out)
+    from curate.verify import verify
+
+    assert (out / "report.html").stat().st_size > 10_000 and verify(out) == []  # one report, one verify
     # A re-cut with another seed resumes after the download checkpoint and still matches the local engine.
     reseeded = Config(**{**OPTIONS, "seed": 8}).validate()
     run_local(served["inputs"], served["folder"] / "local-seed-8", reseeded)
