@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ class Config:
     image_size: int = 1024
     resize_mode: str = "keep_ratio"
     buckets: int = 1024
-    threads: int = 32
-    processes: int = 1
+    threads: int | None = None  # None: sized from the processes (download_workers)
+    processes: int | None = None  # None: the usable cores (download_workers)
     timeout: float = 10.0
     max_image_bytes: int = 32 * 1024 * 1024
     max_per_host: int = 4
@@ -85,7 +86,7 @@ class Config:
         for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size",
                      "max_image_bytes", "batch_size_rows", "batch_size", "global_batch_size", "max_per_host",
                      "buckets"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: auto (threads, processes)
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.min_size < 0:
             raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
@@ -191,8 +192,9 @@ OPTION_HELP: dict[str, str] = {
                "512 for the SD recipe.",
     "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no; or bucket "
                    "(scale to cover the aspect bucket, centre crop, never upscale).",
-    "threads": "Download threads per process.",
-    "processes": "Download processes.",
+    "threads": "Download threads per process (default: 32, fewer on machines with more than 8 cores, at least 8: "
+               "about 256 fetches in flight in all).",
+    "processes": "Download processes (default: the usable cores).",
     "timeout": "Seconds allowed for one URL, redirects and body included.",
     "max_image_bytes": "Largest body fetched, in bytes.",
     "max_per_host": "At most this many concurrent requests to one host.",
@@ -230,3 +232,10 @@ def default_of(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return field.default_factory()  # type: ignore[misc]
     return field.default
+
+
+def download_workers(config: Config) -> tuple[int, int]:
+    """(processes, threads per process): the usable cores, and about 256 fetches in flight in all (8 to 32 each)."""
+    processes = config.processes or len(os.sched_getaffinity(0))
+    threads = config.threads or max(8, min(32, 256 // processes))
+    return processes, threads

@@ -13,6 +13,7 @@ reserved, multicast and unspecified addresses never.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import ipaddress
 import socket
@@ -20,10 +21,14 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
 MAX_REDIRECTS = 5
+MAX_PAUSES = 3  # 429/503 Retry-After waits per URL, all within its deadline
+IDLE_SECONDS = 15.0  # a kept-alive connection idle longer is closed, not reused
+FAILURES_BEFORE_BACKOFF, MAX_BACKOFF = 3, 60.0  # a host failing this often in a row rests, doubling
 CHUNK = 64 * 1024
 # Directives that carry a value after a colon; any other `name:` prefix in X-Robots-Tag names a user agent.
 VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
@@ -48,6 +53,7 @@ class FetchPolicy:
     disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     user_agent_token: str = "img2dataset"
     user_agent: str = "Mozilla/5.0 (compatible; curate/0.1; +https://github.com/curate; img2dataset)"
+    ca_bundle: str | None = None  # PEM of extra certificate authorities, trusted besides the system's
 
     def opens(self, scope: str) -> bool:
         """Whether URLs may reach addresses of scope (PUBLIC, LOOPBACK, PRIVATE or LINK_LOCAL)."""
@@ -215,16 +221,27 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
+@cache
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The system's certificate authorities plus ca_bundle's; one per process (loading them costs milliseconds)."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to the vetted address, so DNS cannot answer differently between check and connect.
 
-    A watchdog shuts the socket at the deadline: headers or a body trickled a byte at a time cannot outlive it.
+    A watchdog shuts the socket at the deadline of the URL it serves: headers or a body trickled a byte at a time
+    cannot outlive it. A kept-alive connection serves one URL at a time and is armed again for each.
     """
 
-    def __init__(self, host: str, address: str, port: int, deadline: float) -> None:
+    def __init__(self, host: str, address: str, port: int, deadline: float, ca_bundle: str | None = None) -> None:
         super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001))
-        self._address, self._deadline = address, deadline
+        self._address, self._deadline, self.ca_bundle = address, deadline, ca_bundle
         self._watchdog: threading.Timer | None = None
+        self.raw_socket: socket.socket | None = None
 
     def _arm(self, sock: socket.socket) -> socket.socket:
         if self._watchdog is not None:
@@ -234,12 +251,24 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._watchdog.start()
         return sock
 
+    def serve(self, deadline: float) -> None:
+        """Take on the next URL: its deadline bounds every read and the watchdog from now on."""
+        self._deadline, self.timeout = deadline, max(deadline - time.monotonic(), 0.001)
+        if self.raw_socket is not None:
+            self.raw_socket.settimeout(self.timeout)
+            self._arm(self.raw_socket)
+
+    def rest(self) -> None:
+        """Between URLs: no watchdog (the idle pool drops connections a server closed)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     def connect(self) -> None:
         self.sock = self.raw_socket = self._arm(socket.create_connection((self._address, self.port), self.timeout))
 
     def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.rest()
         super().close()
 
 
@@ -248,7 +277,7 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
 
     def connect(self) -> None:
         plain = self._arm(socket.create_connection((self._address, self.port), self.timeout))  # bounds the handshake
-        wrapped = ssl.create_default_context().wrap_socket(plain, server_hostname=self.host)
+        wrapped = tls_context(self.ca_bundle).wrap_socket(plain, server_hostname=self.host)
         self.sock = self.raw_socket = self._arm(wrapped)  # wrapping detaches `plain`: watch the TLS socket
 
 
@@ -287,7 +316,14 @@ def _target(parts: Any) -> str:
     return path + (f"?{quote(parts.query, safe=_SAFE_PATH + '?')}" if parts.query else "")
 
 
-def _connect(url: str, policy: FetchPolicy, deadline: float) -> _PinnedHTTPConnection:
+class _Origin(NamedTuple):
+    scheme: str
+    host: str  # ASCII (IDNA), lower case
+    port: int
+    target: str  # path and query as sent
+
+
+def _origin(url: str) -> _Origin:
     try:
         parts = urlsplit(url)
         scheme, hostname, port = parts.scheme.lower(), parts.hostname, parts.port
@@ -299,17 +335,78 @@ def _connect(url: str, policy: FetchPolicy, deadline: float) -> _PinnedHTTPConne
         host = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
     except UnicodeError as error:
         raise FetchError("invalid_url", f"host {hostname[:200]!r} is not a valid IDN: {error}") from error
-    port = port or (443 if scheme == "https" else 80)
-    address = resolve(host, port, policy, _remaining(deadline, url))
-    cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    connection = cls(host, address, port, deadline)
-    try:
-        connection.request("GET", _target(parts), headers={"User-Agent": policy.user_agent,
-                                                           "Accept": "image/*,*/*;q=0.8"})
-    except BaseException:
+    return _Origin(scheme, host.lower(), port or (443 if scheme == "https" else 80), _target(parts))
+
+
+class _Pause(NamedTuple):
+    """A 429 or 503 with Retry-After: ask again after seconds."""
+    status: int
+    seconds: float
+
+
+class _Host:
+    """One host's slots and health: consecutive failures and the time before which it is not asked again."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = threading.BoundedSemaphore(limit)
+        self.failures = 0
+        self.last_failure: FetchError | None = None
+        self.not_before = 0.0
+
+
+class Session:
+    """What the threads of one download share: at most max_per_host requests in flight to a host (scheme, name,
+    port), kept-alive connections, Retry-After pauses and a backoff for hosts that keep failing.
+
+    A kept-alive connection is reused only by a request whose own DNS answer, checked against its own policy, is
+    the address that connection was opened to, for the same host name (and so the same TLS server name): reuse
+    never reaches an address the guard would refuse now.
+    """
+
+    def __init__(self, max_per_host: int = 4, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.max_per_host, self.idle_seconds = max_per_host, idle_seconds
+        self._lock = threading.Lock()
+        self._hosts: dict[tuple[str, str, int], _Host] = {}
+        self._idle: dict[tuple[Any, ...], list[tuple[float, _PinnedHTTPConnection]]] = {}
+
+    def host(self, origin: _Origin) -> _Host:
+        with self._lock:
+            return self._hosts.setdefault(origin[:3], _Host(self.max_per_host))
+
+    def take(self, key: tuple[Any, ...]) -> _PinnedHTTPConnection | None:
+        """A kept-alive connection opened for key (scheme, host, port, address, CA bundle), if one is idle."""
+        stale: list[_PinnedHTTPConnection] = []
+        found = None
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle and found is None:
+                since, connection = idle.pop()
+                (found := connection) if time.monotonic() - since < self.idle_seconds else stale.append(connection)
+        for connection in stale:
+            connection.close()
+        return found
+
+    def give(self, key: tuple[Any, ...], connection: _PinnedHTTPConnection) -> None:
+        connection.rest()
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_per_host:
+                idle.append((time.monotonic(), connection))
+                return
         connection.close()
-        raise
-    return connection
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for _, connection in connections:
+                connection.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _network_error(error: Exception, deadline: float) -> FetchError:
@@ -317,36 +414,138 @@ def _network_error(error: Exception, deadline: float) -> FetchError:
     return FetchError("timeout" if late else "connection_failed", f"{type(error).__name__}: {error}"[:500])
 
 
-def _answer(connection: _PinnedHTTPConnection, url: str, policy: FetchPolicy, deadline: float) -> bytes | str:
-    """The body, or the next URL when the answer is a redirect."""
-    response = connection.getresponse()
+def _retry_after(response: http.client.HTTPResponse) -> float | None:
+    """Seconds a 429 or 503 asks the client to wait (delta-seconds or an HTTP date); None without a usable header."""
+    value = (response.getheader("Retry-After") or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+
+
+def _exchange(session: Session, origin: _Origin, address: str, policy: FetchPolicy, deadline: float,
+              url: str) -> bytes | str | _Pause:
+    """One request: the body, the next URL of a redirect, or the pause a 429/503 asks for."""
+    key = (origin.scheme, origin.host, origin.port, address, policy.ca_bundle)
+    for reused in (True, False):
+        connection = session.take(key) if reused else None
+        if reused and connection is None:
+            continue
+        if connection is None:
+            cls = _PinnedHTTPSConnection if origin.scheme == "https" else _PinnedHTTPConnection
+            connection = cls(origin.host, address, origin.port, deadline, policy.ca_bundle)
+        keep = False
+        try:
+            connection.serve(deadline)
+            connection.request("GET", origin.target, headers={"User-Agent": policy.user_agent,
+                                                               "Accept": "image/*,*/*;q=0.8"})
+            response = connection.getresponse()
+            answer = _answer(response, connection, url, policy, deadline)
+            keep = isinstance(answer, bytes) and not response.will_close
+            return answer
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
+            if not reused:  # a kept-alive connection the server had closed: ask again on a new one
+                raise
+        finally:
+            (session.give(key, connection) if keep else connection.close())
+    raise AssertionError("unreachable")
+
+
+def _answer(response: http.client.HTTPResponse, connection: _PinnedHTTPConnection, url: str, policy: FetchPolicy,
+            deadline: float) -> bytes | str | _Pause:
     location = response.getheader("Location")
     if response.status in (301, 302, 303, 307, 308) and location:
         return urljoin(url, location.strip())
+    if response.status in (429, 503) and (wait := _retry_after(response)) is not None:
+        return _Pause(response.status, wait)
     if response.status != 200:
         raise FetchError("http_error", f"HTTP {response.status} {response.reason}"[:200])
     robots = response.headers.get_all("X-Robots-Tag") or []
     if is_disallowed(robots, policy.user_agent_token, policy.disallowed_directives):
         raise FetchError("opted_out", ("X-Robots-Tag: " + ", ".join(robots))[:500])
+    assert connection.raw_socket is not None
     return _read_body(response, connection.raw_socket, policy, deadline, url)
 
 
-def fetch(url: str, policy: FetchPolicy) -> bytes:
-    """The body of url after at most MAX_REDIRECTS redirects; raises FetchError with a ledger reason."""
-    deadline = time.monotonic() + policy.timeout
-    for _ in range(MAX_REDIRECTS + 1):
-        connection = None
+def _health(host: _Host, error: FetchError | None) -> None:
+    """Count a host's consecutive failures; from the third on it rests for 1, 2, 4 ... up to MAX_BACKOFF seconds."""
+    if error is None:
+        host.failures, host.last_failure = 0, None
+    elif is_transient(error.reason, str(error)):
+        host.failures, host.last_failure = host.failures + 1, error
+        if host.failures >= FAILURES_BEFORE_BACKOFF:
+            pause = min(MAX_BACKOFF, 2.0 ** (host.failures - FAILURES_BEFORE_BACKOFF))
+            host.not_before = max(host.not_before, time.monotonic() + pause)
+
+
+def _wait_for(host: _Host, origin: _Origin, deadline: float) -> None:
+    """Sleep through the host's rest (a backoff or a Retry-After) when it ends within the deadline; else fail now."""
+    rest = host.not_before - time.monotonic()
+    if rest <= 0:
+        return
+    if time.monotonic() + rest >= deadline:
+        why = host.last_failure
+        detail = f"{why or 'Retry-After'} ({origin.host} rests {rest:.1f} s more, {host.failures} failures in a row)"
+        raise FetchError(why.reason if why else "http_error", detail[:500])
+    time.sleep(rest)
+
+
+def fetch(url: str, policy: FetchPolicy, session: Session | None = None) -> bytes:
+    """The body of url after at most MAX_REDIRECTS redirects; raises FetchError with a ledger reason.
+
+    With a session, the per-URL deadline starts when the first host grants a slot.
+    """
+    session = session if session is not None else Session(max_per_host=1 << 16, idle_seconds=0.0)
+    deadline: float | None = None
+    hops, pauses = 0, 0
+    while True:
+        origin = _origin(url)
+        reason = refusal(origin.host, policy)  # before waiting for a slot: a refused name costs nobody anything
+        if reason is not None:
+            raise FetchError("blocked_address", reason)
+        host = session.host(origin)
+        if deadline is None:
+            host.slots.acquire()
+            deadline = time.monotonic() + policy.timeout
+        elif not host.slots.acquire(timeout=_remaining(deadline, url)):
+            raise FetchError("timeout", f"no free slot for {origin.host} within the deadline")
         try:
-            connection = _connect(url, policy, deadline)
-            answer = _answer(connection, url, policy, deadline)
-        except FetchError:
-            raise
-        except (OSError, http.client.HTTPException, UnicodeError, ValueError) as error:
-            raise _network_error(error, deadline) from error
+            answer = _hop(session, host, origin, policy, deadline, url)
         finally:
-            if connection is not None:
-                connection.close()
+            host.slots.release()
         if isinstance(answer, bytes):
             return answer
-        url = answer
-    raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects, the last to {url[:200]}")
+        if isinstance(answer, str):
+            hops, url = hops + 1, answer
+            if hops > MAX_REDIRECTS:
+                raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects, the last to {url[:200]}")
+            continue
+        pauses += 1
+        if pauses > MAX_PAUSES or time.monotonic() + answer.seconds >= deadline:
+            raise FetchError("http_error", f"HTTP {answer.status} with Retry-After {answer.seconds:.0f} s: past the "
+                                           f"deadline, or more than {MAX_PAUSES} waits")
+
+
+def _hop(session: Session, host: _Host, origin: _Origin, policy: FetchPolicy, deadline: float,
+         url: str) -> bytes | str | _Pause:
+    """One hop under the host's slot: rest if asked to, resolve and check, exchange, and keep the host's health."""
+    _wait_for(host, origin, deadline)
+    try:
+        address = resolve(origin.host, origin.port, policy, _remaining(deadline, url))
+        answer = _exchange(session, origin, address, policy, deadline, url)
+    except FetchError as error:
+        _health(host, error)
+        raise
+    except (OSError, http.client.HTTPException, UnicodeError, ValueError) as error:
+        failure = _network_error(error, deadline)
+        _health(host, failure)
+        raise failure from error
+    if isinstance(answer, _Pause):  # the host asked everyone to wait: a failure, and a rest of that length
+        _health(host, FetchError("http_error", f"HTTP {answer.status} with Retry-After {answer.seconds:.0f} s"))
+        host.not_before = max(host.not_before, time.monotonic() + answer.seconds)
+    else:
+        _health(host, None)
+    return answer

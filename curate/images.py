@@ -1,14 +1,16 @@
-"""Make a downloaded body safe for img2dataset's Resizer: bombs, truncation, EXIF orientation, odd pixel modes.
+"""Decode a downloaded body once, safely: bombs, truncation, EXIF orientation, odd pixel modes; resize and encode.
 
-The Resizer decodes with OpenCV's IMREAD_UNCHANGED, which ignores EXIF orientation, scales 16-bit alpha as if it
-were 8-bit and keeps grayscale as one channel. Plain RGB JPEGs (most of the web) go to it untouched after a cheap
-completeness check; anything else is decoded once by Pillow (first frame, upright, RGB on white) and handed over
-as an uncompressed BMP, so the Resizer stays the one place that resizes and encodes.
+`decode` serves every use of an image from one decode: the integrity check (truncation and corrupt scans fail the
+decode), the measured original size (from the header, after EXIF rotation), the resize and the pHash. A JPEG is
+decoded at the smallest DCT scale (1/2, 1/4, 1/8, libjpeg-turbo through Pillow's draft) that still covers the
+target, and an area filter resizes the rest of the way; img2dataset's Resizer is the reference it is tested
+against. `prepare` hands img2dataset's Resizer bytes it decodes faithfully (the bucket resize still uses it).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -116,3 +118,74 @@ def prepare(body: bytes) -> Prepared:
     gray = upright.convert("L")
     gray.thumbnail((256, 256))
     return Prepared(buffer.getvalue(), gray)
+
+
+Plan = Callable[[int, int], "tuple[int, int] | None"]  # upright (width, height) -> size after the resize, or None
+
+
+class Decoded(NamedTuple):
+    image: Image.Image  # upright RGB, at a DCT scale that still covers the planned size
+    original_width: int  # of the upright image, from the header
+    original_height: int
+    size: tuple[int, int] | None  # what the resize will produce; None: the image stays at its size
+    clean_jpeg: bool  # an upright RGB JPEG: its bytes can be stored as they are when no resize is needed
+
+
+def decode(body: bytes, plan: Plan) -> Decoded:
+    """The one decode of a body, at the size plan asks for; raises DecodeError."""
+    if not body:
+        raise DecodeError("empty_body", "200 with an empty body")
+    with _open(body) as image:
+        orientation = _orientation(image)
+        turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps width and height
+        width, height = (image.height, image.width) if turned else image.size
+        size = plan(width, height)
+        clean = image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+        if image.format == "JPEG":
+            # The smallest DCT scale that covers the planned size; 1/8 when only the check and the pHash need it.
+            wanted = size if size is not None else (1, 1) if clean else (width, height)
+            image.draft(None, (wanted[1], wanted[0]) if turned else wanted)
+        _load(image, body)  # every byte is read even at 1/8 scale: truncation shows
+        try:
+            upright = to_rgb(ImageOps.exif_transpose(image) or image) if orientation != 1 else to_rgb(image)
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
+            raise DecodeError("decode_failed", f"{type(error).__name__}: {error} ({describe(body)})") from error
+    return Decoded(upright, width, height, size, clean)
+
+
+def planned_size(width: int, height: int, image_size: int, resize_mode: str) -> tuple[int, int] | None:
+    """img2dataset's size after the resize (resize_only_if_bigger, albumentations' rounding); None: no resize."""
+    side = {"keep_ratio": min, "center_crop": min, "keep_ratio_largest": max, "border": max}.get(resize_mode)
+    if side is None or side(width, height) <= image_size:
+        return None
+    scale = image_size / side(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resized(decoded: Decoded, image_size: int, resize_mode: str) -> Image.Image:
+    """The stored pixels: area-filter downscale to the planned size, then img2dataset's centre crop or white border."""
+    if decoded.size is None:
+        return decoded.image
+    image = decoded.image.resize(decoded.size, Image.Resampling.BOX)  # BOX is an area average, as cv2's INTER_AREA
+    width, height = image.size
+    if resize_mode == "center_crop":
+        left, top = (width - image_size) // 2, (height - image_size) // 2
+        image = image.crop((max(left, 0), max(top, 0), max(left, 0) + min(width, image_size),
+                            max(top, 0) + min(height, image_size)))
+    elif resize_mode == "border" and (width < image_size or height < image_size):
+        canvas = Image.new("RGB", (max(width, image_size), max(height, image_size)), (255, 255, 255))
+        canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+        image = canvas
+    return image
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def hash_copy(image: Image.Image) -> Image.Image:
+    """A small grayscale copy for the perceptual hash (pHash looks at 32x32)."""
+    factor = max(1, min(image.size) // 128)
+    return (image.reduce(factor) if factor > 1 else image).convert("L")

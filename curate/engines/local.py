@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import io
-from curate.config import Config
+from curate.config import Config, download_workers
 from curate.engines.local_partitions import (
     VerdictRouter,
     key_partitions,
@@ -44,6 +44,7 @@ from curate.schema import (
     URL,
     WATERMARK_PROB,
 )
+from curate.stage_plan import STAGE_NAMES
 from curate.stages import dedup, prefilter, select
 from curate.stages.download import DownloadOptions, download
 from curate.stages.ingest import check_input_schema, normalize
@@ -52,9 +53,7 @@ from curate.webdataset_input import check_tar, expand_tars, is_webdataset, norma
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
-STAGES = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
-# Stages that pass only live rows on and keep the rows they drop in dropped-NNNNNN.parquet parts.
-DROPPING_STAGES = ["prefilter", "download", "score", "dedup"]
+STAGES = STAGE_NAMES
 # What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
 DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE]
 
@@ -210,9 +209,9 @@ class LocalRun:
                              allow_private_network=c.allow_private_network, allow_loopback=c.allow_loopback,
                              allow_link_local=c.allow_link_local,
                              disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
-                             user_agent_token=c.user_agent_token)
+                             user_agent_token=c.user_agent_token, ca_bundle=c.ca_bundle)
         return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
-                               threads=c.threads, policy=policy)
+                               threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy)
 
     def download(self) -> dict[str, Any]:
         def body() -> dict[str, Any]:
@@ -221,10 +220,11 @@ class LocalRun:
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
             jobs = [(str(self.out), i, self.download_options(), self.stored_images()) for i in todo]
-            if self.config.processes > 1 and len(jobs) > 1:
+            processes = min(download_workers(self.config)[0], len(jobs))
+            if processes > 1:
                 # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
                 context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(self.config.processes, mp_context=context) as pool:
+                with ProcessPoolExecutor(processes, mp_context=context) as pool:
                     for _ in pool.map(_download_part, jobs):
                         done += 1
                         self.progress("download", done, total)

@@ -1,4 +1,4 @@
-"""Download: fetch every alive row, resize with img2dataset's Resizer, measure; each row comes back with a status."""
+"""Download: fetch every alive row politely (curate.fetch.Session), decode once, resize, measure; a status per row."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curate.fetch import FetchError, FetchPolicy, fetch, is_transient
-from curate.images import DecodeError, prepare
+from curate.fetch import FetchError, FetchPolicy, Session, fetch, is_transient
+from curate.images import DecodeError, decode, encode_jpeg, hash_copy, planned_size, prepare, resized
 from curate.schema import (
     DOWNLOAD_BYTES,
     DROP_DETAIL,
@@ -84,6 +84,7 @@ class DownloadOptions:
     resize_mode: str = "keep_ratio"
     buckets: int = 1024  # base size of the aspect buckets, for resize_mode "bucket"
     threads: int = 32
+    max_per_host: int = 4  # concurrent requests to one host, per download process
     policy: FetchPolicy = FetchPolicy()
 
 
@@ -109,18 +110,18 @@ def phash_of(gray: Image.Image) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
+def download_one(url: str, options: DownloadOptions, session: Session | None = None) -> dict[str, Any]:
     """Fetch, resize and measure one URL; failures are values, never exceptions."""
     try:
-        return _download_one(url, options)
+        return _download_one(url, options, session)
     except Exception as error:  # a bug on one hostile row must not take its whole part down with it
         log.exception("unexpected error on %s", url[:200])
         return {STATUS: "download_error", "error": f"{type(error).__name__}: {error}"[:1000]}
 
 
-def _download_one(url: str, options: DownloadOptions) -> dict[str, Any]:
+def _download_one(url: str, options: DownloadOptions, session: Session | None) -> dict[str, Any]:
     try:
-        body = fetch(url, options.policy)
+        body = fetch(url, options.policy, session)
     except FetchError as error:
         return {STATUS: error.reason, "error": str(error)}
     return process_body(body, options)
@@ -130,16 +131,30 @@ def process_body(body: bytes, options: DownloadOptions) -> dict[str, Any]:
     """Check, resize and measure fetched (or already stored) image bytes: the download columns of one row."""
     row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest() if body else None}
     try:
-        prepared = prepare(body)
+        jpeg, width, height, original_width, original_height, gray = _stored_image(body, options)
     except DecodeError as decode_error:
         return {**row, STATUS: decode_error.reason, "error": str(decode_error)}
-    jpeg, width, height, original_width, original_height, problem = resizer_for(options)(io.BytesIO(prepared.body))
-    if problem is not None or jpeg is None:
-        return {**row, STATUS: "decode_failed", "error": f"resize: {problem}"}
-    row[PHASH] = phash_of(prepared.gray)
+    row[PHASH] = phash_of(gray)
     return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
             STORED_WIDTH: width, STORED_HEIGHT: height,
             **crop_columns(options.resize_mode, options.buckets, original_width, original_height)}
+
+
+def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, int, int, int, Image.Image]:
+    """(jpeg, width, height, original width, original height, pHash copy) from one decode; raises DecodeError."""
+    if options.resize_mode == "bucket":  # the bucket resize takes bytes its decoder reads faithfully
+        prepared = prepare(body)
+        jpeg, width, height, original_width, original_height, problem = resizer_for(options)(
+            io.BytesIO(prepared.body))
+        if problem is not None or jpeg is None:
+            raise DecodeError("decode_failed", f"resize: {problem}")
+        return jpeg, width, height, original_width, original_height, prepared.gray
+    decoded = decode(body, lambda width, height: planned_size(width, height, options.image_size, options.resize_mode))
+    original = (decoded.original_width, decoded.original_height)
+    if decoded.size is None and decoded.clean_jpeg:  # nothing to change: no generation loss, no encode
+        return body, *original, *original, hash_copy(decoded.image)
+    image = resized(decoded, options.image_size, options.resize_mode)
+    return encode_jpeg(image), image.width, image.height, *original, hash_copy(image)
 
 
 def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
@@ -149,9 +164,12 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
     urls = table[URL].to_pylist()
     results: list[dict[str, Any]] = [{} for _ in urls]
     indices = [i for i, go in enumerate(todo) if go]
-    resizer_for(options)  # load img2dataset's resizer here, once, before the threads need it
-    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
-        for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options), indices), strict=True):
+    if options.resize_mode == "bucket":
+        resizer_for(options)  # load the resizer here, once, before the threads need it
+    with Session(options.max_per_host) as session, \
+            ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
+        for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options, session), indices),
+                             strict=True):
             results[i] = result
     return with_download_results(table, results)
 
