@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
+from curate.stage_plan import STAGE_NAMES
 
 
 class AccountingError(RuntimeError):
@@ -63,7 +64,7 @@ def drop_counts(ledger: pa.Table, into: dict[str, dict[str, int]] | None = None)
     for row in ledger.group_by(["stage", "reason"]).aggregate([(KEY, "count")]).to_pylist():
         reasons = counts.setdefault(row["stage"], {})
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + row[f"{KEY}_count"]
-    order = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
+    order = STAGE_NAMES
     return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=_rank(order))}
 
 
@@ -74,8 +75,7 @@ def _rank(order: list[str]) -> Any:
 def funnel(input_rows: int, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
     """Rows remaining after each stage."""
     remaining, steps = input_rows, [{"stage": "input", "rows": input_rows, "dropped": 0}]
-    stages = ["prefilter", "download", "score", "dedup", "select", "shard"]
-    for stage in (["ingest"] if "ingest" in counts else []) + stages:  # ingest drops only broken tar samples
+    for stage in [name for name in STAGE_NAMES if name != "ingest" or name in counts]:  # ingest: broken tars only
         dropped = sum(counts.get(stage, {}).values())
         remaining -= dropped
         steps.append({"stage": stage, "rows": remaining, "dropped": dropped})

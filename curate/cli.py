@@ -20,6 +20,7 @@ from curate import pipeline
 from curate.accounting import drop_counts
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
 from curate.schema import DROP_REASON, DROP_STAGE, KEY
+from curate.stage_plan import STAGE_NAMES
 
 
 class _PlainFlags:
@@ -45,7 +46,7 @@ app = typer.Typer(help="LAION-style parquet metadata to WebDataset shards for te
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=Group)
 console = Console(stderr=True)  # progress and errors
 results = Console(soft_wrap=True)  # what a command found, on stdout; long paths stay on one line
-STAGE_COMMANDS = ["prefilter", "download", "score", "dedup", "select", "shard"]
+STAGE_COMMANDS = STAGE_NAMES[1:]  # every stage after ingest re-runs from the previous one's checkpoint
 
 
 def _option_type(field: Any) -> Any:

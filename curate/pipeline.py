@@ -14,17 +14,16 @@ import pyarrow.parquet as pq
 
 from curate import io
 from curate.config import Config
-from curate.engines.local import DROPPING_STAGES, STAGES, LocalRun, Progress
+from curate.engines.local import LocalRun, Progress
 from curate.engines.local_shard import finish, shard
 from curate.schema import ROW
+from curate.stage_plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, options_read_by
 from curate.stages.download import retry_transient
 from curate.stages.shard import fitting_plan
 from curate.stages.verdict import alive
 
 log = logging.getLogger(__name__)
-# Options that only select and shard read: changing them re-cuts a run instead of refusing it.
-RECUT_OPTIONS = {"threshold", "max_watermark", "world_size", "workers_per_rank", "target_shard_size",
-                 "global_batch_size", "seed", "shard_name"}
+
 
 
 def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
@@ -39,20 +38,22 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     return stats
 
 
-def check_same_run(out: Path, config: Config, inputs: list[str]) -> None:
-    """A rerun into an existing output must use the same arguments (it resumes); refuse anything else."""
+def check_same_run(out: Path, config: Config, inputs: list[str]) -> set[str]:
+    """A rerun into an existing output resumes it: only options later stages read may change (stage_plan); refuse
+    anything else. Returns the options that changed."""
     path = out / "stages" / "run.json"
-    settings = config.to_dict()
+    settings, changed = config.to_dict(), set()
     if path.exists():
         earlier = json.loads(path.read_text())
         if earlier["inputs"] != inputs:
             raise ValueError(f"{out} holds a run over {earlier['inputs']}; use another --output for {inputs}")
-        changed = sorted(k for k, v in earlier["config"].items()
-                         if settings.get(k) != v and k not in RECUT_OPTIONS)
-        if changed:
-            raise ValueError(f"{out} holds a run with other values of {changed}; use another --output, "
+        changed = {k for k, v in earlier["config"].items() if settings.get(k) != v}
+        refused = sorted(changed - RERUN_OPTIONS)
+        if refused:
+            raise ValueError(f"{out} holds a run with other values of {refused}; use another --output, "
                              "or `curate select`/`curate shard` to re-cut it")
     io.write_json({"inputs": inputs, "config": settings}, path)
+    return changed
 
 
 class NothingKept(ValueError):
@@ -87,7 +88,7 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--output {run.out} is a file; give a folder (it is created)")
     files = run.check_inputs(inputs)  # a bad input leaves no trace in OUT, so a corrected rerun is not refused
-    check_same_run(run.out, config, inputs)
+    changed = check_same_run(run.out, config, inputs)
     for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
         log.info("removed %s, left by an interrupted run", leftover)
     run.ingest(inputs, files)
@@ -104,7 +105,7 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     check_shard_plan_fits(run, "download")
     run.score(scores)
     check_shard_plan_fits(run, "score")
-    run.dedup()
+    run.dedup(force=bool(changed & options_read_by("dedup")))  # the survivor rule reads the thresholds
     check_shard_plan_fits(run, "dedup")
     run.select(force=True)
     shard(run)
@@ -161,7 +162,7 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
 def funnel_parts(output: str | Path, stage: str) -> list[Path]:
     """Files that hold every input row once as of a stage: its checkpoint and the earlier stages' dropped rows."""
     run = LocalRun(output, Config())
-    earlier = [name for name in DROPPING_STAGES if STAGES.index(name) <= STAGES.index(stage)]
+    earlier = [name for name in DROPPING_STAGES if STAGE_NAMES.index(name) <= STAGE_NAMES.index(stage)]
     return run.checkpoint(stage).parts() + [path for name in earlier for path in run.checkpoint(name).dropped_parts()]
 
 
@@ -182,7 +183,7 @@ def load_run_config(output: str | Path) -> Config:
 def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any] | None:
     """Re-run one stage from the previous stage's checkpoint; later checkpoints are marked stale."""
     run = LocalRun(output, config)
-    for later in STAGES[STAGES.index(stage):]:
+    for later in STAGE_NAMES[STAGE_NAMES.index(stage):]:
         marker = run.checkpoint(later).path / "_SUCCESS"
         marker.unlink(missing_ok=True)
     started = time.perf_counter()

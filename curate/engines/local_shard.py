@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import accounting, io
-from curate.engines.local import DROPPING_STAGES, LocalRun
+from curate.engines.local import LocalRun
 from curate.engines.local_partitions import rows_between
 from curate.schema import (
     CAPTION,
@@ -28,6 +28,7 @@ from curate.schema import (
     URL,
     table_schema,
 )
+from curate.stage_plan import DROPPING_STAGES
 from curate.stages import shard as shard_stage
 from curate.stages.buckets import BUCKET_COLUMNS, CROP_LEFT, CROP_TOP, add_buckets, bucket_counts
 from curate.stages.verdict import alive, with_reason

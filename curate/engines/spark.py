@@ -34,6 +34,7 @@ from curate.engines.spark_frames import (
     read_parquet_files,
 )
 from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
+from curate.stage_plan import AFTER_DOWNLOAD_OPTIONS
 from curate.stages import prefilter, select
 from curate.stages.download import download
 from curate.stages.ingest import canonical_names, normalize
@@ -48,12 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 GLOBAL_ROW, PAIR = "_curate_row", "pair_hash"
 FIRSTS = [prefilter.FIRST_ROW_OF_PAIR, prefilter.FIRST_ROW]
-# Options read only after the download (threshold is not: --scores metadata applies it in prefilter): a rerun that
-# changes only these reuses the download checkpoint.
-AFTER_DOWNLOAD_OPTIONS = {"world_size", "workers_per_rank", "target_shard_size", "global_batch_size", "seed",
-                          "shard_name", "phash_distance", "semdedup_threshold", "semdedup_clusters", "device",
-                          "batch_size", "model_cache", "clip_weights", "aesthetic_weights", "aesthetic_head",
-                          "watermark_weights"}
 
 
 def _path_id(path: str) -> str:

@@ -15,13 +15,14 @@ from curate.engines.local import LocalRun
 from curate.engines.local_shard import index_document, sizes_document
 from curate.engines.spark_frames import arrow_schema, map_stage
 from curate.schema import POSITION, ROW, SHARD, table_schema
+from curate.stage_plan import STAGE_NAMES
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
     from curate.engines.spark import SparkRun
 
-STAGE_ORDER = ["ingest", "prefilter", "download", "score", "dedup", "select", "shard"]
+STAGE_ORDER = STAGE_NAMES
 
 
 def write_json(run: SparkRun, name: str, value: Any) -> None:
