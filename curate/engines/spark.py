@@ -296,6 +296,9 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     started = time.perf_counter()
     run = SparkRun(spark, output, config)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size_rows))
+    # Checkpoints hold image bytes: the vectorized reader's default 4,096-row batch of 1024 px JPEGs is ~1 GB, past
+    # local mode's default 1 GB heap (a 20k-row run with 1,000 live images failed so); 256 rows stay ~100 MB.
+    spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "256")
     resume = run.resumable(inputs)
     stored = is_webdataset(inputs, config.input_format)  # images already downloaded, in tars
     if stored:
