@@ -304,3 +304,129 @@ class PinnedCorpusServer(CorpusServer):
         except OSError:
             self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.process = multiprocessing.get_context("fork").Process(target=self.httpd.serve_forever, daemon=True)
+
+
+# The LAION-like corpus (issue 17): photo-like JPEGs of 512-2,000 px (median shorter side ~800), quality 75-95,
+# served by several origins (as a part of LAION has many hosts), so --max-per-host bounds each as it would there.
+LAIONLIKE_IMAGES = WORK / "laionlike-v1"  # bump the suffix when the generator changes
+LAIONLIKE_ORIGINS = 8
+
+
+def laionlike_size(index: int) -> tuple[int, int]:
+    """Width and height: shorter side log-normal around 800 px within 512-2,000, aspect 3:4 to 3:2 either way."""
+    rng = np.random.default_rng([17, index])
+    short = int(np.clip(800 * math.exp(rng.normal(0.0, 0.3)), 512, 2000))
+    long = min(2000, int(short * rng.uniform(1.0, 1.5)))
+    return (long, short) if rng.random() < 0.6 else (short, long)
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth light and colour, a few hard-edged shapes and a fine grain: how a photo's JPEG spends its bytes."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng([19, seed])
+    image = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((width, height),
+                                                                                   Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(4, 12))):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 20, width // 3)), int(rng.integers(height // 20, height // 3))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + h), fill=colour)
+    grain = Image.effect_noise((width, height), float(rng.uniform(20, 50))).convert("RGB")
+    return Image.blend(image, grain, 0.22)
+
+
+def laionlike_jpeg(index: int) -> bytes:
+    width, height = laionlike_size(index)
+    quality = int(np.random.default_rng([23, index]).integers(75, 96))
+    buffer = io.BytesIO()
+    photo_like(width, height, index).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def laionlike_path(index: int) -> Path:
+    return LAIONLIKE_IMAGES / f"{index:05d}.jpg"
+
+
+def _write_laionlike(index: int) -> None:
+    path = laionlike_path(index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(laionlike_jpeg(index))
+    tmp.replace(path)
+
+
+def ensure_laionlike_images(count: int, processes: int = 2) -> float:
+    """Generate the LAION-like images 0..count-1 not cached yet; returns the seconds it took."""
+    LAIONLIKE_IMAGES.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(count) if not laionlike_path(i).exists()]
+    started = time.perf_counter()
+    if missing:
+        print(f"generating {len(missing)} images under {LAIONLIKE_IMAGES} (cached for later runs)", flush=True)
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_laionlike, missing, chunksize=16))
+    return time.perf_counter() - started
+
+
+def laionlike_corpus_table(rows: int, base_urls: list[str]) -> pa.Table:
+    """The bench corpus's rows, each URL on one of base_urls in turn, with the LAION-like images' sizes."""
+    table = corpus_table(rows, "")
+    sizes = [laionlike_size(i) for i in range(rows)]
+    urls = [base_urls[i % len(base_urls)] + path for i, path in enumerate(table["URL"].to_pylist())]
+    table = table.set_column(0, "URL", pa.array(urls))
+    table = table.set_column(2, "WIDTH", pa.array([float(w) for w, _ in sizes]))
+    return table.set_column(3, "HEIGHT", pa.array([float(h) for _, h in sizes]))
+
+
+class _LaionlikeHandler(_Handler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        match = _ROUTE.match(self.path)
+        if match is None or match.group(1) == "missing":
+            self.send_error(404)
+            return
+        if match.group(1) == "slow":
+            time.sleep(int(match.group(2)) / 1000)
+        path = laionlike_path(int(match.group(3) or match.group(2)))
+        body = path.read_bytes() if path.exists() else None
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def _serve_all(servers: list[ThreadingHTTPServer]) -> None:
+    import threading
+
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers[0].serve_forever()
+
+
+class LaionlikeServer:
+    """`with LaionlikeServer() as server: server.base_urls`: LAIONLIKE_ORIGINS origins on 127.0.0.1, one child."""
+
+    def __init__(self, origins: int = LAIONLIKE_ORIGINS) -> None:
+        self.servers = [_Server(("127.0.0.1", 0), _LaionlikeHandler) for _ in range(origins)]
+        self.process = multiprocessing.get_context("fork").Process(target=_serve_all, args=(self.servers,),
+                                                                   daemon=True)
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{server.server_address[1]}" for server in self.servers]
+
+    def __enter__(self) -> LaionlikeServer:
+        self.process.start()
+        for server in self.servers:
+            server.socket.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.join()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from functools import cache
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -166,7 +168,7 @@ def resized(decoded: Decoded, image_size: int, resize_mode: str) -> Image.Image:
     """The stored pixels: area-filter downscale to the planned size, then img2dataset's centre crop or white border."""
     if decoded.size is None:
         return decoded.image
-    image = decoded.image.resize(decoded.size, Image.Resampling.BOX)  # BOX is an area average, as cv2's INTER_AREA
+    image = area_resize(decoded.image, decoded.size)
     width, height = image.size
     if resize_mode == "center_crop":
         left, top = (width - image_size) // 2, (height - image_size) // 2
@@ -177,6 +179,19 @@ def resized(decoded: Decoded, image_size: int, resize_mode: str) -> Image.Image:
         canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
         image = canvas
     return image
+
+
+@cache
+def _cv2() -> ModuleType:
+    import cv2
+
+    cv2.setNumThreads(1)  # the download threads are the parallelism; OpenCV's own pool would only oversubscribe
+    return cv2
+
+
+def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenCV's INTER_AREA, as img2dataset downscales: exact pixel coverage (Pillow's BOX rounds it per pixel)."""
+    return Image.fromarray(_cv2().resize(np.asarray(image), size, interpolation=_cv2().INTER_AREA))
 
 
 def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:

@@ -1,0 +1,113 @@
+"""The download stage's image path: one decode at the size needed, img2dataset's Resizer as the reference, clean
+JPEGs kept byte for byte, and the worker counts a default run gets."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.corpus import photo_like
+from curate.config import Config, download_workers
+from curate.images import decode, planned_size, prepare
+from curate.stages.download import DownloadOptions, process_body, resizer_for
+
+# Agreement with img2dataset's Resizer, in 8-bit levels over the decoded outputs: with DCT scaling (target at most
+# half the original), mean |diff| <= 2.5 and max <= 48; without it the same area resize, mean <= 0.5.
+DCT_MEAN, DCT_MAX, PLAIN_MEAN = 2.5, 48, 0.5
+
+
+def jpeg_of(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+
+
+@pytest.mark.parametrize(("width", "height", "size", "mode", "scaled"), [
+    (900, 700, 256, "keep_ratio", True), (1800, 1300, 256, "keep_ratio", True), (700, 1300, 256, "keep_ratio", True),
+    (1200, 800, 512, "border", True), (1300, 900, 300, "keep_ratio_largest", True),
+    (1200, 800, 512, "center_crop", False), (1000, 760, 600, "keep_ratio", False),
+])
+def test_outputs_agree_with_img2dataset_resizer(width: int, height: int, size: int, mode: str, scaled: bool) -> None:
+    body = jpeg_of(photo_like(width, height, seed=width + height), quality=85)
+    options = DownloadOptions(image_size=size, resize_mode=mode)
+    ours = process_body(body, options)
+    jpeg, stored_width, stored_height, original_width, original_height, problem = resizer_for(options)(
+        io.BytesIO(prepare(body).body))
+    assert problem is None and ours["status"] == "success"
+    assert (ours["stored_width"], ours["stored_height"]) == (stored_width, stored_height)
+    assert (ours["original_width"], ours["original_height"]) == (original_width, original_height) == (width, height)
+    difference = np.abs(pixels(ours["jpg"]) - pixels(jpeg))
+    if scaled:
+        assert difference.mean() <= DCT_MEAN and difference.max() <= DCT_MAX, (difference.mean(), difference.max())
+    else:
+        assert difference.mean() <= PLAIN_MEAN, difference.mean()
+
+
+def test_the_jpeg_is_decoded_at_the_smallest_dct_scale_that_covers_the_target() -> None:
+    body = jpeg_of(photo_like(2000, 1600, seed=1), quality=80)
+    plan = lambda w, h: planned_size(w, h, 256, "keep_ratio")  # noqa: E731 - a one-line plan
+    decoded = decode(body, plan)
+    assert (decoded.original_width, decoded.original_height) == (2000, 1600) and decoded.size == (320, 256)
+    assert decoded.image.size == (500, 400)  # 1/4: 1/8 (250 x 200) would not cover 320 x 256
+    assert decode(body, lambda w, h: planned_size(w, h, 1200, "keep_ratio")).image.size == (2000, 1600)
+
+
+def test_a_clean_jpeg_within_the_size_is_stored_byte_for_byte() -> None:
+    image = photo_like(400, 300, seed=2)
+    for body in (jpeg_of(image, quality=90), jpeg_of(image, quality=90, progressive=True)):
+        row = process_body(body, DownloadOptions(image_size=512))
+        assert row["status"] == "success" and row["jpg"] == body
+        assert (row["stored_width"], row["stored_height"]) == (400, 300)
+    larger = process_body(jpeg_of(image), DownloadOptions(image_size=256))
+    assert (larger["stored_width"], larger["stored_height"]) == (341, 256)
+
+
+def test_an_oriented_jpeg_is_reencoded_upright() -> None:
+    image = Image.new("RGB", (120, 60), (255, 0, 0))
+    image.paste((0, 0, 255), (60, 0, 120, 60))  # left red, right blue
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: red on top
+    body = jpeg_of(image, exif=exif, quality=95)
+    row = process_body(body, DownloadOptions(image_size=512))
+    assert row["jpg"] != body and (row["stored_width"], row["stored_height"]) == (60, 120)
+    upright = pixels(row["jpg"])
+    assert upright[:30].mean((0, 1))[0] > 200 and upright[-30:].mean((0, 1))[2] > 200
+
+
+def test_the_scaled_decode_rejects_exactly_the_corruptions_a_full_decode_rejects() -> None:
+    """Overwritten spans in the scan, the EOI marker kept: the kind that defeated an end-marker shortcut before."""
+    rejected, checked = 0, 0
+    for seed in range(12):
+        body = jpeg_of(photo_like(640, 480, seed=seed), quality=90)
+        rng = np.random.default_rng(seed)
+        for _ in range(4):
+            start, span = int(rng.integers(len(body) // 4, len(body) - 200)), int(rng.integers(4, 64))
+            bad = body[:start] + rng.integers(0, 256, span, dtype=np.uint8).tobytes() + body[start + span:]
+            try:
+                Image.open(io.BytesIO(bad)).load()
+                whole = True
+            except Exception:  # noqa: BLE001 - any failure of the full decode is a rejection
+                whole = False
+            rejected += not whole
+            for size in (64, 1024):  # a 1/8-scale decode, and the byte-for-byte keep's 1/8-scale check
+                checked += 1
+                assert (process_body(bad, DownloadOptions(image_size=size))["status"] == "success") is whole
+    assert rejected > 0 and checked == 96
+
+
+def test_a_default_run_uses_the_usable_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    processes, threads = download_workers(Config())
+    assert processes == cores and 8 <= threads <= 32 and (processes * threads <= 256 or threads == 8)
+    assert download_workers(Config(processes=3, threads=5)) == (3, 5)
+    assert download_workers(Config(processes=64)) == (64, 8)
+    with pytest.raises(ValueError, match="--processes"):
+        Config(processes=0).validate()
