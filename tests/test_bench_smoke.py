@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_download, bench_e2e, bench_scale, bench_shard, common, corpus
+from bench import bench_download, bench_e2e, bench_reshard, bench_scale, bench_shard, common, corpus
 from bench.bench_download import Settings
 
 SMALL = Settings(processes=1, threads=4, rows_per_part=20, world_size=2)
@@ -80,3 +80,11 @@ def test_scale_corpus_and_local_runs(work: Path, monkeypatch: pytest.MonkeyPatch
     assert isinstance(figures["scale_local_exponent"], float) and figures["scale_local_peak_rss_gb_4k"] > 0
     assert set(figures["scale_local_download_seconds"]) == {"2000", "4000"}
     assert all(stats["total"] > 0 for stats in figures["scale_local_stage_seconds"].values())
+
+
+def test_reshard_runs_both_sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """img2dataset-format tars in; curate and the hand-rolled script both run, and the ratio is reported."""
+    monkeypatch.setattr(bench_reshard, "WORK", tmp_path)
+    figures = bench_reshard.measure(20, repeats=1)
+    assert figures["reshard_ratio_vs_handrolled"] > 0 and figures["reshard_rows"] == 20
+    assert (tmp_path / "reshard" / "handrolled.tar").stat().st_size > 0
