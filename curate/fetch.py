@@ -445,6 +445,8 @@ def _exchange(session: Session, origin: _Origin, address: str, policy: FetchPoli
             response = connection.getresponse()
             answer = _answer(response, connection, url, policy, deadline)
             keep = isinstance(answer, bytes) and not response.will_close
+            if keep:
+                response.close()  # the body is read: the socket stays open for the next request
             return answer
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
             if not reused:  # a kept-alive connection the server had closed: ask again on a new one

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.fetch import FetchError, FetchPolicy, fetch, is_disallowed
+from curate.fetch import FetchError, FetchPolicy, fetch, is_disallowed, is_transient
 from curate.server import ImageServer, Response
 from tests.hostile.conftest import TIMEOUT, jpeg, outcomes, row, run_rows, serve
 
@@ -127,3 +127,138 @@ def test_huge_body_is_streamed_and_abandoned_at_the_cap(endless_server: tuple[st
 def test_x_robots_tag(headers: list[str], disallowed: bool) -> None:
     directives = ("noai", "noimageai", "noindex", "noimageindex")
     assert is_disallowed(headers, "img2dataset", directives) is disallowed
+
+
+class KeepAliveServer:
+    """HTTP/1.1 with keep-alive on 127.0.0.1: counts connections, requests and the most requests in flight at once.
+
+    routes: path -> list of (status, headers, body, delay) answered in turn (the last one repeats)."""
+
+    def __init__(self, routes: dict[str, list[tuple[int, dict[str, str], bytes, float]]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes, self.connections, self.requests, self.in_flight, self.most = routes, 0, [], 0, 0
+        lock, outer = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    outer.connections += 1
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with lock:
+                    outer.requests.append(self.path)
+                    outer.in_flight += 1
+                    outer.most = max(outer.most, outer.in_flight)
+                    answers = outer.routes.get(self.path, [(404, {}, b"", 0.0)])
+                    status, headers, body, delay = answers.pop(0) if len(answers) > 1 else answers[0]
+                time.sleep(delay)
+                with lock:
+                    outer.in_flight -= 1
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def keep_alive() -> Iterator[KeepAliveServer]:
+    server = KeepAliveServer({})
+    yield server
+    server.close()
+
+
+POLICY = FetchPolicy(timeout=TIMEOUT, allow_private_network=True)
+
+
+def test_at_most_max_per_host_requests_in_flight(keep_alive: KeepAliveServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curate.fetch import Session
+
+    for i in range(12):
+        keep_alive.routes[f"/{i}.jpg"] = [(200, {}, jpeg(i), 0.1)]
+    with Session(max_per_host=3) as session, ThreadPoolExecutor(12) as pool:
+        bodies = list(pool.map(lambda i: fetch(keep_alive.url(f"/{i}.jpg"), POLICY, session), range(12)))
+    assert bodies == [jpeg(i) for i in range(12)]
+    assert keep_alive.most == 3  # 12 threads, one host: never more than 3 at once, and 3 were used
+    assert keep_alive.connections <= 3  # kept alive: one connection per slot, not one per image
+
+
+def test_a_kept_alive_connection_is_reused_and_never_reaches_a_refused_address(
+        keep_alive: KeepAliveServer, fake_dns: dict[str, str]) -> None:
+    from curate.fetch import Session
+
+    keep_alive.routes["/a.jpg"] = [(200, {}, jpeg(1), 0.0)]
+    fake_dns.update({"img.test": "127.0.0.1", "other.test": "127.0.0.1"})
+    url, loopback = keep_alive.url("/a.jpg", "img.test"), FetchPolicy(timeout=TIMEOUT, allow_loopback=True)
+    with Session() as session:
+        assert fetch(url, loopback, session) == fetch(url, loopback, session) == jpeg(1)
+        assert keep_alive.connections == 1 and len(keep_alive.requests) == 2  # the second rode the first's socket
+        fake_dns["img.test"] = "10.0.0.7"  # DNS now points the name at a private address: refused, socket unused
+        with pytest.raises(FetchError) as rebound:
+            fetch(url, loopback, session)
+        fake_dns["img.test"] = "127.0.0.1"
+        with pytest.raises(FetchError) as scoped:  # the same address under a policy that does not open it
+            fetch(url, FetchPolicy(timeout=TIMEOUT, allow_link_local=True), session)
+        assert fetch(keep_alive.url("/a.jpg", "other.test"), loopback, session) == jpeg(1)
+    assert rebound.value.reason == scoped.value.reason == "blocked_address"
+    assert len(keep_alive.requests) == 3  # the server saw nothing of the refused fetches
+    assert keep_alive.connections == 2  # another name for the same address got a socket of its own
+
+
+def test_a_connection_the_server_closed_is_replaced(keep_alive: KeepAliveServer) -> None:
+    from curate.fetch import Session
+
+    keep_alive.routes["/a.jpg"] = [(200, {}, jpeg(2), 0.0)]
+    with Session() as session:
+        assert fetch(keep_alive.url("/a.jpg"), POLICY, session) == jpeg(2)
+        for _, connection in next(iter(session._idle.values())):
+            assert connection.sock is not None
+            connection.sock.shutdown(socket.SHUT_RDWR)  # as a server's idle timeout would
+        assert fetch(keep_alive.url("/a.jpg"), POLICY, session) == jpeg(2)
+    assert keep_alive.connections == 2
+
+
+def test_retry_after_is_honoured_within_the_deadline(keep_alive: KeepAliveServer) -> None:
+    keep_alive.routes["/busy.jpg"] = [(503, {"Retry-After": "1"}, b"", 0.0), (200, {}, jpeg(3), 0.0)]
+    keep_alive.routes["/later.jpg"] = [(429, {"Retry-After": "3600"}, b"", 0.0), (200, {}, jpeg(4), 0.0)]
+    started = time.monotonic()
+    assert fetch(keep_alive.url("/busy.jpg"), FetchPolicy(timeout=3.0, allow_private_network=True)) == jpeg(3)
+    assert 1.0 <= time.monotonic() - started < 2.5
+    started = time.monotonic()
+    with pytest.raises(FetchError) as error:  # an hour is past the deadline: no wait, a transient failure
+        fetch(keep_alive.url("/later.jpg"), FetchPolicy(timeout=3.0, allow_private_network=True))
+    assert error.value.reason == "http_error" and str(error.value).startswith("HTTP 429")
+    assert time.monotonic() - started < 0.5 and is_transient(error.value.reason, str(error.value))
+
+
+def test_a_host_that_keeps_failing_rests(keep_alive: KeepAliveServer) -> None:
+    from curate.fetch import FAILURES_BEFORE_BACKOFF, Session
+
+    keep_alive.routes["/down.jpg"] = [(500, {}, b"", 0.0)]
+    with Session() as session:
+        for _ in range(FAILURES_BEFORE_BACKOFF + 2):
+            with pytest.raises(FetchError):
+                fetch(keep_alive.url("/down.jpg"), FetchPolicy(timeout=0.5, allow_private_network=True), session)
+    # Three failures in a row, then a 1 s rest the 0.5 s deadline cannot wait out: the host is not asked again.
+    assert len(keep_alive.requests) == FAILURES_BEFORE_BACKOFF
