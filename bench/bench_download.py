@@ -1,7 +1,10 @@
-"""Figure 1: the download stage against the bare img2dataset command, same URLs, processes, threads, size, format.
+"""Figure 1: the download stage against the bare img2dataset command, same URLs, size and format.
 
-Both run as commands a user would type (`curate download OUT` on a folder whose ingest and prefilter are done;
-`img2dataset --url_list corpus.parquet ...`), interleaved, on the corpus bench.corpus serves from 127.0.0.1.
+Both run as commands a user would type (`curate download OUT` on a folder whose ingest and prefilter are done, with
+curate run's default processes and threads; `img2dataset --url_list corpus.parquet ...` with its tuned 2 processes
+x 16 threads), interleaved, on two corpora bench.corpus serves from 127.0.0.1: the bench corpus (noise-like
+quality-100 JPEGs, one origin, 256 px) and a LAION-like one (photo-like JPEGs of 512-2,000 px, quality 75-95, 8
+origins) at 1024 px (the SDXL recipe) and 256 px.
 
     .venv/bin/python -m bench.bench_download [--rows 2000] [--repeats 3]
 """
@@ -9,16 +12,24 @@ Both run as commands a user would type (`curate download OUT` on a folder whose 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from bench.common import WORK, Series, bench_main, cores, interleaved, tool, wall
-from bench.corpus import CorpusServer, ensure_images, write_corpus
+from bench.corpus import (
+    CorpusServer,
+    LaionlikeServer,
+    ensure_images,
+    ensure_laionlike_images,
+    laionlike_corpus_table,
+    write_corpus,
+)
 from curate.config import Config
 from curate.engines.local import LocalRun
 from curate.io import Checkpoint
@@ -37,9 +48,11 @@ class Settings:
     world_size: int = 8  # shards: world_size x 1 data-loader worker
 
     def config(self, **changes: Any) -> Config:
-        return Config(image_size=self.image_size, resize_mode=self.resize_mode, threads=self.threads,
-                      processes=self.processes, batch_size_rows=self.rows_per_part, allow_private_network=True,
-                      min_size=256, world_size=self.world_size, workers_per_rank=1, **changes).validate()
+        values: dict[str, Any] = dict(image_size=self.image_size, resize_mode=self.resize_mode, threads=self.threads,
+                                      processes=self.processes, batch_size_rows=self.rows_per_part,
+                                      allow_private_network=True, min_size=256, world_size=self.world_size,
+                                      workers_per_rank=1)
+        return Config(**{**values, **changes}).validate()
 
     def img2dataset_command(self, corpus: Path, output: Path) -> list[str]:
         return [tool("img2dataset"), "--url_list", str(corpus), "--input_format", "parquet", "--url_col", "URL",
@@ -51,10 +64,11 @@ class Settings:
                 "--distributor", "multiprocessing", "--enable_wandb", "False"]
 
 
-def prepare_ours(corpus: Path, out: Path, settings: Settings) -> None:
-    """An output folder with ingest and prefilter done and every row alive, so download fetches every URL."""
+def prepare_ours(corpus: Path, out: Path, settings: Settings, defaults: bool = False) -> None:
+    """An output folder with ingest and prefilter done and every row alive, so download fetches every URL; with
+    defaults, curate run's own processes and threads (the usable cores) instead of the settings'."""
     shutil.rmtree(out, ignore_errors=True)
-    config = settings.config()
+    config = settings.config(processes=None, threads=None) if defaults else settings.config()
     check_same_run(out, config, [str(corpus)])
     run = LocalRun(out, config)
     run.ingest([str(corpus)])
@@ -98,43 +112,74 @@ def theirs_seconds(output: Path) -> float:
     return max(s["end_time"] for s in shards) - min(s["start_time"] for s in shards)
 
 
-def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings = Settings()) -> dict[str, Any]:
+def compare(corpus_of: Callable[[int, Path], Path], rows: int, repeats: int, warmup_rows: int, settings: Settings,
+            name: str) -> dict[str, Any]:
     """Interleaved runs of both commands after a small warm-up round of each; images/s are successful images per
-    second of the command's wall time (interpreter start-up and worker spawning included, as a user sees it)."""
-    ensure_images(rows)
+    second of the command's wall time (interpreter start-up and worker spawning included, as a user sees it) and of
+    each tool's own span (start-up excluded)."""
     counts: dict[str, int] = {}
     inner: dict[str, list[float]] = {}
-    with CorpusServer() as server:
-        for size, rounds in ([(warmup_rows, 0)] if warmup_rows else []) + [(rows, repeats)]:
-            work = WORK / f"download-{size}"
-            corpus = write_corpus(size, server.base_url, work / "corpus.parquet")
-            prepare_ours(corpus, work / "ours", settings)
-            bodies = {"ours": _ours(work, counts, inner), "img2dataset": _theirs(work, corpus, settings, counts, inner)}
-            runs = interleaved(bodies, rounds, warmup=1 if rounds == 0 else 0)
+    runs: dict[str, list[float]] = {}
+    for size, rounds in ([(warmup_rows, 0)] if warmup_rows else []) + [(rows, repeats)]:
+        work = WORK / f"download-{name}-{size}"
+        corpus = corpus_of(size, work / "corpus.parquet")
+        prepare_ours(corpus, work / "ours", settings, defaults=True)
+        bodies = {"ours": _ours(work, counts, inner), "img2dataset": _theirs(work, corpus, settings, counts, inner)}
+        runs = interleaved(bodies, rounds, warmup=1 if rounds == 0 else 0)
     ours_series = Series("curate download", "images/s", runs["ours"])
     theirs_series = Series("img2dataset", "images/s", runs["img2dataset"])
     ratios = Series("ratio ours/img2dataset", "", [a / b for a, b in zip(runs["ours"], runs["img2dataset"],
                                                                              strict=True)])
-    print(f"download: {rows} URLs, {settings.processes} processes x {settings.threads} threads, "
-          f"{settings.image_size} px {settings.resize_mode}, jpg q95, parquet output; "
-          f"successes: ours {counts['ours']}, img2dataset {counts['img2dataset']}")
-    for series in (ours_series, theirs_series, ratios):
-        print("  " + series.describe())
-    ratio = ours_series.median / theirs_series.median
     in_stage = Series("ratio inside the tools (start-up excluded)", "", [
         a / b for a, b in zip(inner["ours"][-repeats:], inner["img2dataset"][-repeats:], strict=True)])
-    print("  " + in_stage.describe())
-    print(f"  ratio of medians {ratio:.3f} (target >= 0.9); "
-          f"{ours_series.median / cores():.1f} images/s per core ({cores()} cores)")
+    inner_ours = Series("curate inside", "images/s", inner["ours"][-repeats:])
+    print(f"download, {name}: {rows} URLs, curate run's defaults vs img2dataset {settings.processes} processes x "
+          f"{settings.threads} threads, {settings.image_size} px {settings.resize_mode}, jpg q95; successes: ours "
+          f"{counts['ours']}, img2dataset {counts['img2dataset']}; load average {os.getloadavg()[0]:.1f}")
+    for series in (ours_series, theirs_series, ratios, in_stage):
+        print("  " + series.describe())
+    per_core = inner_ours.median / cores()
+    print(f"  in-tool ratio {in_stage.median:.3f} (target >= 1.5); {per_core:.1f} images/s per core inside the "
+          f"tool ({cores()} cores)")
+    return {"ratio": ours_series.median / theirs_series.median, "ratios": ratios.values, "ours": ours_series,
+            "theirs": theirs_series, "in_stage": in_stage, "per_core": per_core}
+
+
+def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings = Settings()) -> dict[str, Any]:
+    """The bench corpus at 256 px, then the LAION-like corpus at 1024 and 256 px."""
+    ensure_images(rows)
+    with CorpusServer() as server:
+        bench = compare(lambda size, path: write_corpus(size, server.base_url, path), rows, repeats, warmup_rows,
+                        settings, "bench")
+    ensure_laionlike_images(rows)
+    laion: dict[int, dict[str, Any]] = {}
+    with LaionlikeServer() as laion_server:
+        def laion_corpus(size: int, path: Path) -> Path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(laionlike_corpus_table(size, laion_server.base_urls), path)
+            return path
+
+        for image_size in (1024, 256):
+            laion[image_size] = compare(laion_corpus, rows, repeats, 0, replace(settings, image_size=image_size),
+                                        f"laionlike-{image_size}")
     return {
-        "download_ratio_vs_img2dataset": round(ratio, 3),
-        "download_ratio_min_max": [round(min(ratios.values), 3), round(max(ratios.values), 3)],
-        "download_images_per_s": round(ours_series.median, 1),
-        "download_images_per_s_min_max": [round(min(ours_series.values), 1), round(max(ours_series.values), 1)],
-        "download_img2dataset_images_per_s": round(theirs_series.median, 1),
-        "download_images_per_s_per_core": round(ours_series.median / cores(), 2),
-        "download_ratio_in_stage": round(in_stage.median, 3),
+        "download_ratio_vs_img2dataset": round(bench["ratio"], 3),
+        "download_ratio_min_max": [round(min(bench["ratios"]), 3), round(max(bench["ratios"]), 3)],
+        "download_images_per_s": round(bench["ours"].median, 1),
+        "download_images_per_s_min_max": [round(min(bench["ours"].values), 1), round(max(bench["ours"].values), 1)],
+        "download_img2dataset_images_per_s": round(bench["theirs"].median, 1),
+        "download_images_per_s_per_core": round(bench["per_core"], 2),
+        "download_ratio_in_stage": round(bench["in_stage"].median, 3),
+        "download_ratio_in_stage_min_max": [round(min(bench["in_stage"].values), 3),
+                                            round(max(bench["in_stage"].values), 3)],
+        "download_ratio_in_stage_laionlike": round(laion[1024]["in_stage"].median, 3),
+        "download_ratio_in_stage_laionlike_min_max": [round(min(laion[1024]["in_stage"].values), 3),
+                                                      round(max(laion[1024]["in_stage"].values), 3)],
+        "download_images_per_s_per_core_laionlike": round(laion[1024]["per_core"], 2),
+        "download_ratio_in_stage_laionlike_256": round(laion[256]["in_stage"].median, 3),
+        "download_images_per_s_per_core_laionlike_256": round(laion[256]["per_core"], 2),
         "download_bench_urls": rows,
+        "download_bench_load_average": round(os.getloadavg()[0], 2),
     }
 
 
