@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curate.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
+
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no", "bucket")  # img2dataset's + bucket
@@ -23,6 +25,7 @@ AESTHETIC_HEADS = ("v2", "v1")
 class Config:
     """Every option of `curate run`; field names are the long option names with '_' for '-'."""
 
+    recipe: str = DEFAULT_RECIPE  # a preset of the options below (curate.recipes); given options win over it
     # prefilter and select
     min_size: int = 512
     threshold: float = 5.0
@@ -33,6 +36,11 @@ class Config:
     phash_distance: int = 4
     semdedup_threshold: float = 0.95
     semdedup_clusters: int | None = None
+    # caption checks (prefilter; curate.stages.captions)
+    min_caption_words: int = 0  # 0: off; DataComp keeps more than 2 words (the sdxl recipe: 3)
+    max_caption_tokens: int | None = None  # None: off; CLIP's context is 77 tokens, SD/SDXL training truncates past it
+    junk_captions: bool = False
+    languages: list[str] = field(default_factory=list)  # []: off
     # input
     input_format: str = "auto"
     caption_field: str | None = None
@@ -81,6 +89,8 @@ class Config:
         _check_choices("aesthetic_head", [self.aesthetic_head], AESTHETIC_HEADS)
         _check_choices("input_format", [self.input_format], INPUT_FORMATS)
         _check_choices("precision", [self.precision], PRECISIONS)
+        _check_choices("recipe", [self.recipe], tuple(RECIPES))
+        _check_languages(self.languages)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         for name in ("world_size", "workers_per_rank", "image_size", "threads", "processes", "target_shard_size",
@@ -97,6 +107,11 @@ class Config:
         _check_range("timeout", self.timeout, 0.0, math.inf, low_open=True)
         if not 0 <= self.phash_distance <= 16:
             raise ValueError(f"--phash-distance must be between 0 and 16, got {self.phash_distance}")
+        if self.min_caption_words < 0:
+            raise ValueError(f"--min-caption-words must be 0 (off) or more, got {self.min_caption_words}")
+        if self.max_caption_tokens is not None and self.max_caption_tokens < 3:
+            raise ValueError(f"--max-caption-tokens counts CLIP's start and end tokens too: at least 3, got "
+                             f"{self.max_caption_tokens} (77 is CLIP's context)")
         if self.semdedup_clusters is not None and self.semdedup_clusters < 1:
             raise ValueError(f"--semdedup-clusters must be at least 1, got {self.semdedup_clusters}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.shard_name):
@@ -148,8 +163,20 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
         raise ValueError(f"{_flag(name)} must be a finite number in {bounds}, got {value!r}")
 
 
+def _check_languages(languages: list[str]) -> None:
+    if not languages:
+        return
+    from curate.stages.captions import known_languages
+
+    unknown = [language for language in languages if language not in known_languages()]
+    if unknown:
+        raise ValueError(f"--languages: {', '.join(map(repr, unknown))} is not a language py3langid detects; use "
+                         f"ISO 639-1 codes such as en, de, fr ({len(known_languages())} known)")
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
-    """Defaults, then the TOML file (keys are long option names), then command-line values that were given."""
+    """Defaults, then the recipe's preset (--recipe, from the command line or the file), then the TOML file (keys
+    are long option names), then command-line values that were given."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -166,13 +193,18 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
                 raise ValueError(f"{path}: unknown key {key!r}; keys are the long option names of `curate run`")
             values[name] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("dedup", "disallowed_header_directives"):  # list options arrive as comma lists
+    recipe = values.get("recipe", DEFAULT_RECIPE)
+    if isinstance(recipe, str):  # anything else fails validate's type check, naming --recipe
+        values = {**recipe_values(recipe), **values}
+    for name in ("dedup", "disallowed_header_directives", "languages"):  # list options arrive as comma lists
         if isinstance(values.get(name), str):
             values[name] = [item.strip() for item in values[name].split(",") if item.strip()]
     return Config(**values).validate()
 
 
 OPTION_HELP: dict[str, str] = {
+    "recipe": f"A published recipe as a preset of the options ({', '.join(RECIPES)}); options given on the command "
+              f"line or in the config file override it.",
     "min_size": "Drop images whose original shorter side is below this many pixels (metadata before download, "
                 "measured after).",
     "threshold": "Keep aesthetic score >= this (5.0 is LAION-Aesthetics v2 5+).",
@@ -184,6 +216,14 @@ OPTION_HELP: dict[str, str] = {
     "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
     "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
+    "min_caption_words": "Drop captions with fewer words than this, before download (0: off; DataComp keeps more "
+                         "than 2, the sdxl recipe uses 3).",
+    "max_caption_tokens": "Drop captions longer than this many CLIP tokens, start and end included (off unless set; "
+                          "SD/SDXL training truncates past 77).",
+    "junk_captions": "Drop junk alt-text before download: file names (IMG_1234.JPG, DSC0001), bare URLs, one word "
+                     "repeated.",
+    "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
+                 "empty.",
     "input_format": "Input kind: parquet (metadata to download), webdataset (tars already downloaded, e.g. by "
                     "img2dataset), or auto (by the .tar suffix).",
     "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member.",

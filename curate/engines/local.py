@@ -219,19 +219,20 @@ class LocalRun:
             todo = [i for i in range(len(source.parts())) if not target.has_part(i)]
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
-            jobs = [(str(self.out), i, self.download_options(), self.stored_images()) for i in todo]
+            live = [pq.ParquetFile(source.part_path(i)).metadata.num_rows for i in todo]
+            options, stored = self.download_options(), self.stored_images()
+            jobs = [(str(self.out), group, options, stored) for group in job_groups(todo, live, self.config.batch_size_rows)]
             processes = min(download_workers(self.config)[0], len(jobs))
             if processes > 1:
                 # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(processes, mp_context=context) as pool:
-                    for _ in pool.map(_download_part, jobs):
-                        done += 1
+                    for finished in pool.map(_download_parts, jobs):
+                        done += finished
                         self.progress("download", done, total)
             else:
                 for job in jobs:
-                    _download_part(job)
-                    done += 1
+                    done += _download_parts(job)
                     self.progress("download", done, total)
             return {"parts": total}
 
@@ -325,20 +326,43 @@ def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
     """The prefilter's arguments: metadata scores are judged before download only when they are the scores."""
     on_metadata = scores == "metadata"
     return {"min_size": config.min_size, "max_watermark": config.max_watermark if on_metadata else None,
-            "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None}
+            "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None,
+            "min_caption_words": config.min_caption_words, "max_caption_tokens": config.max_caption_tokens,
+            "junk_captions": config.junk_captions, "languages": list(config.languages)}
 
 
-def _download_part(job: tuple[str, int, DownloadOptions, bool]) -> None:
-    """One prefilter part to one download part (a picklable unit of work for the process pool)."""
-    out, index, options, stored = job
-    part = pq.read_table(io.Checkpoint(out, "prefilter").part_path(index))
+def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]]:
+    """Consecutive parts joined until a job holds about `rows` live rows: with few live rows spread over many parts
+    (a 10M-row file with 1,000 survivors), a job still keeps every download thread busy."""
+    groups: list[list[int]] = []
+    count = rows
+    for index, alive_rows in zip(indices, live, strict=True):
+        if count >= rows or (groups and index != groups[-1][-1] + 1):
+            groups.append([])
+            count = 0
+        groups[-1].append(index)
+        count += alive_rows
+    return groups
+
+
+def _download_parts(job: tuple[str, list[int], DownloadOptions, bool]) -> int:
+    """Prefilter parts to download parts, fetched as one batch (a picklable unit of work for the process pool)."""
+    out, indices, options, stored = job
+    source, target = io.Checkpoint(out, "prefilter"), io.Checkpoint(out, "download")
+    parts = [pq.read_table(source.part_path(index)) for index in indices]
+    batch = pa.concat_tables(parts, promote_options="permissive")
     if stored:
         from curate.stages.stored import decode_stored
 
-        part = decode_stored(part, options)
+        batch = decode_stored(batch, options)
     else:
-        part = download(part, options)
-    io.Checkpoint(out, "download").write_split(index, part, alive(part))
+        batch = download(batch, options)
+    start = 0
+    for index, part in zip(indices, parts, strict=True):  # back into the parts they came from, in order
+        piece = batch.slice(start, part.num_rows)
+        target.write_split(index, piece, alive(piece))
+        start += part.num_rows
+    return len(indices)
 
 
 def _load_scorer(config: Config) -> Any:

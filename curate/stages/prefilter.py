@@ -22,6 +22,7 @@ from curate.schema import (
     URL,
     WIDTH,
 )
+from curate.stages.captions import flag_captions
 from curate.stages.verdict import above, apply_verdicts, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "prefilter"
@@ -148,9 +149,14 @@ def prefilter(
     max_unsafe: float | None,
     aesthetic_threshold: float | None,
     check_urls: bool = True,
+    min_caption_words: int = 0,
+    max_caption_tokens: int | None = None,
+    junk_captions: bool = False,
+    languages: list[str] | None = None,
 ) -> pa.Table:
     """All metadata checks in order; the first that applies is the row's reason. url_flags are the url+caption
-    duplicate verdicts of these rows (group_url_duplicates or url_verdicts), None when that dedup is off."""
+    duplicate verdicts of these rows (group_url_duplicates or url_verdicts), None when that dedup is off. The caption
+    checks (curate.stages.captions) come last, so the slow ones see only the rows still alive."""
     table = with_verdict_columns(table)
     if check_urls:  # not for images already downloaded: their url is a record, not something to fetch
         table = flag_invalid_urls(table)
@@ -163,7 +169,7 @@ def prefilter(
     table = flag_above(table, PUNSAFE, max_unsafe, "metadata_unsafe")
     if aesthetic_threshold is not None:
         table = flag_metadata_aesthetic(table, aesthetic_threshold)
-    return table
+    return flag_captions(table, min_caption_words, max_caption_tokens, junk_captions, languages or [])
 
 
 def recoverable(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
