@@ -76,7 +76,11 @@ def normalize_embeddings(embeddings: np.ndarray) -> np.ndarray:
 
 
 class AestheticPredictor:
-    """Aesthetic score (roughly 1-10) of CLIP ViT-L/14 image embeddings."""
+    """Aesthetic score (roughly 1-10) of CLIP ViT-L/14 image embeddings.
+
+    Always fp32, also when the encoder runs bf16: it costs ~1 MFLOP per image, and bf16's step at 5.0 is 0.031,
+    over the 0.02 a score may move.
+    """
 
     def __init__(self, module: nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -115,8 +119,14 @@ class AestheticPredictor:
         values = normalize_embeddings(embeddings)
         if values.ndim != 2 or values.shape[1] != self.input_size:
             raise ValueError(f"embeddings must have shape [N, {self.input_size}], got {values.shape}")
-        scores = self.module(torch.from_numpy(values).to(self.device))
-        return scores.float().cpu().numpy().reshape(-1)
+        return self.score(torch.from_numpy(values)).cpu().numpy()
+
+    @torch.inference_mode()
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """float32 scores [N], on the device, of embeddings [N, D] (normalized first; a zero row stays zero)."""
+        values = embeddings.to(self.device, torch.float32, non_blocking=True)
+        values = torch.nn.functional.normalize(values, dim=-1, eps=1e-30)
+        return self.module(values).reshape(-1)
 
 
 def _input_size(state_dict: dict[str, torch.Tensor], head: str, spec: WeightSpec, path: object) -> int:

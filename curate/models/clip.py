@@ -16,7 +16,7 @@ from open_clip.transformer import QuickGELU
 from PIL import Image
 from torch import nn
 
-from curate.models.device import autocast, pixels_to_tensor
+from curate.models.device import pixels_to_tensor, resolve_precision, to_precision
 from curate.models.preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
 from curate.models.weights import Source, WeightsError, WeightSpec, load_state_dict, resolve_weights, strip_prefix
 
@@ -47,11 +47,16 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 class ClipEncoder:
-    """The image tower of a CLIP model; `encode` returns L2-normalized embeddings."""
+    """The image tower of a CLIP model; `encode` returns L2-normalized embeddings.
 
-    def __init__(self, visual: nn.Module, device: str | torch.device = "cpu") -> None:
+    precision "fp32" (the default), "bf16", or "auto" (bf16 on CUDA and on CPUs with native bf16); the embeddings
+    come back in float32 either way.
+    """
+
+    def __init__(self, visual: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
         self.device = torch.device(device)
-        self.visual = visual.eval().to(self.device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.visual = to_precision(visual, self.device, self.dtype)
 
     @classmethod
     def load(
@@ -60,6 +65,7 @@ class ClipEncoder:
         cache_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         model_name: str = MODEL_NAME,
+        precision: str = "fp32",
     ) -> ClipEncoder:
         """Build open_clip ViT-L-14 with QuickGELU and load the weights strictly.
 
@@ -83,7 +89,7 @@ class ClipEncoder:
         if not any(isinstance(module, QuickGELU) for module in model.visual.modules()):
             raise WeightsError(f"{CLIP.name}: the model built from {model_id} has no QuickGELU activation")
         log.info("loaded %s from %s", CLIP.name, weights_file)
-        return cls(model.visual, device)
+        return cls(model.visual, device, precision)
 
     @property
     def embed_dim(self) -> int:
@@ -95,13 +101,16 @@ class ClipEncoder:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return self.encode_pixels(np.stack([clip_pixels(image) for image in images]))
 
-    @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
         """L2-normalized float32 embeddings of uint8 [N, 224, 224, 3] pixels (from `clip_pixels`)."""
-        batch = pixels_to_tensor(torch.as_tensor(pixels).to(self.device), CLIP_MEAN, CLIP_STD)
-        with autocast(self.device):
-            features = self.visual(batch)
-        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+        batch = pixels_to_tensor(torch.as_tensor(pixels).to(self.device, non_blocking=True), CLIP_MEAN, CLIP_STD)
+        return self.embed(batch).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """L2-normalized float32 embeddings, on the device, of normalized float [N, 3, 224, 224] (no host sync)."""
+        features = self.visual(batch.to(self.device, self.dtype, non_blocking=True))
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 @contextlib.contextmanager

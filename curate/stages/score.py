@@ -8,13 +8,14 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.models import AestheticPredictor, ClipEncoder, WatermarkDetector
+from curate.models import AestheticPredictor, ClipEncoder, WatermarkDetector, tensor_inputs
 from curate.models.device import resolve_device
 from curate.models.preprocess import model_inputs
 from curate.schema import AESTHETIC_SCORE, EMBEDDING, JPG, SCORES_SOURCE, WATERMARK_PROB
@@ -27,6 +28,9 @@ DECODE_FAILED = "decode_failed"
 SCORES_FROM_MODEL = "model"
 # Batches decoded ahead of the one being scored: keeps the models busy without holding a whole table of pixels.
 PREFETCH_BATCHES = 2
+# "pil": PIL in decode threads (JPEG draft mode), the fastest on CPU; "tensor": batches through torchvision's
+# decode_jpeg and torch resizes on the models' device (nvJPEG on CUDA), see curate/models/tensor_inputs.py.
+DECODERS = ("pil", "tensor")
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Scorer:
     batch_size: int = 64
     decode_workers: int = max(1, os.cpu_count() or 1)
     draft: bool = True
+    decoder: str = "pil"
+    fallbacks: int = 0  # images the tensor decoder refused and PIL decoded, since the scorer was built
 
 
 _SCORERS: dict[tuple, Scorer] = {}
@@ -55,19 +61,23 @@ def load_scorer(config: Config) -> Scorer:
         config.aesthetic_weights,
         config.aesthetic_head,
         config.watermark_weights,
+        config.precision,
     )
     if key not in _SCORERS:
         _SCORERS.clear()  # one set of models per process: free the old ones before building new ones
         device = resolve_device(config.device)
-        cache = config.model_cache
+        cache, precision = config.model_cache, config.precision
         _SCORERS[key] = Scorer(
-            clip=ClipEncoder.load(config.clip_weights, cache_dir=cache, device=device),
+            clip=ClipEncoder.load(config.clip_weights, cache_dir=cache, device=device, precision=precision),
             aesthetic=AestheticPredictor.load(
                 config.aesthetic_weights, head=config.aesthetic_head, cache_dir=cache, device=device
             ),
-            watermark=WatermarkDetector.load(config.watermark_weights, cache_dir=cache, device=device),
+            watermark=WatermarkDetector.load(
+                config.watermark_weights, cache_dir=cache, device=device, precision=precision
+            ),
+            decoder="tensor" if device.type == "cuda" else "pil",
         )
-        log.info("scoring on %s", device)
+        log.info("scoring on %s in %s, %s decoder", device, _SCORERS[key].clip.dtype, _SCORERS[key].decoder)
     scorer = _SCORERS[key]
     scorer.batch_size = config.batch_size
     return scorer
@@ -86,16 +96,25 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
     embedding = np.zeros((rows, scorer.clip.embed_dim), dtype=np.float16)
     scored = np.zeros(rows, dtype=bool)
     errors: list[str | None] = [None] * rows
-    for batch in _decoded_batches(table[JPG], todo, scorer):
+    parts: dict[str, list] = {"rows": [], "features": [], "aesthetic": [], "watermark": []}
+    batches = _tensor_batches if scorer.decoder == "tensor" else _decoded_batches
+    for batch in batches(table[JPG], todo, scorer):
         for row, error in batch.failures:
             errors[row] = error
         if not len(batch.rows):
             continue
-        features = scorer.clip.encode_pixels(batch.clip_pixels)
-        aesthetic[batch.rows] = scorer.aesthetic.predict(features)
-        watermark[batch.rows] = scorer.watermark.predict_pixels(batch.watermark_pixels)
-        embedding[batch.rows] = features.astype(np.float16)
-        scored[batch.rows] = True
+        # results stay on the device until the table is done: no host sync per batch
+        features = scorer.clip.embed(batch.clip)
+        parts["rows"].append(batch.rows)
+        parts["features"].append(features.half())
+        parts["aesthetic"].append(scorer.aesthetic.score(features))
+        parts["watermark"].append(scorer.watermark.probabilities(batch.watermark))
+    if parts["rows"]:
+        done = np.concatenate(parts["rows"])
+        aesthetic[done] = tensor_inputs.gather(parts["aesthetic"])
+        watermark[done] = tensor_inputs.gather(parts["watermark"])
+        embedding[done] = tensor_inputs.gather(parts["features"], np.float16)
+        scored[done] = True
     log.info("scored %d of %d rows, %d failed to decode", scored.sum(), rows, sum(e is not None for e in errors))
     invalid = ~scored
     new_columns = {
@@ -115,8 +134,8 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
 @dataclass
 class _DecodedBatch:
     rows: np.ndarray
-    clip_pixels: np.ndarray
-    watermark_pixels: np.ndarray
+    clip: Any  # normalized model inputs on the models' device (torch tensors; torch is imported in models/ only)
+    watermark: Any
     failures: list[tuple[int, str]]
 
 
@@ -138,12 +157,34 @@ def _decoded_batches(jpgs: pa.ChunkedArray, todo: np.ndarray, scorer: Scorer) ->
             data = jpgs.take(pa.array(rows)).to_pylist()
             pending.append((rows, [pool.submit(_decode, item, scorer.draft) for item in data]))
             if len(pending) > PREFETCH_BATCHES:
-                yield _collect(*pending.popleft())
+                yield _collect(*pending.popleft(), scorer)
         while pending:
-            yield _collect(*pending.popleft())
+            yield _collect(*pending.popleft(), scorer)
 
 
-def _collect(rows: np.ndarray, futures: list[Future]) -> _DecodedBatch:
+def _tensor_batches(jpgs: pa.ChunkedArray, todo: np.ndarray, scorer: Scorer) -> Iterator[_DecodedBatch]:
+    """Batches decoded by `tensor_inputs.prepared` in a producer thread, ahead of scoring, in order."""
+    device = scorer.clip.device
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[np.ndarray, Future]] = deque()
+
+        def ready() -> _DecodedBatch:
+            rows, future = pending.popleft()
+            batch = tensor_inputs.handed_over(future.result())
+            scorer.fallbacks += batch.fallbacks
+            failures = [(int(rows[position]), error) for position, error in batch.failures]
+            return _DecodedBatch(rows[batch.index], batch.clip, batch.watermark, failures)
+
+        for start in range(0, len(todo), scorer.batch_size):
+            rows = todo[start : start + scorer.batch_size]
+            pending.append((rows, pool.submit(tensor_inputs.prepared, jpgs.take(pa.array(rows)).to_pylist(), device)))
+            if len(pending) > PREFETCH_BATCHES:
+                yield ready()
+        while pending:
+            yield ready()
+
+
+def _collect(rows: np.ndarray, futures: list[Future], scorer: Scorer) -> _DecodedBatch:
     decoded, failures = [], []
     for row, future in zip(rows, futures, strict=True):
         result = future.result()
@@ -154,12 +195,11 @@ def _collect(rows: np.ndarray, futures: list[Future]) -> _DecodedBatch:
     if not decoded:
         nothing = np.zeros(0, dtype=np.int64)
         return _DecodedBatch(nothing, nothing, nothing, failures)
-    return _DecodedBatch(
-        rows=np.array([row for row, _ in decoded], dtype=np.int64),
-        clip_pixels=np.stack([pixels[0] for _, pixels in decoded]),
-        watermark_pixels=np.stack([pixels[1] for _, pixels in decoded]),
-        failures=failures,
+    clip, watermark = tensor_inputs.pixel_tensors(
+        np.stack([pixels[0] for _, pixels in decoded]), np.stack([pixels[1] for _, pixels in decoded]),
+        scorer.clip.device,
     )
+    return _DecodedBatch(np.array([row for row, _ in decoded], dtype=np.int64), clip, watermark, failures)
 
 
 def _embedding_array(embedding: np.ndarray, invalid: np.ndarray) -> pa.FixedSizeListArray:

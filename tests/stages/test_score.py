@@ -127,7 +127,7 @@ def test_run_with_model_scores_keeps_what_the_scores_say(tmp_path, corpus_factor
     low = [float(row["detail"]) for row in ledger if row["reason"] == "low_aesthetic"]
     assert stats["input_rows"] == stats["kept"] + stats["dropped"] == len(corpus.rows)
     assert len(kept) and len(low) and kept.min() >= threshold > max(low)
-    clip = ClipEncoder.load(models["clip_weights"])
+    clip = ClipEncoder.load(models["clip_weights"], precision=config.precision)  # the run's (bf16 where native)
     head = AestheticPredictor.load(models["aesthetic_weights"])
     shard = json.loads((out / "shards" / "index.json").read_text())["shardlist"][0]["url"]
     for sample in wds.WebDataset(str(out / "shards" / shard), shardshuffle=False):
