@@ -221,7 +221,8 @@ class LocalRun:
             self.progress("download", done, total)
             live = [pq.ParquetFile(source.part_path(i)).metadata.num_rows for i in todo]
             options, stored = self.download_options(), self.stored_images()
-            jobs = [(str(self.out), group, options, stored) for group in job_groups(todo, live, self.config.batch_size_rows)]
+            groups = job_groups(todo, live, self.config.batch_size_rows)
+            jobs = [(str(self.out), group, options, stored) for group in groups]
             processes = min(download_workers(self.config)[0], len(jobs))
             if processes > 1:
                 # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
