@@ -40,7 +40,7 @@ class Config:
     min_caption_words: int = 0  # 0: off; DataComp keeps more than 2 words (the sdxl recipe: 3)
     max_caption_tokens: int | None = None  # None: off; CLIP's context is 77 tokens, SD/SDXL training truncates past it
     junk_captions: bool = False
-    languages: list[str] = field(default_factory=list)  # []: off
+    languages: list[str] | None = None  # None (or empty): off
     # input
     input_format: str = "auto"
     caption_field: str | None = None
@@ -163,7 +163,7 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
         raise ValueError(f"{_flag(name)} must be a finite number in {bounds}, got {value!r}")
 
 
-def _check_languages(languages: list[str]) -> None:
+def _check_languages(languages: list[str] | None) -> None:
     if not languages:
         return
     from curate.stages.captions import known_languages

@@ -329,7 +329,7 @@ def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
     return {"min_size": config.min_size, "max_watermark": config.max_watermark if on_metadata else None,
             "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None,
             "min_caption_words": config.min_caption_words, "max_caption_tokens": config.max_caption_tokens,
-            "junk_captions": config.junk_captions, "languages": list(config.languages)}
+            "junk_captions": config.junk_captions, "languages": list(config.languages or [])}
 
 
 def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]]:
