@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import mmh3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -56,8 +57,21 @@ def url_problem(url: str | None) -> str | None:
     return None
 
 
+_PORT = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+# A URL of this shape (printable ASCII, http(s), a host without credentials, a valid port) is one url_problem passes:
+# the regex clears most rows at C speed and url_problem explains the rest.
+URL_SHAPE = ("^[Hh][Tt][Tt][Pp][Ss]?://(\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)"
+             f"(:{_PORT})?([/?#][\\x21-\\x7e]*)?$")
+
+
 def flag_invalid_urls(table: pa.Table) -> pa.Table:
-    problems = [url_problem(u) for u in table[URL].to_pylist()]
+    urls = table[URL]
+    shaped = pc.and_(pc.match_substring_regex(pc.fill_null(urls, ""), URL_SHAPE),
+                     pc.less_equal(pc.utf8_length(pc.fill_null(urls, "")), MAX_URL_LENGTH))
+    unsure = np.flatnonzero(~pc.fill_null(shaped, False).to_numpy(zero_copy_only=False))
+    problems: list[str | None] = [None] * table.num_rows
+    for index, url in zip(unsure.tolist(), urls.take(pa.array(unsure, pa.int64())).to_pylist(), strict=True):
+        problems[index] = url_problem(url)
     return with_reason(table, pa.array([p is not None for p in problems]), STAGE, "invalid_url", problems)
 
 

@@ -50,3 +50,29 @@ def test_url_verdicts_group_across_batches_and_detect_collisions():
     assert out["drop_reason"].to_pylist() == ["duplicate_url", "key_collision"]
     kept = prefilter(first, verdicts, 0, None, None, None)
     assert kept["drop_reason"].to_pylist() == [None]
+
+
+def test_the_fast_url_shape_never_clears_a_url_the_full_check_refuses():
+    import re
+
+    import numpy as np
+
+    from curate.stages.prefilter import URL_SHAPE, flag_invalid_urls
+
+    pieces = ["http://", "https://", "HTTP://", "ftp://", "http:/", "", "a.com", "[::1]", "[zz]", "user:pw@", "@",
+              ":80", ":65535", ":65536", ":", ":99999", "/", "/p?q=1#f", " ", "\t", "\x00", "\x7f", "\xa0", "é",
+              "\\", "%20", "[", "]", "//", "?", "#", "-", "."]
+    rng = np.random.default_rng(0)
+    urls = ["".join(rng.choice(pieces, size=int(rng.integers(1, 6)))) for _ in range(10_000)]
+    schemes, hosts = ["http://", "https://", "HtTp://", "http:", "ftp://"], ["a.com", "[::1]", "x", "", "é.com", "a b"]
+    ports, rests = ["", ":80", ":65535", ":65536", ":", ":0"], ["", "/", "/a b", "/é", "?q", "#f", "\\x", "/\x7f"]
+    urls += ["".join(rng.choice(part)) for part in (schemes, hosts, ports, rests) for _ in range(1)] * 0 + [
+        rng.choice(schemes) + rng.choice(hosts) + rng.choice(ports) + rng.choice(rests) for _ in range(10_000)]
+    urls += ["http://a.com/" + "x" * 3000, "https://example.com:28413/a.jpg", "http://127.0.0.1/img.jpg"]
+    pattern = re.compile(URL_SHAPE)
+    cleared = [u for u in urls if pattern.search(u) and len(u) <= 2048]
+    assert len(cleared) > 1000
+    assert [u for u in cleared if url_problem(u) is not None] == []
+    table = normalize(pa.table({"URL": urls, "TEXT": ["c"] * len(urls)}), 0)
+    flagged = flag_invalid_urls(table)["drop_detail"].to_pylist()
+    assert flagged == [url_problem(u) for u in urls]  # the same verdict and detail as checking every row in Python
