@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,13 +53,36 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def to_precision(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The module in eval mode on device with its weights in dtype.
+class Bf16Island(torch.nn.Module):
+    """Runs the wrapped module with bf16 weights on bf16 inputs and hands float32 back.
 
-    bf16 weights, not autocast: on this project's CPU (AMX) autocast ran ViT-L/14 9x slower than fp32 (it re-casts
-    every weight on each call and leaves attention on a slow path), bf16 weights 2.1x faster, same cosine 0.99991.
+    Wrapping the matmul-heavy parts of a residual network (attention, MLP) keeps the residual stream and the
+    layer norms in fp32, as autocast would, at the speed of bf16 weights. Not autocast itself: on this project's
+    CPU (AMX) it ran ViT-L/14 9x slower than fp32, where bf16 weights ran it 2.1x faster.
     """
-    return module.eval().to(device=device, dtype=dtype)
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = module.to(torch.bfloat16)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        args = tuple(_cast(value, torch.bfloat16) for value in args)
+        kwargs = {name: _cast(value, torch.bfloat16) for name, value in kwargs.items()}
+        return _cast(self.inner(*args, **kwargs), torch.float32)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped module's attributes, for code that reads them
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(item, dtype) for item in value)
+    return value
 
 
 def pixels_to_tensor(pixels: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -9,6 +9,7 @@ counted; what PIL refuses too is a failure with the decoder's message, as on the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from curate.models.preprocess import (
     WATERMARK_SIZE,
     decode,
 )
+
+# torchvision 0.29 deprecates its decoders in favour of torchcodec; decode_jpeg is still the one batched nvJPEG API
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 
 @dataclass
@@ -61,7 +65,7 @@ def decode_images(encoded: Sequence[bytes], device: torch.device) -> tuple[list[
         except RuntimeError:
             pass
         try:
-            pixels = np.asarray(decode(raw, draft=False))
+            pixels = np.array(decode(raw, draft=False))
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             images.append(f"{type(error).__name__}: {error}")
             continue

@@ -72,9 +72,7 @@ def load_scorer(config: Config) -> Scorer:
             aesthetic=AestheticPredictor.load(
                 config.aesthetic_weights, head=config.aesthetic_head, cache_dir=cache, device=device
             ),
-            watermark=WatermarkDetector.load(
-                config.watermark_weights, cache_dir=cache, device=device, precision=precision
-            ),
+            watermark=WatermarkDetector.load(config.watermark_weights, cache_dir=cache, device=device),
             decoder="tensor" if device.type == "cuda" else "pil",
         )
         log.info("scoring on %s in %s, %s decoder", device, _SCORERS[key].clip.dtype, _SCORERS[key].decoder)
