@@ -34,6 +34,11 @@ bench-spark: install
 bench-score: install
 	$(PY) -m bench.bench_score
 
+# Issue 18: the score stage on one GPU (nvJPEG + bf16 vs the PIL path and a clip-retrieval-style reference), < 5 min
+# on an H100; needs open_clip there (bench/bench_gpu.py's docstring has the device-tool command). gpu_* figures.
+bench-gpu:
+	$(PY) -m bench.bench_gpu
+
 # Issue 13: both engines on LAION-size files, 1,000 live rows each; local at 1M and 10M rows, Spark at 100k and 1M
 # (--sizes, --spark-sizes, --no-spark). bench/work: ~1 GB of images, ~0.55 GB of corpora and an output per size.
 # Curate img2dataset-format tars (2,000 photos) vs the hand-rolled webdataset decode + TarWriter script (issue 14).

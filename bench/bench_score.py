@@ -1,7 +1,8 @@
 """Figure 5: the score stage against a plain reference, same real-size models (random weights), same images.
 
 Ours: `score_images` with a `Scorer` (one decode per image, JPEG draft mode, both model inputs from that decode,
-decoding in threads ahead of the models). Reference, written plainly from the published scripts: full-size
+decoding in threads ahead of the models, the ViT's matmuls in bf16 where `--precision auto` picks it).
+Reference, written plainly from the published scripts: full-size
 `Image.open(...).convert("RGB")`, torchvision `Resize(224, bicubic) + CenterCrop(224) + ToTensor + Normalize` for CLIP
 and `Resize((256, 256)) + ToTensor + Normalize` for the watermark network, fp32, batches run one after the other
 (decoded once for both models, which favours the reference over running the two published scripts).
@@ -22,6 +23,7 @@ between-image spread.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import os
 import statistics
@@ -101,18 +103,21 @@ def make_images(count: int = 64, seed: int = 0) -> list[bytes]:
     return [path.read_bytes() for path in paths]
 
 
-def random_scorer(seed: int = 0) -> Scorer:
-    """The stage's Scorer around real-size networks with random weights (ClipEncoder.load builds the same model)."""
+def random_scorer(seed: int = 0, precision: str = "auto") -> tuple[Scorer, nn.Module]:
+    """The stage's Scorer around real-size networks with random weights (ClipEncoder.load builds the same model),
+    at the pipeline's --precision, and an fp32 copy of the ViT for the reference."""
     import open_clip
 
     torch.manual_seed(seed)
     clip = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
-    return Scorer(
-        clip=ClipEncoder(clip.visual),
+    fp32_visual = copy.deepcopy(clip.visual).eval()
+    scorer = Scorer(
+        clip=ClipEncoder(clip.visual, precision=precision),
         aesthetic=AestheticPredictor(build_head("v2")),
         watermark=WatermarkDetector(build_watermark_network()),
         batch_size=BATCH_SIZE,
     )
+    return scorer, fp32_visual
 
 
 class ForwardClock:
@@ -158,9 +163,10 @@ def reference_watermark(scorer: Scorer) -> nn.Module:
     return network
 
 
-def reference(scorer: Scorer, jpgs: list[bytes], network: nn.Module, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+def reference(scorer: Scorer, jpgs: list[bytes], network: nn.Module, visual: nn.Module,
+              batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     """The published scripts' way, in one loop: full decode, torchvision transforms, fp32, batch after batch."""
-    visual, head = scorer.clip.visual, scorer.aesthetic.module
+    head = scorer.aesthetic.module
     results: dict[str, list[np.ndarray]] = {"aesthetic": [], "watermark": [], "embedding": []}
     for start in range(0, len(jpgs), batch_size):
         images = [Image.open(io.BytesIO(data)).convert("RGB") for data in jpgs[start : start + batch_size]]
@@ -193,9 +199,9 @@ def calibrate_heads(
             network.classifier[5].bias[0] -= shift * gain
 
 
-def matmul_gflops(size: int = 4096, repeats: int = 3) -> list[float]:
-    """fp32 torch.matmul rates, GFLOP/s (one untimed warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 4096, repeats: int = 3, dtype: torch.dtype = torch.float32) -> list[float]:
+    """torch.matmul rates in dtype, GFLOP/s (one untimed warm-up)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.matmul(a, b)
     rates = []
     for _ in range(repeats):
@@ -272,7 +278,7 @@ def describe_deltas(found: dict[str, float], label: str) -> None:
           f"images, mean {found['embedding_cosine_between_images']:.4f}: how alike the random ViT sees them)")
 
 
-def warm_up(scorer: Scorer, network: nn.Module, jpgs: list[bytes]) -> float:
+def warm_up(scorer: Scorer, network: nn.Module, visual: nn.Module, jpgs: list[bytes]) -> float:
     """Both paths once on a few images; rescales the random heads on the reference's outputs (see the docstring).
 
     Returns the reference's seconds per image."""
@@ -281,11 +287,23 @@ def warm_up(scorer: Scorer, network: nn.Module, jpgs: list[bytes]) -> float:
     capture = network.classifier[5].register_forward_pre_hook(
         lambda module, inputs: penultimate.append(inputs[0].detach().clone()))
     started = time.perf_counter()
-    outputs = reference(scorer, jpgs, network)
+    outputs = reference(scorer, jpgs, network, visual)
     seconds = time.perf_counter() - started
     capture.remove()
     calibrate_heads(scorer, [scorer.watermark.network, network], outputs["embedding"], torch.cat(penultimate))
     return seconds / len(jpgs)
+
+
+def precision_gate(scorer: Scorer, visual: nn.Module, jpgs: list[bytes]) -> dict[str, float]:
+    """The scorer's precision against fp32 on the same (draft) pixels, with the heads as calibrated: bf16 alone.
+
+    The watermark network is fp32 at every precision, so only the aesthetic score and the embedding can move."""
+    pixels = np.stack([model_inputs(data)[0] for data in jpgs])
+    fp32 = ClipEncoder(visual).encode_pixels(pixels)
+    ours_embedding = scorer.clip.encode_pixels(pixels)
+    change = np.abs(scorer.aesthetic.predict(ours_embedding) - scorer.aesthetic.predict(fp32))
+    return {"aesthetic_mean": float(change.mean()), "aesthetic_max": float(change.max()),
+            "embedding_cosine_min": float((ours_embedding * fp32).sum(axis=1).min())}
 
 
 def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
@@ -304,12 +322,19 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
           f"{pre['watermark_px']:.2f} (watermark 256) levels of 255 against the full decode")
 
     peak_rates = matmul_gflops()
-    scorer = random_scorer()
-    flop_counted = counted_vit_gflop(scorer.clip.visual)
+    scorer, fp32_visual = random_scorer()
+    precision = "bf16" if scorer.clip.dtype == torch.bfloat16 else "fp32"
+    flop_counted = counted_vit_gflop(fp32_visual)
     print(f"ViT-L/14 forward, FlopCounterMode: {flop_counted:.1f} GFLOP per image (MODELS.md: ~{VIT_L14_GFLOP:.0f})")
     vit_clock = ForwardClock(scorer.clip.visual)
     plain_network = reference_watermark(scorer)
-    per_image = warm_up(scorer, plain_network, jpgs[:8])
+    per_image = warm_up(scorer, plain_network, fp32_visual, jpgs[:8])
+    gate = precision_gate(scorer, fp32_visual, jpgs[:8])
+    verdict = "within" if gate["aesthetic_mean"] <= LIMITS["aesthetic"] else "OVER"
+    print(f"--precision auto -> {precision} (ViT matmuls; residual stream, norms, heads and the watermark network "
+          f"fp32): against fp32 on the same 8 images, aesthetic mean |Δ| {gate['aesthetic_mean']:.5f}, max "
+          f"{gate['aesthetic_max']:.5f} ({verdict} the {LIMITS['aesthetic']} gate), watermark 0 (fp32), embedding "
+          f"cosine min {gate['embedding_cosine_min']:.6f}")
     count = max(8, min(images, len(jpgs), int(budget_s / (2 * repeats * per_image))))
     print(f"warm-up (both paths, 8 images; heads rescaled): reference {per_image:.2f} s per image; timing {count} of "
           f"the 64 images per run, {repeats} interleaved rounds (budget {budget_s:.0f} s; --images, --budget-s)")
@@ -319,7 +344,7 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
     vit_rates: dict[str, list[float]] = {"ours": [], "reference": []}
     bodies: dict[str, Callable[[], dict[str, np.ndarray]]] = {
         "ours": lambda: ours(scorer, subset),
-        "reference": lambda: reference(scorer, subset, plain_network),
+        "reference": lambda: reference(scorer, subset, plain_network, fp32_visual),
     }
 
     cpu_seconds: dict[str, list[float]] = {"ours": [], "reference": []}
@@ -344,26 +369,30 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
     rates = interleaved({"ours": timed("ours"), "reference": timed("reference")}, repeats, warmup=0)
     peak_rates += matmul_gflops()
     peak = max(peak_rates)
+    bf16_peak = max(matmul_gflops(dtype=torch.bfloat16))
     ours_rate, reference_rate = Series("ours", "images/s", rates["ours"]), Series("reference", "images/s",
                                                                                   rates["reference"])
     ratios = [a / b for a, b in zip(rates["ours"], rates["reference"], strict=True)]
     vit_ours = Series("ViT-L/14 in ours", "GFLOP/s", vit_rates["ours"])
     vit_reference = Series("ViT-L/14 in the reference", "GFLOP/s", vit_rates["reference"])
     fractions = [rate / peak for rate in vit_rates["ours"]]
-    print(f"score, {count} images, batch {BATCH_SIZE}, fp32 CPU, {torch.get_num_threads()} torch threads:")
+    print(f"score, {count} images, batch {BATCH_SIZE}, CPU, ours {precision} / reference fp32, "
+          f"{torch.get_num_threads()} torch threads:")
     print(f"  {ours_rate.describe(3)}\n  {reference_rate.describe(3)}")
     print(f"  ratio ours/reference: median {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}); "
           f"target >= 1.5: {'met' if statistics.median(ratios) >= 1.5 else 'NOT met'}")
     print(f"  {vit_ours.describe(1)}\n  {vit_reference.describe(1)}")
     print(f"  fp32 matmul 4096^3: peak {peak:.1f} GFLOP/s (median {statistics.median(peak_rates):.1f}, "
           f"min {min(peak_rates):.1f}, n={len(peak_rates)}); ViT-L/14 in ours at {statistics.median(fractions):.2f} "
-          f"of peak ({min(fractions):.2f}-{max(fractions):.2f})")
+          f"of peak ({min(fractions):.2f}-{max(fractions):.2f}); bf16 matmul peak {bf16_peak:.1f} GFLOP/s, "
+          f"ViT-L/14 in ours at {statistics.median(vit_rates['ours']) / bf16_peak:.2f} of it")
     cpu_ratios = [b / a for a, b in zip(cpu_seconds["ours"], cpu_seconds["reference"], strict=True)]
     print(f"  CPU seconds per image (process time, less sensitive to other jobs): ours "
           f"{statistics.median(cpu_seconds['ours']):.2f}, reference {statistics.median(cpu_seconds['reference']):.2f}; "
           f"ratio reference/ours {statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")
 
-    print("pixel shortcut (JPEG draft decode), random-weight heads rescaled as the docstring says (a proxy):")
+    print(f"pixel shortcut (JPEG draft decode) and {precision} together, random-weight heads rescaled as the "
+          "docstring says (a proxy):")
     found = deltas(outputs["ours"], outputs["reference"])
     describe_deltas(found, "draft on ")
     figures: dict[str, Any] = {}
@@ -387,6 +416,10 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
     print(f"load average (1/5/15 min): before {tuple(round(x, 1) for x in load_before)}, "
           f"after {tuple(round(x, 1) for x in load_after)}; machine: {machine()}")
     figures.update({
+        "score_precision": precision,
+        "score_bf16_gate_mean_abs_delta_aesthetic": round(gate["aesthetic_mean"], 6),
+        "score_bf16_gate_max_abs_delta_aesthetic": round(gate["aesthetic_max"], 6),
+        "score_bf16_gate_embedding_cosine_min": round(gate["embedding_cosine_min"], 6),
         "score_bench_images": count,
         "score_bench_repeats": repeats,
         "score_bench_batch_size": BATCH_SIZE,
@@ -412,6 +445,8 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
         "vit_l14_fraction_of_matmul_peak": round(statistics.median(fractions), 3),
         "vit_l14_fraction_of_matmul_peak_min_max": [round(min(fractions), 3), round(max(fractions), 3)],
         "matmul_fp32_peak_gflops": round(peak, 1),
+        "matmul_bf16_peak_gflops": round(bf16_peak, 1),
+        "vit_l14_fraction_of_bf16_matmul_peak": round(statistics.median(vit_rates["ours"]) / bf16_peak, 3),
         "score_draft_mean_abs_delta_aesthetic": round(found["aesthetic_mean"], 6),
         "score_draft_max_abs_delta_aesthetic": round(found["aesthetic_max"], 6),
         "score_draft_mean_abs_delta_watermark": round(found["watermark_mean"], 6),

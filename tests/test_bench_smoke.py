@@ -88,3 +88,14 @@ def test_reshard_runs_both_sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     figures = bench_reshard.measure(20, repeats=1)
     assert figures["reshard_ratio_vs_handrolled"] > 0 and figures["reshard_rows"] == 20
     assert (tmp_path / "reshard" / "handrolled.tar").stat().st_size > 0
+
+
+def test_gpu_bench_starts_on_cpu(tmp_path: Path) -> None:
+    """bench_gpu --smoke: the GPU benchmark's code paths (tensor decoder, PIL path, DataLoader reference) on CPU."""
+    from bench import bench_gpu
+
+    figures = bench_gpu.main(["--smoke", "--no-write", "--out", str(tmp_path / "gpu.json")])
+    assert figures["gpu_device"] == "CPU (smoke)" and figures["gpu_decode_fallbacks"] == 0
+    assert all(figures[key] > 0 for key in ("gpu_score_images_per_s", "gpu_models_images_per_s",
+                                            "gpu_pil_path_images_per_s", "gpu_reference_images_per_s"))
+    assert json.loads((tmp_path / "gpu.json").read_text())["gpu_ratio_vs_reference"] > 0
