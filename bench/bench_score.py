@@ -326,7 +326,7 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
     precision = "bf16" if scorer.clip.dtype == torch.bfloat16 else "fp32"
     flop_counted = counted_vit_gflop(fp32_visual)
     print(f"ViT-L/14 forward, FlopCounterMode: {flop_counted:.1f} GFLOP per image (MODELS.md: ~{VIT_L14_GFLOP:.0f})")
-    vit_clock = ForwardClock(scorer.clip.visual)
+    vit_clocks = {"ours": ForwardClock(scorer.clip.visual), "reference": ForwardClock(fp32_visual)}
     plain_network = reference_watermark(scorer)
     per_image = warm_up(scorer, plain_network, fp32_visual, jpgs[:8])
     gate = precision_gate(scorer, fp32_visual, jpgs[:8])
@@ -353,12 +353,12 @@ def measure(images: int, repeats: int, budget_s: float) -> dict[str, Any]:
         def run() -> float:
             if name == "ours":  # the peak is sampled every round: other jobs' load moves it
                 peak_rates.extend(matmul_gflops(repeats=1))
-            vit_clock.take()
+            vit_clocks[name].take()
             started, cpu_started = time.perf_counter(), time.process_time()
             outputs[name] = bodies[name]()
             seconds = time.perf_counter() - started
             cpu_seconds[name].append((time.process_time() - cpu_started) / count)
-            vit_seconds, vit_images = vit_clock.take()
+            vit_seconds, vit_images = vit_clocks[name].take()
             vit_rates[name].append(flop_counted * vit_images / vit_seconds)
             print(f"  {name}: {count / seconds:.3f} images/s, {cpu_seconds[name][-1]:.2f} CPU s per image, "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
