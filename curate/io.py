@@ -15,19 +15,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Every parquet file the patterns name (paths, globs, directories, fsspec URLs), in a stable order."""
+def expand_inputs(patterns: list[str], suffix: str = ".parquet", kind: str = "parquet") -> list[str]:
+    """Every file the patterns name (paths, globs, directories, fsspec URLs; in a directory, the files ending in
+    suffix), in a stable order; raises naming a pattern that names none."""
     files: list[str] = []
     for pattern in patterns:
         fs, _, paths = fsspec.get_fs_token_paths(pattern)
         found = []
         for path in paths:
             if fs.isdir(path):
-                found += [p for p in fs.find(path) if p.endswith(".parquet")]
+                found += [p for p in fs.find(path) if p.endswith(suffix)]
             elif fs.exists(path):
                 found.append(path)
         if not found:
-            raise ValueError(f"input {pattern!r} matches no file; give a parquet path, a glob or a directory")
+            raise ValueError(f"input {pattern!r} matches no {kind} file; give a {kind} path, a glob or a directory")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         files += [p if protocol == "file" else f"{protocol}://{p}" for p in sorted(found)]
     return files

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate import io
 from curate.schema import (
     CAPTION,
     DROP_DETAIL,
@@ -58,22 +59,8 @@ def _names_tars(pattern: str) -> bool:
 
 
 def expand_tars(patterns: list[str]) -> list[str]:
-    """Every tar the patterns name (paths, globs, folders, fsspec URLs), in a stable order; raises naming a pattern
-    that names none."""
-    files: list[str] = []
-    for pattern in patterns:
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
-        found = []
-        for path in paths:
-            if fs.isdir(path):
-                found += [p for p in fs.find(path) if p.endswith(".tar")]
-            elif fs.exists(path):
-                found.append(path)
-        if not found:
-            raise ValueError(f"input {pattern!r} matches no tar file; give a .tar path, a glob or a folder of tars")
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        files += [p if protocol == "file" else f"{protocol}://{p}" for p in sorted(found)]
-    return files
+    """Every tar the patterns name (paths, globs, folders, fsspec URLs), in a stable order."""
+    return io.expand_inputs(patterns, ".tar", "tar")
 
 
 def check_tar(path: str) -> None:
