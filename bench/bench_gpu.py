@@ -47,29 +47,16 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms
 
+from bench.bench_score import CLIP_TRANSFORM, VIT_L14_GFLOP, WATERMARK_TRANSFORM
 from bench.common import merge_results
 from curate.models import AestheticPredictor, ClipEncoder, WatermarkDetector
 from curate.models.aesthetic import build_head
-from curate.models.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from curate.models.watermark import build_watermark_network
 from curate.stages.score import Scorer, score_images
 from curate.stages.verdict import with_verdict_columns
 
-VIT_L14_GFLOP = 162.0  # MODELS.md: ~81 GMAC per 224 px image (bench_score counts 155-162 with FlopCounterMode)
 TARGET_IMAGES_PER_S, TARGET_RATIO = 3000.0, 3.0  # issue 18, on one H100
-CLIP_TRANSFORM = transforms.Compose([
-    transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-    transforms.CenterCrop(224),
-    transforms.ToTensor(),
-    transforms.Normalize(CLIP_MEAN, CLIP_STD),
-])
-WATERMARK_TRANSFORM = transforms.Compose([
-    transforms.Resize((256, 256)),
-    transforms.ToTensor(),
-    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-])
 
 
 def sync(device: torch.device) -> None:

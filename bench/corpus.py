@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import re
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,16 +69,22 @@ def image_path(index: int) -> Path:
     return IMAGES / f"{index:05d}.jpg"
 
 
-def ensure_images(count: int, processes: int = 2) -> float:
-    """Generate the images 0..count-1 that are not cached yet; returns the seconds it took."""
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(count) if not image_path(i).exists()]
+def _generate(folder: Path, indices: Iterable[int], path_of: Callable[[int], Path], write: Callable[[int], None],
+              processes: int, chunksize: int = 32) -> float:
+    """Write the cached images of these indices that are missing, in a process pool; returns the seconds it took."""
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in indices if not path_of(i).exists()]
     started = time.perf_counter()
     if missing:
-        print(f"generating {len(missing)} images under {IMAGES} (cached for later runs)", flush=True)
+        print(f"generating {len(missing)} images under {folder} (cached for later runs)", flush=True)
         with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(_write_image, missing, chunksize=32))
+            list(pool.map(write, missing, chunksize=chunksize))
     return time.perf_counter() - started
+
+
+def ensure_images(count: int, processes: int = 2) -> float:
+    """Generate the images 0..count-1 that are not cached yet; returns the seconds it took."""
+    return _generate(IMAGES, range(count), image_path, _write_image, processes)
 
 
 def route(row: int) -> str:
@@ -198,14 +205,7 @@ def live_images(count: int) -> list[int]:
 
 def ensure_images_at(indices: list[int], processes: int = 2) -> float:
     """Generate the images of these indices that are not cached yet; returns the seconds it took."""
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in indices if not image_path(i).exists()]
-    started = time.perf_counter()
-    if missing:
-        print(f"generating {len(missing)} images under {IMAGES} (cached for later runs)", flush=True)
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(_write_image, missing, chunksize=32))
-    return time.perf_counter() - started
+    return _generate(IMAGES, indices, image_path, _write_image, processes)
 
 
 class ScaleLayout:
@@ -358,14 +358,7 @@ def _write_laionlike(index: int) -> None:
 
 def ensure_laionlike_images(count: int, processes: int = 2) -> float:
     """Generate the LAION-like images 0..count-1 not cached yet; returns the seconds it took."""
-    LAIONLIKE_IMAGES.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(count) if not laionlike_path(i).exists()]
-    started = time.perf_counter()
-    if missing:
-        print(f"generating {len(missing)} images under {LAIONLIKE_IMAGES} (cached for later runs)", flush=True)
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(_write_laionlike, missing, chunksize=16))
-    return time.perf_counter() - started
+    return _generate(LAIONLIKE_IMAGES, range(count), laionlike_path, _write_laionlike, processes, chunksize=16)
 
 
 def laionlike_corpus_table(rows: int, base_urls: list[str]) -> pa.Table:
