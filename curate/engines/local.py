@@ -269,7 +269,9 @@ class LocalRun:
         """Rows prefilter dropped on metadata that this run's thresholds would keep: a re-cut cannot bring them back."""
         counts: dict[str, int] = {}
         for path in self.checkpoint("prefilter").dropped_parts():
-            part, c = pq.read_table(path), self.config
+            names = pq.read_schema(path).names  # only the columns the thresholds read, not the whole rows
+            part = pq.read_table(path, columns=[n for n in prefilter.RECOVERABLE_COLUMNS if n in names])
+            c = self.config
             for reason, count in prefilter.recoverable(part, c.min_size, c.threshold, c.max_watermark,
                                                        c.max_unsafe).items():
                 counts[reason] = counts.get(reason, 0) + count

@@ -186,6 +186,9 @@ def prefilter(
     return flag_captions(table, min_caption_words, max_caption_tokens, junk_captions, languages or [])
 
 
+RECOVERABLE_COLUMNS = (DROP_STAGE, DROP_REASON, AESTHETIC, PWATERMARK, PUNSAFE, WIDTH, HEIGHT)
+
+
 def recoverable(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
                 max_unsafe: float | None) -> dict[str, int]:
     """Per reason, the rows this stage dropped on a metadata threshold that these thresholds would keep."""
