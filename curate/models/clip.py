@@ -16,6 +16,7 @@ from open_clip.transformer import QuickGELU
 from PIL import Image
 from torch import nn
 
+from curate.models.clip_text import ClipTextEncoder, ClipTextTower
 from curate.models.device import Bf16Island, pixels_to_tensor, resolve_precision
 from curate.models.preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
 from curate.models.weights import Source, WeightsError, WeightSpec, load_state_dict, resolve_weights, strip_prefix
@@ -47,18 +48,21 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 class ClipEncoder:
-    """The image tower of a CLIP model; `encode` returns L2-normalized embeddings.
+    """The image tower of a CLIP model; `encode` returns L2-normalized embeddings. `text` is the same model's text
+    tower (captions to embeddings in the same space), when it was loaded.
 
     precision "fp32" (the default), "bf16", or "auto" (bf16 on CUDA and on CPUs with native bf16); the embeddings
     come back in float32 either way.
     """
 
-    def __init__(self, visual: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, visual: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
+                 text: ClipTextTower | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.visual = visual.eval().to(self.device)
         if self.dtype == torch.bfloat16:
             _bf16_matmuls(self.visual)
+        self.text = ClipTextEncoder(text, self.device) if text is not None else None
 
     @classmethod
     def load(
@@ -68,6 +72,7 @@ class ClipEncoder:
         device: str | torch.device = "cpu",
         model_name: str = MODEL_NAME,
         precision: str = "fp32",
+        text: bool = True,
     ) -> ClipEncoder:
         """Build open_clip ViT-L-14 with QuickGELU and load the weights strictly.
 
@@ -75,7 +80,7 @@ class ClipEncoder:
         open_clip folder (`open_clip_config.json` beside the weights, as on the hub); None fetches the official
         weights into cache_dir. A weight file is loaded into the open_clip config model_name. QuickGELU is always
         forced: the OpenAI weights were trained with it, and open_clip sets it by itself only for the `openai`
-        pretrained tag, not for a local file.
+        pretrained tag, not for a local file. text=False leaves the text tower (~123M parameters at L/14) unused.
         """
         path = resolve_weights(CLIP, path_or_url, cache_dir)
         model_id, weights_file = (model_name, path)
@@ -91,7 +96,7 @@ class ClipEncoder:
         if not any(isinstance(module, QuickGELU) for module in model.visual.modules()):
             raise WeightsError(f"{CLIP.name}: the model built from {model_id} has no QuickGELU activation")
         log.info("loaded %s from %s", CLIP.name, weights_file)
-        return cls(model.visual, device, precision)
+        return cls(model.visual, device, precision, ClipTextTower(model) if text else None)
 
     @property
     def embed_dim(self) -> int:

@@ -13,12 +13,13 @@ from curate.models.aesthetic import build_head
 from curate.models.clip import OPEN_CLIP_CONFIG
 from curate.models.watermark import build_watermark_network
 
-# open_clip CLIP with a 2-layer, 64-wide ViT (patch 32 on 224 px) and a 1-layer text tower; embed_dim as ViT-L/14.
+# open_clip CLIP with a 2-layer, 64-wide ViT (patch 32 on 224 px) and a 1-layer text tower; embed_dim as ViT-L/14,
+# and CLIP's whole vocabulary, so the real tokenizer's ids fit the text tower.
 TINY_CLIP_CONFIG = {
     "embed_dim": 768,
     "quick_gelu": True,
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
 

@@ -1,0 +1,80 @@
+"""CLIP ViT-L/14 text tower (the same OpenAI weights as the image tower): L2-normalized embeddings of captions."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+CONTEXT_LENGTH = 77  # CLIP's text context: longer captions are truncated, the last token kept as end-of-text
+# Captions per text batch; each batch is cut to its longest caption, so length-sorted batches stay short.
+TEXT_BATCH = 256
+
+
+class ClipTextTower(nn.Module):
+    """open_clip CLIP's text transformer, run on only as many positions as the longest caption of a batch needs.
+
+    The attention mask is causal, so the end-of-text token's output depends only on the tokens before it: cutting the
+    padding after the longest caption gives the same embedding as open_clip's `encode_text` on all 77 positions.
+    """
+
+    def __init__(self, model: open_clip.CLIP) -> None:
+        super().__init__()
+        if getattr(model, "text_pool_type", "argmax") != "argmax":
+            raise ValueError(f"CLIP text tower: pooling {model.text_pool_type!r} is not the OpenAI model's argmax")
+        self.token_embedding = model.token_embedding
+        self.positional_embedding = model.positional_embedding
+        self.transformer = model.transformer
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+
+    @property
+    def output_dim(self) -> int:
+        projection = self.text_projection
+        return int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalized text features [N, output_dim] of token ids [N, <= 77] (end-of-text is the largest id)."""
+        ends = tokens.argmax(dim=-1)
+        length = int(ends.max()) + 1
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), ends]
+        return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+
+
+class ClipTextEncoder:
+    """Captions to L2-normalized float32 embeddings with open_clip's tokenizer (lowercased, cleaned, 77 tokens)."""
+
+    def __init__(self, tower: ClipTextTower, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.tower = tower.eval().to(self.device)  # fp32 always: a few percent of the image tower's work
+        self.tokenizer = SimpleTokenizer(context_length=CONTEXT_LENGTH)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.tower.output_dim
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids [N, 77] on the CPU, truncated to CLIP's context."""
+        return self.tokenizer(captions)
+
+    @torch.inference_mode()
+    def embed(self, tokens: torch.Tensor, batch_size: int = TEXT_BATCH) -> torch.Tensor:
+        """L2-normalized float32 embeddings, on the device, of token ids; batches run shortest captions first."""
+        if not len(tokens):
+            return torch.zeros((0, self.embed_dim), device=self.device)
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+        out = torch.empty((len(tokens), self.embed_dim), device=self.device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            features = self.tower(tokens[rows].to(self.device, non_blocking=True))
+            out[rows.to(self.device)] = torch.nn.functional.normalize(features.float(), dim=-1)
+        return out
+
+    def encode(self, captions: list[str]) -> np.ndarray:
+        """L2-normalized float32 embeddings [N, embed_dim] of captions."""
+        return self.embed(self.tokenize(captions)).cpu().numpy()
