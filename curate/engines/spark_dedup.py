@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from curate.engines.spark_frames import (
     INDEX,
@@ -39,6 +37,7 @@ from curate.schema import (
     SHA256,
 )
 from curate.stages import dedup, semantic
+from curate.stages.components import merge_components
 from curate.stages.verdict import with_verdict_columns
 
 if TYPE_CHECKING:
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RANK_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS]
-PAIR_BLOCK = 2048  # rows per block of a band group's distance matrix
 
 
 def _alive_with(df: DataFrame, column: str) -> DataFrame:
@@ -81,17 +79,9 @@ def exact_flags(df: DataFrame) -> DataFrame:
 def band_pairs(table: pa.Table, max_distance: int) -> pa.Table:
     """(left, right) distinct hash values of one band group within max_distance bits, left < right as uint64."""
     hashes = np.unique(table[PHASH].to_numpy().view(np.uint64))
-    left, right = [], []
-    for start in range(0, len(hashes), PAIR_BLOCK):
-        block = hashes[start:start + PAIR_BLOCK]
-        distance = np.bitwise_count(block[:, None] ^ hashes[None, :])
-        i, j = np.nonzero(distance <= max_distance)
-        keep = j > i + start
-        left.append(block[i[keep]])
-        right.append(hashes[j[keep]])
-    both = [np.concatenate(side).astype(np.uint64).view(np.int64) if side else np.zeros(0, np.int64)
-            for side in (left, right)]
-    return pa.table({"left": pa.array(both[0], pa.int64()), "right": pa.array(both[1], pa.int64())})
+    i, j = dedup.near_pairs(hashes, max_distance)
+    return pa.table({"left": pa.array(hashes[i].view(np.int64), pa.int64()),
+                     "right": pa.array(hashes[j].view(np.int64), pa.int64())})
 
 
 def _near_pairs(hashes: DataFrame, max_distance: int) -> pa.Table:
@@ -113,12 +103,10 @@ def components(pairs: pa.Table) -> pa.Table:
         return pa.table({PHASH: pa.array([], pa.int64()), "component": pa.array([], pa.int64())})
     ends = np.concatenate([pairs["left"].to_numpy(), pairs["right"].to_numpy()])
     unique, inverse = np.unique(ends, return_inverse=True)
-    half = pairs.num_rows
-    graph = coo_matrix((np.ones(half), (inverse[:half], inverse[half:])), shape=(len(unique), len(unique)))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first, labels, unique)
-    return pa.table({PHASH: pa.array(unique), "component": pa.array(first[labels])})
+    labels = np.arange(len(unique), dtype=np.int64)
+    merge_components(labels, inverse[:pairs.num_rows], inverse[pairs.num_rows:])
+    # labels[x] is the smallest position in x's component and unique is sorted: the component's smallest hash
+    return pa.table({PHASH: pa.array(unique), "component": pa.array(unique[labels])})
 
 
 def phash_flags(spark: SparkSession, df: DataFrame, max_distance: int) -> DataFrame:

@@ -11,6 +11,7 @@ from curate.stages.components import merge_components
 from curate.stages.verdict import alive, survivor_ranks, with_reason
 
 STAGE = "dedup"
+PAIR_BLOCK = 2048  # rows per block of a band group's distance matrix
 
 
 def survivors(labels: np.ndarray, table: pa.Table) -> np.ndarray:
@@ -49,6 +50,25 @@ def band_slices(max_distance: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
+def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (i, j), i < j, of the hashes within max_distance bits of each other, among hashes that share a band.
+
+    The distance matrix is computed PAIR_BLOCK rows at a time, so a large band group costs PAIR_BLOCK x n memory,
+    not n x n. Both engines search their band groups with this.
+    """
+    hashes = hashes.astype(np.uint64)
+    left, right = [], []
+    for start in range(0, len(hashes), PAIR_BLOCK):
+        distance = np.bitwise_count(hashes[start:start + PAIR_BLOCK, None] ^ hashes[None, :])
+        i, j = np.nonzero(distance <= max_distance)
+        keep = j > i + start
+        left.append(i[keep] + start)
+        right.append(j[keep])
+    if not left:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+
+
 def phash_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Index pairs (i, j), i < j, of distinct hash values within max_distance bits (multi-index hashing)."""
     hashes = hashes.astype(np.uint64)
@@ -59,9 +79,8 @@ def phash_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
         starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
         ends = np.r_[starts[1:], len(order)]
         for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = order[start:end]
-            distance = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :])
-            i, j = np.nonzero(np.triu(distance <= max_distance, k=1))
+            members = order[start:end]  # increasing: the sort is stable
+            i, j = near_pairs(hashes[members], max_distance)
             found.append(np.stack([members[i], members[j]], axis=1))
     if not found:
         return np.empty((0, 2), dtype=np.int64)

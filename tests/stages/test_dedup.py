@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
+from curate.stages import dedup
 from curate.stages.dedup import band_slices, flag_exact_duplicates, flag_phash_duplicates, phash_groups, phash_pairs
 from curate.stages.verdict import survivor_order, with_verdict_columns
 
@@ -30,6 +31,42 @@ def test_phash_pairs_match_brute_force():
         distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
         i, j = np.nonzero(np.triu(distance <= k, 1))
         assert found == set(zip(i.tolist(), j.tolist(), strict=True)), k
+
+
+
+def test_near_pairs_in_blocks_match_brute_force(monkeypatch):
+    """The one pair search of both engines gives the same pairs whatever its block size (here 7 rows a block)."""
+    rng = np.random.default_rng(1)
+    hashes = np.unique(rng.integers(0, 2**12, size=300, dtype=np.uint64))  # small values: many near pairs
+    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    expected = set(zip(*(a.tolist() for a in np.nonzero(np.triu(distance <= 3, 1))), strict=True))
+    whole = set(zip(*(a.tolist() for a in dedup.near_pairs(hashes, 3)), strict=True))
+    monkeypatch.setattr(dedup, "PAIR_BLOCK", 7)
+    blocked = set(zip(*(a.tolist() for a in dedup.near_pairs(hashes, 3)), strict=True))
+    assert whole == blocked == expected and len(expected) > 300
+
+
+def test_spark_components_are_the_local_groups():
+    """The Spark driver's union-find over hash pairs labels each hash with its component's smallest hash, grouping
+    the hashes exactly as the local engine's phash_groups does."""
+    from curate.engines.spark_dedup import components
+
+    rng = np.random.default_rng(2)
+    hashes = np.unique(rng.integers(0, 2**10, size=200, dtype=np.uint64))
+    i, j = dedup.near_pairs(hashes, 2)
+    as_int = hashes.view(np.int64)
+    mapping = components(pa.table({"left": pa.array(as_int[i]), "right": pa.array(as_int[j])})).to_pydict()
+    component = dict(zip(mapping["phash"], mapping["component"], strict=True))
+    local = phash_groups(hashes, 2)
+    for a in range(len(hashes)):
+        for b in (i[j == a].tolist() + j[i == a].tolist()):
+            assert component[int(as_int[a])] == component[int(as_int[b])]
+    spark_groups = {h: component.get(h, h) for h in as_int.tolist()}
+    for a in range(len(hashes)):
+        same_local = local == local[a]
+        same_spark = np.array([spark_groups[h] == spark_groups[int(as_int[a])] for h in as_int.tolist()])
+        assert np.array_equal(same_local, same_spark)
+    assert all(spark_groups[h] <= h for h in as_int.tolist()) and len(set(local.tolist())) < len(hashes)
 
 
 def test_identical_hashes_collapse_into_one_group():
