@@ -38,6 +38,7 @@ DOWNLOAD_BYTES = "download_bytes"
 AESTHETIC_SCORE = "aesthetic_score"
 WATERMARK_PROB = "watermark_prob"
 SCORES_SOURCE = "scores_source"
+CLIP_SCORE = "clip_score"  # cosine of the CLIP ViT-L/14 image and caption embeddings
 EMBEDDING = "embedding"
 
 PASSES_THRESHOLDS = "passes_thresholds"  # dedup's survivor rule only; never written to the books

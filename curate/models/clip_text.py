@@ -62,6 +62,10 @@ class ClipTextEncoder:
         """Token ids [N, 77] on the CPU, truncated to CLIP's context."""
         return self.tokenizer(captions)
 
+    def embed_rows(self, tokens: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """`embed` of the token rows at the given indices."""
+        return self.embed(tokens[torch.as_tensor(rows, dtype=torch.long)])
+
     @torch.inference_mode()
     def embed(self, tokens: torch.Tensor, batch_size: int = TEXT_BATCH) -> torch.Tensor:
         """L2-normalized float32 embeddings, on the device, of token ids; batches run shortest captions first."""
@@ -78,3 +82,13 @@ class ClipTextEncoder:
     def encode(self, captions: list[str]) -> np.ndarray:
         """L2-normalized float32 embeddings [N, embed_dim] of captions."""
         return self.embed(self.tokenize(captions)).cpu().numpy()
+
+
+@torch.inference_mode()
+def paired_cosines(images: list[torch.Tensor], image_index: np.ndarray, texts: torch.Tensor) -> np.ndarray:
+    """The CLIP score: cosine of the L2-normalized image embeddings (batches, concatenated) at image_index with the
+    text embeddings [len(image_index), D], row by row, as float32."""
+    if not len(image_index):
+        return np.zeros(0, dtype=np.float32)
+    chosen = torch.cat(images)[torch.as_tensor(image_index, device=images[0].device)].float()
+    return (chosen * texts.to(chosen.device).float()).sum(dim=-1).cpu().numpy()
