@@ -9,14 +9,13 @@ from typing import Annotated, Any, Optional  # noqa: UP035 - typer reads Optiona
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from curate import pipeline
+from curate import pipeline, storage
 from curate.accounting import drop_counts
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
 from curate.schema import DROP_REASON, DROP_STAGE, KEY
@@ -95,6 +94,11 @@ def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file; keys are the long option names.")]  # noqa: UP045
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; a rerun resumes it).")]
+# A folder or an fsspec URL (s3://bucket/out): kept a string, since Path would fold "s3://" into "s3:/".
+OutputFolder = Annotated[str, typer.Option("--output", "-o", metavar="PATH",
+                                           help="Output folder or fsspec URL such as s3://bucket/out "
+                                                "(created; a rerun resumes it).")]
+OutputArgument = Annotated[str, typer.Argument(metavar="OUTPUT", help="A curate output folder or fsspec URL.")]
 
 
 def _given(context: typer.Context, name: str) -> bool:
@@ -131,7 +135,8 @@ def print_funnel(title: str, dropped_by_stage: dict[str, dict[str, int]]) -> Non
     results.print(table)
 
 
-def print_summary(stats: dict[str, Any], output: Path) -> None:
+def print_summary(stats: dict[str, Any], folder: str | Path) -> None:
+    output = storage.location(folder)
     print_funnel(f"curate: {stats['input_rows']} rows in, {stats['kept']} kept, {stats['dropped']} dropped",
                  stats["dropped_by_stage"])
     shards = stats["shards"]
@@ -142,15 +147,15 @@ def print_summary(stats: dict[str, Any], output: Path) -> None:
         results.print(f"report: {output / 'report.html'}")
 
 
-def stage_funnel(output: Path, stage: str) -> tuple[int, dict[str, dict[str, int]]]:
+def stage_funnel(output: str, stage: str) -> tuple[int, dict[str, dict[str, int]]]:
     """(input rows, {stage: {reason: rows}}) up to a stage: the rows each earlier stage dropped, then its checkpoint."""
     parts = pipeline.funnel_parts(output, stage)
-    table = pa.concat_tables([pq.read_table(part, columns=[KEY, DROP_STAGE, DROP_REASON]) for part in parts])
+    table = pa.concat_tables([storage.read_table(part, columns=[KEY, DROP_STAGE, DROP_REASON]) for part in parts])
     dropped = table.filter(pc.is_valid(table[DROP_REASON])).rename_columns([KEY, "stage", "reason"])
     return table.num_rows, drop_counts(dropped)
 
 
-def print_stage_summary(output: Path, stage: str) -> None:
+def print_stage_summary(output: str, stage: str) -> None:
     """The funnel up to a re-run stage, and the commands that bring the later stages up to date."""
     rows, counts = stage_funnel(output, stage)
     dropped = sum(sum(reasons.values()) for reasons in counts.values())
@@ -163,7 +168,7 @@ def print_stage_summary(output: Path, stage: str) -> None:
 @app.command(cls=Command)
 @with_config_options
 def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, folders or fsspec URLs.")],
-        output: Output, config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
+        output: OutputFolder, config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
     """Run every stage: ingest, prefilter, download, score, dedup, select, shard."""
     try:
         settings = load_config(config, options or {})
@@ -175,7 +180,7 @@ def run(inputs: Annotated[list[str], typer.Argument(help="Parquet files, globs, 
     print_summary(stats, output)
 
 
-def _settings_of(output: Path, config: Path | None, options: dict | None) -> Config:
+def _settings_of(output: str, config: Path | None, options: dict | None) -> Config:
     """The run's own settings, then the config file, then the options given on this command line."""
     from_file = load_config(config, {}).to_dict() if config is not None else {}
     given = {k: v for k, v in (options or {}).items() if v is not None}
@@ -185,7 +190,7 @@ def _settings_of(output: Path, config: Path | None, options: dict | None) -> Con
 
 
 def _stage_command(stage: str) -> Callable[..., Any]:
-    def command(output: Annotated[Path, typer.Argument(help="A curate output folder.")],
+    def command(output: OutputArgument,
                 config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
         try:
             settings = _settings_of(output, config, options)
@@ -208,7 +213,7 @@ for _stage in STAGE_COMMANDS:
 
 @app.command(cls=Command)
 @with_config_options
-def retry(output: Annotated[Path, typer.Argument(help="A curate output folder.")],
+def retry(output: OutputArgument,
           config: ConfigFile = None, options: Optional[dict] = None) -> None:  # noqa: UP045
     """Fetch again only the rows whose download failed transiently (timeout, connection, DNS, 429/5xx)."""
     try:
@@ -222,7 +227,7 @@ def retry(output: Annotated[Path, typer.Argument(help="A curate output folder.")
 
 
 @app.command(cls=Command)
-def verify(output: Annotated[Path, typer.Argument(help="A curate output folder.")]) -> None:
+def verify(output: OutputArgument) -> None:
     """Re-read every shard: sha256, sample counts, jpg/txt/json per sample; exit 1 on any mismatch."""
     from curate.verify import verify as verify_output
 
@@ -236,7 +241,7 @@ def verify(output: Annotated[Path, typer.Argument(help="A curate output folder."
 
 
 @app.command(cls=Command)
-def report(output: Annotated[Path, typer.Argument(help="A curate output folder.")]) -> None:
+def report(output: OutputArgument) -> None:
     """Rebuild OUT/report.html (funnel, distributions, image grids, shard plan) from a finished run."""
     from curate.report import build_report
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from curate import storage
 
 
 def expand_inputs(patterns: list[str], suffix: str = ".parquet", kind: str = "parquet") -> list[str]:
@@ -66,76 +65,26 @@ def parquet_schema(path: str) -> pa.Schema:
     return parquet_footer(path)[0]
 
 
-TMP_SUFFIX = ".tmp"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    """Flush the file to disk, rename it into place, then flush the folder: a crash leaves old or new, never half."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def remove_temporaries(root: str | Path) -> list[Path]:
-    """Delete the temporary files a killed run left under root (ours all end in .tmp and start with a dot)."""
-    found = [p for p in Path(root).rglob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(root).exists() else []
-    for path in found:
-        path.unlink(missing_ok=True)
-    return found
-
-
-def write_table(table: pa.Table, path: str | Path) -> None:
-    """Write parquet under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    pq.write_table(table, tmp)
-    _fsync_replace(tmp, path)
-
-
-def write_bytes(data: bytes, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_bytes(data)
-    _fsync_replace(tmp, path)
-
-
-def write_tables(tables: Iterator[pa.Table], schema: pa.Schema, path: str | Path) -> None:
-    """Stream tables into one parquet file under a temporary name, then rename (memory: one table at a time)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for table in tables:
-            writer.write_table(table.cast(schema))
-    _fsync_replace(tmp, path)
-
-
-def write_json(value: Any, path: str | Path) -> None:
-    write_bytes((json.dumps(value, indent=1, sort_keys=False, default=str) + "\n").encode(), path)
+# The atomic writers live in the storage layer (local: temporary name, fsync, rename; object stores: one final PUT).
+TMP_SUFFIX = storage.TMP_SUFFIX
+remove_temporaries = storage.remove_temporaries
+write_table = storage.write_table
+write_bytes = storage.write_bytes
+write_tables = storage.write_tables
+write_json = storage.write_json
 
 
 class Checkpoint:
-    """A stage's output folder: numbered parquet parts, then a _SUCCESS marker written last."""
+    """A stage's output folder (local or fsspec URL): numbered parquet parts, then a _SUCCESS marker written last."""
 
-    def __init__(self, root: str | Path, stage: str) -> None:
-        self.path = Path(root) / "stages" / stage
+    def __init__(self, root: str | Path | storage.RemotePath, stage: str) -> None:
+        self.path = storage.location(root) / "stages" / stage
 
     @property
     def done(self) -> bool:
         return (self.path / "_SUCCESS").exists()
 
-    def part_path(self, index: int) -> Path:
+    def part_path(self, index: int) -> storage.Location:
         return self.path / f"part-{index:06d}.parquet"
 
     def has_part(self, index: int) -> bool:
@@ -144,15 +93,15 @@ class Checkpoint:
     def write_part(self, index: int, table: pa.Table) -> None:
         write_table(table, self.part_path(index))
 
-    def parts(self) -> list[Path]:
-        return sorted(self.path.glob("part-*.parquet"))
+    def parts(self) -> list[storage.Location]:
+        return storage.glob(self.path, "part-*.parquet")
 
-    def dropped_path(self, index: int) -> Path:
+    def dropped_path(self, index: int) -> storage.Location:
         return self.path / f"dropped-{index:06d}.parquet"
 
-    def dropped_parts(self) -> list[Path]:
+    def dropped_parts(self) -> list[storage.Location]:
         """The rows this stage dropped, one file per part (every column, for the books and re-fetches)."""
-        return sorted(self.path.glob("dropped-*.parquet"))
+        return storage.glob(self.path, "dropped-*.parquet")
 
     def write_split(self, index: int, table: pa.Table, alive: pa.ChunkedArray) -> None:
         """Rows still alive to part-i, rows this step dropped to dropped-i (written first: part-i marks it done)."""
@@ -163,20 +112,20 @@ class Checkpoint:
         write_json(meta or {}, self.path / "_SUCCESS")
 
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.path / "_SUCCESS").read_text())
+        return dict(storage.read_json(self.path / "_SUCCESS"))
 
     def reset(self) -> None:
-        for part in self.path.glob("*"):
+        for part in storage.glob(self.path, "*"):
             part.unlink()
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         parts = self.parts()
         if not parts:
             raise FileNotFoundError(f"{self.path}: no checkpoint; run the earlier stages first")
-        tables = [pq.read_table(p, columns=None if columns is None else
-                                [c for c in columns if c in pq.read_schema(p).names]) for p in parts]
+        tables = [storage.read_table(p, columns=None if columns is None else
+                                     [c for c in columns if c in storage.read_schema(p).names]) for p in parts]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def iter_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for part in self.parts():
-            yield pq.read_table(part, columns=columns)
+            yield storage.read_table(part, columns=columns)

@@ -10,9 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curate import io
+from curate import io, storage
 from curate.config import Config
 from curate.engines.local import LocalRun, Progress
 from curate.engines.local_shard import finish, shard
@@ -21,6 +20,7 @@ from curate.stage_plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, optio
 from curate.stages.download import retry_transient
 from curate.stages.shard import fitting_plan
 from curate.stages.verdict import alive
+from curate.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     return stats
 
 
-def check_same_run(out: Path, config: Config, inputs: list[str]) -> set[str]:
+def check_same_run(out: Location, config: Config, inputs: list[str]) -> set[str]:
     """A rerun into an existing output resumes it: only options later stages read may change (stage_plan); refuse
     anything else. Returns the options that changed."""
     path = out / "stages" / "run.json"
@@ -141,10 +141,10 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     for index in range(len(downloads.parts())):
         if not downloads.dropped_path(index).exists():
             continue
-        redone, count = retry_transient(pq.read_table(downloads.dropped_path(index)), options)
+        redone, count = retry_transient(storage.read_table(downloads.dropped_path(index)), options)
         if count:
             fetched = redone.filter(alive(redone))
-            live = pq.read_table(downloads.part_path(index))
+            live = storage.read_table(downloads.part_path(index))
             live = live.filter(pc.invert(pc.is_in(live[ROW], fetched[ROW])))  # a retry killed half-way ran again
             merged = pa.concat_tables([live, fetched], promote_options="permissive").sort_by(ROW)
             downloads.write_part(index, merged)  # first: a row may briefly be in both, never in neither
@@ -159,14 +159,14 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     return finish_and_report(run, started)
 
 
-def funnel_parts(output: str | Path, stage: str) -> list[Path]:
+def funnel_parts(output: str | Path, stage: str) -> list[Location]:
     """Files that hold every input row once as of a stage: its checkpoint and the earlier stages' dropped rows."""
     run = LocalRun(output, Config())
     earlier = [name for name in DROPPING_STAGES if STAGE_NAMES.index(name) <= STAGE_NAMES.index(stage)]
     return run.checkpoint(stage).parts() + [path for name in earlier for path in run.checkpoint(name).dropped_parts()]
 
 
-def record_config(out: Path, config: Config) -> None:
+def record_config(out: Location, config: Config) -> None:
     """Keep the run's inputs and store the settings a re-cut or re-run used, so a later resume compares to them."""
     path = out / "stages" / "run.json"
     io.write_json({"inputs": json.loads(path.read_text())["inputs"], "config": config.to_dict()}, path)
@@ -174,7 +174,7 @@ def record_config(out: Path, config: Config) -> None:
 
 def load_run_config(output: str | Path) -> Config:
     """The configuration a finished run used."""
-    path = Path(output) / "stages" / "run.json"
+    path = storage.location(output) / "stages" / "run.json"
     if not path.exists():
         raise ValueError(f"{output}: not a curate output folder (no stages/run.json)")
     return Config(**json.loads(path.read_text())["config"])

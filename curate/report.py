@@ -15,19 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from curate import io
+from curate import io, storage
 from curate import report_data as data
 from curate import report_html as html
 from curate import report_plots as plots
+from curate.storage import Location
 
 log = logging.getLogger(__name__)
 PER_GRID = 8  # images per grid
 DUPLICATE_GROUPS, COPIES_PER_GROUP = 6, 4
 
 
-def build_report(output: str | Path) -> Path:
+def build_report(output: str | Path | Location) -> Location:
     """Write OUT/report.html from a finished run's files; returns its path."""
-    out = Path(output)
+    out = storage.location(output)  # a local folder or an fsspec URL (s3://…)
     stats_path = out / "stats.json"
     if not stats_path.exists():
         raise ValueError(f"{out}: no stats.json; run `curate run` (or `curate shard`) on it first")
@@ -40,7 +41,7 @@ def build_report(output: str | Path) -> Path:
     return path
 
 
-def header(out: Path, stats: dict[str, Any]) -> str:
+def header(out: Location, stats: dict[str, Any]) -> str:
     config = stats["config"]
     facts = [f"{stats['input_rows']:,} rows in", f"{stats['kept']:,} kept", f"{stats['dropped']:,} dropped",
              f"scores from {stats.get('scores_source')}", f"aesthetic ≥ {config['threshold']:g}",
@@ -59,7 +60,7 @@ def funnel_section(stats: dict[str, Any]) -> str:
             + html.table(["stage", "reason", "rows", "of input"], reasons, "reasons") + "</div>")
 
 
-def distributions_section(out: Path, stats: dict[str, Any]) -> str:
+def distributions_section(out: Location, stats: dict[str, Any]) -> str:
     config = stats["config"]
     sample = data.distribution_sample(out, stats["input_rows"])
     if not sample.num_rows:
@@ -95,7 +96,7 @@ def score_bins(sample: Any, threshold: float) -> np.ndarray:
     return np.linspace(low, high, 41)
 
 
-def grids_section(out: Path, stats: dict[str, Any]) -> str:
+def grids_section(out: Location, stats: dict[str, Any]) -> str:
     """Every image grid; details and thumbnails are read once, for the chosen rows only."""
     threshold = stats["config"]["threshold"]
     per_reason = data.sample_per_reason(out / "ledger.parquet", PER_GRID)
@@ -122,7 +123,7 @@ def grids_section(out: Path, stats: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def shard_plan_section(out: Path) -> str:
+def shard_plan_section(out: Location) -> str:
     index_path = out / "shards" / "index.json"
     if not index_path.exists():
         return '<h2 id="shards">Shard plan</h2><p class="muted">no shards/index.json</p>'

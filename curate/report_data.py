@@ -6,16 +6,14 @@ import base64
 import io as bytes_io
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from PIL import Image
 
+from curate import storage
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
@@ -33,6 +31,7 @@ from curate.schema import (
     WATERMARK_PROB,
     WIDTH,
 )
+from curate.storage import Location
 
 log = logging.getLogger(__name__)
 MAX_POINTS = 100_000  # rows sampled for the distributions, whatever the run's size
@@ -67,28 +66,28 @@ class TopK:
         return self.rows.tolist()
 
 
-def _present(path: Path, wanted: list[str]) -> list[str]:
-    names = set(pq.ParquetFile(path).schema_arrow.names)
+def _present(path: Location, wanted: list[str]) -> list[str]:
+    names = set(storage.read_schema(path).names)
     return [name for name in wanted if name in names]
 
 
-def checkpoint_parts(out: Path, stage: str) -> list[Path]:
+def checkpoint_parts(out: Location, stage: str) -> list[Location]:
     parts = sorted((out / "stages" / stage).glob("part-*.parquet"))
     if not parts:
         raise ValueError(f"{out}: no {stage} checkpoint; run `curate run` (or `curate shard`) first")
     return parts
 
 
-def row_parts(out: Path) -> list[Path]:
+def row_parts(out: Location) -> list[Location]:
     """Files that together hold every input row once: the rows that reached select (the shard checkpoint), and
     the rows each earlier stage dropped (its dropped-NNNNNN.parquet parts)."""
     return checkpoint_parts(out, "shard") + sorted((out / "stages").glob("*/dropped-*.parquet"))
 
 
-def iter_columns(parts: list[Path], wanted: list[str], filters: Any = None) -> Iterator[pa.Table]:
+def iter_columns(parts: list[Location], wanted: list[str], filters: Any = None) -> Iterator[pa.Table]:
     """Each part's wanted columns that exist; filters prune row groups by their statistics."""
     for part in parts:
-        table = pq.read_table(part, columns=_present(part, wanted), filters=filters)
+        table = storage.read_table(part, columns=_present(part, wanted), filters=filters)
         if table.num_rows:
             yield table
 
@@ -102,7 +101,7 @@ def coalesce(table: pa.Table, first: str, second: str) -> pa.ChunkedArray | pa.A
     return pc.coalesce(*values) if len(values) > 1 else values[0]
 
 
-def distribution_sample(out: Path, input_rows: int) -> pa.Table:
+def distribution_sample(out: Location, input_rows: int) -> pa.Table:
     """At most ~MAX_POINTS rows (a fixed hash sample) with the values the distribution plots need."""
     fraction = min(1.0, MAX_POINTS / max(input_rows, 1))
     pieces = []
@@ -133,12 +132,12 @@ def distribution_sample(out: Path, input_rows: int) -> pa.Table:
     return pa.concat_tables(pieces) if pieces else pa.table({})
 
 
-def ledger_batches(ledger: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+def ledger_batches(ledger: Location, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The ledger in bounded batches, a file (local engine) or a folder of parts (Spark engine) alike."""
-    yield from ds.dataset(ledger, format="parquet").to_batches(columns=columns, batch_size=1 << 20)
+    yield from storage.parquet_dataset(ledger).to_batches(columns=columns, batch_size=1 << 20)
 
 
-def sample_per_reason(ledger: Path, k: int) -> dict[str, list[int]]:
+def sample_per_reason(ledger: Location, k: int) -> dict[str, list[int]]:
     """Up to k ledger rows per reason, a fixed hash sample spread over the whole run."""
     picks: dict[str, TopK] = {}
     for batch in ledger_batches(ledger, [ROW, "reason"]):
@@ -150,7 +149,7 @@ def sample_per_reason(ledger: Path, k: int) -> dict[str, list[int]]:
     return {reason: top.result() for reason, top in sorted(picks.items())}
 
 
-def aesthetic_picks(out: Path, threshold: float, k: int) -> dict[str, list[int]]:
+def aesthetic_picks(out: Location, threshold: float, k: int) -> dict[str, list[int]]:
     """Kept just above the threshold, dropped just below it, and the highest-scored kept rows."""
     above, below, highest = TopK(k), TopK(k, largest=True), TopK(k, largest=True)
     wanted = [ROW, DROP_REASON, AESTHETIC_SCORE, AESTHETIC]
@@ -166,14 +165,14 @@ def aesthetic_picks(out: Path, threshold: float, k: int) -> dict[str, list[int]]
     return {"above": above.result(), "below": below.result(), "highest": highest.result()}
 
 
-def duplicate_groups(out: Path, sampled: dict[str, list[int]], groups: int,
+def duplicate_groups(out: Location, sampled: dict[str, list[int]], groups: int,
                      members: int) -> list[tuple[int | None, list[int]]]:
     """(survivor row, dropped copies) per group; the ledger's detail names the survivor's key."""
     chosen_rows = [row for reason, rows in sampled.items() if reason.startswith("duplicate_") for row in rows]
     if not chosen_rows:
         return []
     ledger = out / "ledger.parquet"
-    first = pq.read_table(ledger, columns=[ROW, "detail"], filters=[(ROW, "in", chosen_rows)])
+    first = storage.read_table(ledger, columns=[ROW, "detail"], filters=[(ROW, "in", chosen_rows)])
     survivors = list(dict.fromkeys(v for v in first.sort_by(ROW)["detail"].to_pylist() if v))[:groups]
     copies: dict[str, list[int]] = {key: [] for key in survivors}
     for batch in ledger_batches(ledger, [ROW, "reason", "detail"]):
@@ -187,7 +186,7 @@ def duplicate_groups(out: Path, sampled: dict[str, list[int]], groups: int,
     return [(found.get(key), copies[key]) for key in survivors]
 
 
-def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
+def survivor_rows(out: Location, keys: list[str]) -> dict[str, int]:
     """The row of each survivor key. Keys repeat (url duplicates share one), and a survivor may itself be a
     duplicate of a later kind, so prefer a kept row, then any other verdict, then a later duplicate kind."""
     best: dict[str, tuple[int, int]] = {}
@@ -200,7 +199,7 @@ def survivor_rows(out: Path, keys: list[str]) -> dict[str, int]:
     return {key: row for key, (_, row) in best.items()}
 
 
-def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
+def row_details(out: Location, rows: set[int]) -> dict[int, dict[str, Any]]:
     """The small columns of the chosen rows, from row_parts (every input row is there once)."""
     details: dict[int, dict[str, Any]] = {}
     if not rows:
@@ -211,14 +210,14 @@ def row_details(out: Path, rows: set[int]) -> dict[int, dict[str, Any]]:
     return details
 
 
-def thumbnails(out: Path, rows: set[int], size: int = 160) -> dict[int, str]:
+def thumbnails(out: Location, rows: set[int], size: int = 160) -> dict[int, str]:
     """A small JPEG data URI per chosen row that has stored bytes; reads only row groups holding chosen rows."""
     wanted, found = np.array(sorted(rows), dtype=np.int64), {}
     parts = sorted((out / "stages" / "download").glob("part-*.parquet"))
     if not parts:
         log.warning("%s: no download checkpoint, so the report shows no thumbnails", out)
     for part in parts:
-        reader = pq.ParquetFile(part)
+        reader = storage.parquet_file(part)
         row_index = reader.schema_arrow.get_field_index(ROW)
         for group in range(reader.num_row_groups):
             stats = reader.metadata.row_group(group).column(row_index).statistics

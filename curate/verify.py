@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from collections import defaultdict
@@ -10,15 +11,16 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from curate import storage
 from curate.schema import DROP_REASON, KEY
 from curate.stages.shard import KEY_PATTERN
+from curate.storage import Location
 
 EXTENSIONS = {"jpg", "txt", "json"}
 
 
-def verify_shard(path: Path, entry: dict) -> tuple[list[str], list[str]]:
+def verify_shard(path: Location, entry: dict) -> tuple[list[str], list[str]]:
     """(problems, keys) of one tar against its index entry."""
     problems: list[str] = []
     data = path.read_bytes()
@@ -28,7 +30,7 @@ def verify_shard(path: Path, entry: dict) -> tuple[list[str], list[str]]:
         problems.append(f"{path.name}: sha256 differs from index.json")
     members: dict[str, set[str]] = defaultdict(set)
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the bytes just hashed, local or remote
             for member in tar.getmembers():
                 stem, _, ext = member.name.partition(".")
                 if not KEY_PATTERN.match(stem) or "/" in member.name:
@@ -46,7 +48,7 @@ def verify_shard(path: Path, entry: dict) -> tuple[list[str], list[str]]:
 
 def verify(output: str | Path) -> list[str]:
     """Every problem found; an empty list means the shards are whole."""
-    out = Path(output)
+    out = storage.location(output)
     index_path = out / "shards" / "index.json"
     if not index_path.exists():
         return [f"{index_path}: missing"]
@@ -71,7 +73,7 @@ def verify(output: str | Path) -> list[str]:
         problems.append(f"{len(keys) - len(set(keys))} keys appear in more than one shard")
     samples_path = out / "samples.parquet"
     if samples_path.exists():
-        expected = set(pq.read_table(samples_path, columns=["key"])["key"].to_pylist())
+        expected = set(storage.read_table(samples_path, columns=["key"])["key"].to_pylist())
         if expected != set(keys):
             problems.append(f"samples.parquet lists {len(expected)} keys, the shards hold {len(set(keys))}; "
                             f"{len(expected ^ set(keys))} differ")
@@ -79,7 +81,7 @@ def verify(output: str | Path) -> list[str]:
     return problems + ([stale] if stale else [])
 
 
-def stale_shards(out: Path, shard_keys: set[str]) -> str | None:
+def stale_shards(out: Location, shard_keys: set[str]) -> str | None:
     """Why the shards no longer match the latest `select` (a re-cut not followed by `curate shard`), or None.
 
     Compares content, not timestamps: the rows alive in the select checkpoint must be exactly the sharded keys
@@ -94,11 +96,11 @@ def stale_shards(out: Path, shard_keys: set[str]) -> str | None:
     parts = sorted(select.glob("part-*.parquet"))
     if not parts:
         return None
-    table = pa.concat_tables([pq.read_table(part, columns=[KEY, DROP_REASON]) for part in parts])
+    table = pa.concat_tables([storage.read_table(part, columns=[KEY, DROP_REASON]) for part in parts])
     alive = set(table.filter(pc.is_null(table[DROP_REASON]))[KEY].to_pylist())
     ledger_path, remainder = out / "ledger.parquet", set()
     if ledger_path.exists():
-        ledger = pq.read_table(ledger_path, columns=[KEY, "reason"])
+        ledger = storage.read_table(ledger_path, columns=[KEY, "reason"])
         remainder = set(ledger.filter(pc.equal(ledger["reason"], "shard_remainder"))[KEY].to_pylist())
     if alive != shard_keys | remainder:
         changed = len(alive ^ (shard_keys | remainder))

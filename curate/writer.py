@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate import storage
 from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, CROP_LEFT, CROP_TOP, SMALLER_THAN_BUCKET
 from curate.stages.shard import sample_bytes, shard_name, tar_end
+from curate.storage import Location
 
 _RECORD = struct.Struct("<qQ")  # position, length of the member bytes that follow
 
@@ -77,11 +78,11 @@ def _bucket_index(path: Path) -> list[tuple[int, int, int]]:
     return sorted(records)
 
 
-def write_shard(bucket: Path, destination: Path) -> dict[str, Any]:
-    """Write one tar from its bucket in position order, atomically; returns its wids index entry."""
+def write_shard(bucket: Path, destination: Location) -> dict[str, Any]:
+    """Write one tar from its (local) bucket in position order, atomically, to a local or fsspec destination;
+    returns its wids index entry."""
     digest, size, records = hashlib.sha256(), 0, _bucket_index(bucket)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    with open(bucket, "rb") as source, open(tmp, "wb") as tar:
+    with open(bucket, "rb") as source, storage.open_write(destination) as tar:
         for _, offset, length in records:
             source.seek(offset)
             data = source.read(length)
@@ -92,11 +93,8 @@ def write_shard(bucket: Path, destination: Path) -> dict[str, Any]:
         tar.write(end)
         digest.update(end)
         size += len(end)
-        tar.flush()
-        os.fsync(tar.fileno())
-    os.replace(tmp, destination)
     return {"url": destination.name, "nsamples": len(records), "filesize": size, "sha256": digest.hexdigest()}
 
 
-def shard_path(shard_dir: Path, prefix: str, index: int) -> Path:
+def shard_path(shard_dir: Location, prefix: str, index: int) -> Location:
     return shard_dir / shard_name(prefix, index)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import io
+from curate import io, storage
 from curate.config import Config, download_workers
 from curate.engines.local_partitions import (
     VerdictRouter,
@@ -30,6 +30,7 @@ from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
     CAPTION,
+    CLIP_SCORE,
     DROP_REASON,
     EMBEDDING,
     JPG,
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 STAGES = STAGE_NAMES
 # What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
-DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE]
+DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE,
+                   CLIP_SCORE]
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
@@ -65,8 +67,9 @@ def _quiet(stage: str, done: int, total: int) -> None:
 class LocalRun:
     """One output folder; each stage reads the previous stage's checkpoint and writes its own."""
 
-    def __init__(self, output: str | Path, config: Config, progress: Progress | None = None) -> None:
-        self.out = Path(output)
+    def __init__(self, output: str | Path | storage.RemotePath, config: Config,
+                 progress: Progress | None = None) -> None:
+        self.out = storage.location(output)  # a local Path, or a RemotePath for an fsspec URL (s3://…)
         self.config = config
         self.progress = progress or _quiet
         self.timings: dict[str, float] = {}
@@ -141,9 +144,9 @@ class LocalRun:
         """Null count of each LAION score column every ingested part has (reads those two columns only)."""
         nulls: dict[str, int] = {}
         for index, path in enumerate(self.checkpoint("ingest").parts()):
-            names = pq.read_schema(path).names
+            names = storage.read_schema(path).names
             present = [c for c in (AESTHETIC, PWATERMARK) if c in names and (index == 0 or c in nulls)]
-            columns = pq.read_table(path, columns=present)
+            columns = storage.read_table(path, columns=present)
             nulls = {c: nulls.get(c, 0) + columns[c].null_count for c in present}
         return nulls
 
@@ -151,6 +154,8 @@ class LocalRun:
         """model/metadata, deciding `auto` from whether every row carries LAION's score columns."""
         if self.config.scores != "auto":
             return self.config.scores
+        if self.config.min_clip_score is not None:  # only the models give a clip_score
+            return "model"
         nulls = self.score_column_nulls()
         return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
 
@@ -168,12 +173,12 @@ class LocalRun:
 
     def part_starts(self) -> np.ndarray:
         """The first row number of every ingest part (from the parquet footers)."""
-        counts = [pq.ParquetFile(path).metadata.num_rows for path in self.checkpoint("ingest").parts()]
+        counts = [storage.parquet_file(path).metadata.num_rows for path in self.checkpoint("ingest").parts()]
         return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else np.zeros(0, np.int64)
 
     def url_flags(self) -> Iterator[pa.Table | None]:
         """Per ingest part, its url+caption duplicate verdicts: signatures spilled by key, grouped per partition."""
-        source, work = self.checkpoint("ingest"), self.out / "stages" / "prefilter-work"
+        source, work = self.checkpoint("ingest"), storage.scratch(self.out, "prefilter-work")
         starts = self.part_starts()
         if "url" not in self.config.dedup:
             yield from (None for _ in starts)
@@ -219,7 +224,7 @@ class LocalRun:
             todo = [i for i in range(len(source.parts())) if not target.has_part(i)]
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
-            live = [pq.ParquetFile(source.part_path(i)).metadata.num_rows for i in todo]
+            live = [storage.parquet_file(source.part_path(i)).metadata.num_rows for i in todo]
             options, stored = self.download_options(), self.stored_images()
             groups = job_groups(todo, live, self.config.batch_size_rows)
             jobs = [(str(self.out), group, options, stored) for group in groups]
@@ -269,8 +274,8 @@ class LocalRun:
         """Rows prefilter dropped on metadata that this run's thresholds would keep: a re-cut cannot bring them back."""
         counts: dict[str, int] = {}
         for path in self.checkpoint("prefilter").dropped_parts():
-            names = pq.read_schema(path).names  # only the columns the thresholds read, not the whole rows
-            part = pq.read_table(path, columns=[n for n in prefilter.RECOVERABLE_COLUMNS if n in names])
+            names = storage.read_schema(path).names  # only the columns the thresholds read, not the whole rows
+            part = storage.read_table(path, columns=[n for n in prefilter.RECOVERABLE_COLUMNS if n in names])
             c = self.config
             for reason, count in prefilter.recoverable(part, c.min_size, c.threshold, c.max_watermark,
                                                        c.max_unsafe).items():
@@ -282,12 +287,13 @@ class LocalRun:
             c, kinds = self.config, self.config.dedup
             source, target = self.checkpoint("score"), self.checkpoint("dedup")
             target.reset()
-            present = set().union(*(pq.read_schema(path).names for path in source.parts()))
+            present = set().union(*(storage.read_schema(path).names for path in source.parts()))
             semantic = "semantic" in kinds and EMBEDDING in present
             wanted = [*DEDUP_SIGNATURE, *([EMBEDDING] if semantic else [])]
             # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
             table = select.with_threshold_pass(with_verdict_columns(source.read([n for n in wanted if n in present])),
-                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe)
+                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
+                                               c.min_clip_score)
             if "exact" in kinds:
                 table = dedup.flag_exact_duplicates(table)
             if "phash" in kinds:
@@ -312,14 +318,14 @@ class LocalRun:
             target.reset()
             for index, part in enumerate(self.checkpoint("dedup").iter_parts()):
                 target.write_part(index, select.select(with_verdict_columns(part), c.min_size, c.threshold,
-                                                       c.max_watermark, c.max_unsafe))
+                                                       c.max_watermark, c.max_unsafe, c.min_clip_score))
             lost = self.not_reconsidered()
             if lost:
                 log.warning("%d rows that these thresholds would keep were dropped on their metadata before the "
                             "download (%s) and are not brought back; a new `curate run` into another --output with "
                             "these thresholds fetches them", sum(lost.values()), lost)
             judged_by = {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
-                         "max_unsafe": c.max_unsafe}
+                         "max_unsafe": c.max_unsafe, "min_clip_score": c.min_clip_score}
             return {**judged_by, "judged_by": judged_by, "not_reconsidered": lost}
 
         return self._timed("select", body, force=force)
@@ -352,7 +358,7 @@ def _download_parts(job: tuple[str, list[int], DownloadOptions, bool]) -> int:
     """Prefilter parts to download parts, fetched as one batch (a picklable unit of work for the process pool)."""
     out, indices, options, stored = job
     source, target = io.Checkpoint(out, "prefilter"), io.Checkpoint(out, "download")
-    parts = [pq.read_table(source.part_path(index)) for index in indices]
+    parts = [storage.read_table(source.part_path(index)) for index in indices]
     batch = pa.concat_tables(parts, promote_options="permissive")
     if stored:
         from curate.stages.stored import decode_stored

@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curate import accounting, io
+from curate import accounting, io, storage
 from curate.engines.local import LocalRun
 from curate.engines.local_partitions import rows_between
 from curate.schema import (
@@ -74,10 +73,9 @@ def shard(run: LocalRun) -> dict[str, Any]:
             raise shard_stage.ShardPlanError(f"{error}; the dropped rows are in {run.out / 'ledger.parquet'}") from None
         assignment = table.filter(pc.greater_equal(table[SHARD], 0))
         metadata_columns = [n for n in table.column_names if n not in CARRIED_SKIP]
-        shard_dir, buckets = run.out / "shards", run.out / "stages" / "shard-buckets"
+        shard_dir, buckets = run.out / "shards", storage.scratch(run.out, "shard-buckets")  # buckets stay local
         shutil.rmtree(buckets, ignore_errors=True)
-        if shard_dir.exists():
-            shutil.rmtree(shard_dir)
+        storage.remove(shard_dir)
         scatter(run.checkpoint("download").iter_parts(), assignment, buckets, metadata_columns)
         entries = []
         for index in range(shard_plan.num_shards):
@@ -127,7 +125,7 @@ def ledger_chunks(run: LocalRun, late: pa.Table) -> Iterator[tuple[int, int, pa.
     starts = run.part_starts()
     ends = np.r_[starts[1:], run.checkpoint("ingest").meta()["input_rows"]]
     for index, (low, high) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        pieces = [accounting.ledger_table(pq.read_table(path, columns=LEDGER_SOURCE))
+        pieces = [accounting.ledger_table(storage.read_table(path, columns=LEDGER_SOURCE))
                   for stage in DROPPING_STAGES if (path := run.checkpoint(stage).dropped_path(index)).exists()]
         pieces.append(rows_between(late, late_rows, low, high))
         yield low, high, pa.concat_tables(pieces).sort_by(ROW)
