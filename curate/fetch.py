@@ -14,14 +14,17 @@ reserved, multicast and unspecified addresses never.
 from __future__ import annotations
 
 import email.utils
+import heapq
 import http.client
 import ipaddress
+import itertools
+import os
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -117,6 +120,7 @@ def _is_metadata(address: str) -> bool:
     return ip in METADATA_ADDRESSES or _embedded_ipv4(ip) in METADATA_ADDRESSES
 
 
+@lru_cache(maxsize=1 << 16)
 def address_scope(address: str) -> str | None:
     """PUBLIC, LOOPBACK, PRIVATE or LINK_LOCAL; None for what no option opens (reserved, multicast, unspecified)."""
     ip = _parse(address)
@@ -221,6 +225,60 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
+class _Watchdog:
+    """One thread per process that shuts each armed socket at its deadline.
+
+    A threading.Timer per request would start a thread per URL: a thread start waits for the new thread to run,
+    about a millisecond on a busy machine, while the host's slot is held.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no watchdog thread (and a fresh lock)
+
+    def _reset(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._armed: set[int] = set()
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, deadline: float) -> int:
+        """Shut sock at deadline unless disarm(token) comes first."""
+        with self._condition:
+            token = next(self._tokens)
+            heapq.heappush(self._heap, (deadline, token, sock))
+            self._armed.add(token)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="curate-watchdog")
+                self._thread.start()
+            elif self._heap[0][1] == token:  # earlier than what the thread sleeps until
+                self._condition.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._condition:
+            self._armed.discard(token)
+
+    def _run(self) -> None:
+        while True:
+            due: list[socket.socket] = []
+            with self._condition:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][0] <= now or self._heap[0][1] not in self._armed):
+                    _, token, sock = heapq.heappop(self._heap)
+                    if token in self._armed:
+                        self._armed.discard(token)
+                        due.append(sock)
+                if not due:
+                    self._condition.wait(self._heap[0][0] - now if self._heap else None)
+            for sock in due:
+                _shut(sock)
+
+
+_WATCHDOG = _Watchdog()
+
+
 @cache
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """The system's certificate authorities plus ca_bundle's; one per process (loading them costs milliseconds)."""
@@ -240,15 +298,12 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, address: str, port: int, deadline: float, ca_bundle: str | None = None) -> None:
         super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001))
         self._address, self._deadline, self.ca_bundle = address, deadline, ca_bundle
-        self._watchdog: threading.Timer | None = None
+        self._watchdog: int | None = None
         self.raw_socket: socket.socket | None = None
 
     def _arm(self, sock: socket.socket) -> socket.socket:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        self._watchdog = threading.Timer(max(self._deadline - time.monotonic(), 0.0), _shut, [sock])
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self.rest()
+        self._watchdog = _WATCHDOG.arm(sock, self._deadline)
         return sock
 
     def serve(self, deadline: float) -> None:
@@ -261,7 +316,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def rest(self) -> None:
         """Between URLs: no watchdog (the idle pool drops connections a server closed)."""
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            _WATCHDOG.disarm(self._watchdog)
             self._watchdog = None
 
     def connect(self) -> None:
