@@ -31,6 +31,7 @@ class Config:
     threshold: float = 5.0
     max_watermark: float = 0.8
     max_unsafe: float | None = None
+    min_clip_score: float | None = None  # None: off; clip_score is computed with --scores model either way
     scores: str = "model"
     dedup: list[str] = field(default_factory=lambda: list(DEDUP_KINDS))
     phash_distance: int = 4
@@ -103,6 +104,11 @@ class Config:
         _check_range("threshold", self.threshold, -math.inf, math.inf)  # the predictor's output is not bounded
         _check_range("max_watermark", self.max_watermark, 0.0, 1.0)
         _check_range("max_unsafe", self.max_unsafe, 0.0, 1.0)
+        _check_range("min_clip_score", self.min_clip_score, -1.0, 1.0)
+        if self.min_clip_score is not None and self.scores == "metadata":
+            raise ValueError("--min-clip-score needs --scores model (or auto): clip_score is the ViT-L/14 cosine of "
+                             "the image and its caption, computed from the pixels; LAION's `similarity` column is "
+                             "ViT-B/32's")
         _check_range("semdedup_threshold", self.semdedup_threshold, -1.0, 1.0)
         _check_range("timeout", self.timeout, 0.0, math.inf, low_open=True)
         if not 0 <= self.phash_distance <= 16:
@@ -210,8 +216,11 @@ OPTION_HELP: dict[str, str] = {
     "threshold": "Keep aesthetic score >= this (5.0 is LAION-Aesthetics v2 5+).",
     "max_watermark": "Drop watermark probability above this.",
     "max_unsafe": "Drop metadata punsafe above this (off unless set).",
+    "min_clip_score": "Drop images whose CLIP ViT-L/14 image-caption cosine (clip_score, --scores model) is below "
+                      "this, and images without a caption (off unless set; L/14 cosines run lower than the ViT-B/32 "
+                      "ones of LAION's 0.28 rule).",
     "scores": "Where scores come from: model (computed on the pixels), metadata (LAION's columns, also applied "
-              "before download), auto (metadata when every row has it).",
+              "before download), auto (metadata when every row has it and --min-clip-score is off).",
     "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic.",
     "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",

@@ -26,6 +26,8 @@ class StageSpec:
 # claimed size always), select after. A rerun may change them: select then says how many rows prefilter dropped that
 # the new values would keep (they are not brought back).
 METADATA_THRESHOLDS = frozenset({"min_size", "threshold", "max_watermark", "max_unsafe"})
+# Thresholds on what only the models measure: read by dedup's survivor rule and select, so a rerun may change them.
+MODEL_THRESHOLDS = frozenset({"min_clip_score"})
 _DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes",
                        "allow_loopback", "allow_private_network", "allow_link_local", "disallowed_header_directives",
                        "user_agent_token", "max_per_host", "ca_bundle"})
@@ -40,8 +42,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("download", "map", ("download",), _DOWNLOAD),
     StageSpec("score", "map", ("score",), _MODELS | {"scores"}),
     StageSpec("dedup", "global", ("verdict",),
-              METADATA_THRESHOLDS | {"dedup", "phash_distance", "semdedup_threshold", "semdedup_clusters", "seed"}),
-    StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS, drops_rows=False),
+              METADATA_THRESHOLDS | MODEL_THRESHOLDS | {"dedup", "phash_distance", "semdedup_threshold",
+                                                        "semdedup_clusters", "seed"}),
+    StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False),
     StageSpec("shard", "global", ("samples",), _SHARD, drops_rows=False),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]

@@ -30,6 +30,7 @@ from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
     CAPTION,
+    CLIP_SCORE,
     DROP_REASON,
     EMBEDDING,
     JPG,
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 STAGES = STAGE_NAMES
 # What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
-DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE]
+DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE,
+                   CLIP_SCORE]
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
@@ -152,6 +154,8 @@ class LocalRun:
         """model/metadata, deciding `auto` from whether every row carries LAION's score columns."""
         if self.config.scores != "auto":
             return self.config.scores
+        if self.config.min_clip_score is not None:  # only the models give a clip_score
+            return "model"
         nulls = self.score_column_nulls()
         return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
 
@@ -288,7 +292,8 @@ class LocalRun:
             wanted = [*DEDUP_SIGNATURE, *([EMBEDDING] if semantic else [])]
             # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
             table = select.with_threshold_pass(with_verdict_columns(source.read([n for n in wanted if n in present])),
-                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe)
+                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
+                                               c.min_clip_score)
             if "exact" in kinds:
                 table = dedup.flag_exact_duplicates(table)
             if "phash" in kinds:
@@ -313,14 +318,14 @@ class LocalRun:
             target.reset()
             for index, part in enumerate(self.checkpoint("dedup").iter_parts()):
                 target.write_part(index, select.select(with_verdict_columns(part), c.min_size, c.threshold,
-                                                       c.max_watermark, c.max_unsafe))
+                                                       c.max_watermark, c.max_unsafe, c.min_clip_score))
             lost = self.not_reconsidered()
             if lost:
                 log.warning("%d rows that these thresholds would keep were dropped on their metadata before the "
                             "download (%s) and are not brought back; a new `curate run` into another --output with "
                             "these thresholds fetches them", sum(lost.values()), lost)
             judged_by = {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
-                         "max_unsafe": c.max_unsafe}
+                         "max_unsafe": c.max_unsafe, "min_clip_score": c.min_clip_score}
             return {**judged_by, "judged_by": judged_by, "not_reconsidered": lost}
 
         return self._timed("select", body, force=force)

@@ -33,7 +33,7 @@ from curate.engines.spark_frames import (
     output_schema,
     read_parquet_files,
 )
-from curate.schema import AESTHETIC, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
+from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
 from curate.stage_plan import AFTER_DOWNLOAD_OPTIONS
 from curate.stages import prefilter, select
 from curate.stages.download import download
@@ -244,7 +244,7 @@ class SparkRun:
                              f"(columns: {names}); use --scores model to compute scores from the images")
         if self.config.scores != "auto":
             return self.config.scores
-        if AESTHETIC not in names or PWATERMARK not in names:
+        if self.config.min_clip_score is not None or AESTHETIC not in names or PWATERMARK not in names:
             return "model"
         nulls = ingested.agg(*[F.sum(F.col(c).isNull().cast("long")).alias(c) for c in (AESTHETIC, PWATERMARK)])
         return "metadata" if all((v or 0) == 0 for v in nulls.collect()[0]) else "model"
@@ -275,7 +275,7 @@ def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str,
     c, kinds = run.config, run.config.dedup
     # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
     judged = map_stage(scored, lambda t: select.with_threshold_pass(
-        t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe),
+        t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe, c.min_clip_score),
         arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
@@ -316,12 +316,14 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
     if scores == "model":
         scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
+        scored_schema = scored_schema.append(pa.field(CLIP_SCORE, pa.float32()))
     profile = score_profile(spark, scores)
     scored = run.timed("score", lambda: run.checkpoint(
         "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
     c = config
-    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe),
+    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
+                                                         c.min_clip_score),
                          arrow_schema(judged))
     selected = run.timed("select", lambda: run.checkpoint("select", selected))
 

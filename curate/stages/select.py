@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
+    CLIP_SCORE,
     DROP_REASON,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
@@ -57,6 +58,19 @@ def flag_unsafe(table: pa.Table, max_unsafe: float | None) -> pa.Table:
     return with_reason(table, above(values, max_unsafe), STAGE, "unsafe", stored_text(values))
 
 
+def flag_low_clip_score(table: pa.Table, min_clip_score: float | None) -> pa.Table:
+    """Rows whose clip_score is below min_clip_score, or that have none (no caption); no-op when unset."""
+    if min_clip_score is None:
+        return table
+    if CLIP_SCORE not in table.column_names:
+        return with_reason(table, pa.array([True] * table.num_rows), STAGE, "no_clip_score",
+                           "no clip_score column: the images were scored without the text tower; rerun `curate run` "
+                           "into a new --output with --scores model")
+    values = table[CLIP_SCORE]
+    table = with_reason(table, pc.is_null(values), STAGE, "no_clip_score", "no caption")
+    return with_reason(table, below(values, min_clip_score), STAGE, "low_clip_score", stored_text(values))
+
+
 def flag_low_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
     values = table[AESTHETIC_SCORE]
     table = with_reason(table, pc.is_null(values), STAGE, "no_aesthetic_score")
@@ -64,19 +78,22 @@ def flag_low_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
 
 
 def select(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
-           max_unsafe: float | None = None) -> pa.Table:
-    """Apply the thresholds in the recipe's order: resolution, watermark, safety, aesthetic."""
+           max_unsafe: float | None = None, min_clip_score: float | None = None) -> pa.Table:
+    """Apply the thresholds in the recipe's order: resolution, watermark, safety, image-caption agreement,
+    aesthetic."""
     table = flag_low_resolution(table, min_size)
     table = flag_watermark(table, max_watermark)
     table = flag_unsafe(table, max_unsafe)
+    table = flag_low_clip_score(table, min_clip_score)
     return flag_low_aesthetic(table, threshold)
 
 
 def with_threshold_pass(table: pa.Table, min_size: int, threshold: float, max_watermark: float,
-                        max_unsafe: float | None = None) -> pa.Table:
+                        max_unsafe: float | None = None, min_clip_score: float | None = None) -> pa.Table:
     """Add PASSES_THRESHOLDS: whether select would keep the row on its own, so dedup can prefer such copies."""
     names = [n for n in table.column_names if n not in (*VERDICT_COLUMNS, PASSES_THRESHOLDS)]
-    probe = select(with_verdict_columns(table.select(names)), min_size, threshold, max_watermark, max_unsafe)
+    probe = select(with_verdict_columns(table.select(names)), min_size, threshold, max_watermark, max_unsafe,
+                   min_clip_score)
     passes = pc.is_null(probe[DROP_REASON])
     if PASSES_THRESHOLDS in table.column_names:
         return table.set_column(table.column_names.index(PASSES_THRESHOLDS), PASSES_THRESHOLDS, passes)

@@ -69,3 +69,37 @@ def test_no_caption_column_gives_null_scores(table: pa.Table, scorer: Scorer) ->
     out = score_images(table.drop_columns([CAPTION]), scorer)
     assert out[CLIP_SCORE].null_count == out.num_rows
     assert out["aesthetic_score"].null_count < out.num_rows  # the images were still scored
+
+
+def test_min_clip_score_drops_below_and_uncaptioned_rows_with_reasons() -> None:
+    from curate.stages.select import flag_low_clip_score
+
+    values = pa.array([0.31, 0.2, None, float(np.float32(0.25)), 0.2500001], pa.float32())
+    table = with_verdict_columns(pa.table({"key": list("abcde"), CLIP_SCORE: values}))
+    out = flag_low_clip_score(table, 0.25)
+    assert out[DROP_REASON].to_pylist() == [None, "low_clip_score", "no_clip_score", None, None]
+    assert out["drop_detail"].to_pylist()[1:3] == ["0.2", "no caption"]  # the value as its column stored it
+    assert flag_low_clip_score(table, None)[DROP_REASON].null_count == table.num_rows  # off by default
+
+
+def test_min_clip_score_without_the_column_says_why() -> None:
+    from curate.stages.select import select
+
+    table = with_verdict_columns(pa.table({"key": ["a"], "original_width": [800], "original_height": [800],
+                                           "aesthetic_score": pa.array([6.0], pa.float32()),
+                                           "watermark_prob": pa.array([0.1], pa.float32())}))
+    out = select(table, 512, 5.0, 0.8, None, min_clip_score=0.2)
+    assert out[DROP_REASON].to_pylist() == ["no_clip_score"] and "text tower" in out["drop_detail"][0].as_py()
+    assert select(table, 512, 5.0, 0.8)[DROP_REASON].to_pylist() == [None]
+
+
+def test_min_clip_score_option_is_checked() -> None:
+    from curate.config import load_config
+    from curate.stage_plan import RERUN_OPTIONS, options_read_by
+
+    assert load_config(None, {"min_clip_score": 0.2}).min_clip_score == 0.2
+    with pytest.raises(ValueError, match=r"--min-clip-score must be a finite number in \[-1, 1\]"):
+        load_config(None, {"min_clip_score": 1.5})
+    with pytest.raises(ValueError, match="--min-clip-score needs --scores model"):
+        load_config(None, {"min_clip_score": 0.2, "scores": "metadata"})
+    assert "min_clip_score" in RERUN_OPTIONS and "min_clip_score" not in options_read_by("score")
