@@ -284,19 +284,42 @@ def resolve_survivors(pairs: pa.Table, rows: pa.Table) -> pa.Table:
     return pa.table({KEY: keys.filter(pa.array(duplicate)), "survivor_key": keys.take(pa.array(survivor[duplicate]))})
 
 
-def flag_semantic_duplicates(table: pa.Table, threshold: float, clusters: int | None, seed: int = 0) -> pa.Table:
-    """Flag rows whose embedding has cosine >= threshold with a better row's (chained); detail names the survivor."""
+class RowSubset:
+    """Some rows of a VectorSource, indexed as an array of their own: a memory map is read only where indexed."""
+
+    def __init__(self, source: VectorSource, rows: np.ndarray) -> None:
+        self.source, self.rows = source, rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.source.shape[1:])
+
+    def __getitem__(self, index: Any) -> Any:
+        return np.asarray(self.source[self.rows[index]])
+
+
+def flag_semantic_duplicates(table: pa.Table, threshold: float, clusters: int | None, seed: int = 0,
+                             vectors: VectorSource | None = None, has_vector: np.ndarray | None = None) -> pa.Table:
+    """Flag rows whose embedding has cosine >= threshold with a better row's (chained); detail names the survivor.
+
+    The embeddings come from the table's embedding column, or from vectors (row i of the table is row i of vectors,
+    e.g. a memory map on disk; has_vector marks the rows that have one), which is then read a cluster at a time.
+    """
     table = with_verdict_columns(table)
-    candidates = np.flatnonzero(pc.and_(alive(table), pc.is_valid(table[EMBEDDING])).to_numpy(zero_copy_only=False))
+    if vectors is None or has_vector is None:
+        has_vector = pc.is_valid(table[EMBEDDING]).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(alive(table).to_numpy(zero_copy_only=False) & has_vector)
     if len(candidates) < 2:
         return table
     needed = [
         name
-        for name in (KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS, EMBEDDING)
+        for name in (KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS)
         if name in table.column_names
     ]
     rows = table.select(needed).take(pa.array(candidates))
-    _, survivor = find_duplicates(embedding_matrix(rows[EMBEDDING]), survivor_ranks(rows), threshold, clusters, seed)
+    source = (embedding_matrix(table[EMBEDDING].take(pa.array(candidates))) if vectors is None
+              else RowSubset(vectors, candidates))
+    _, survivor = find_duplicates(source, survivor_ranks(rows), threshold, clusters, seed)
     duplicate = survivor != np.arange(len(candidates))
     mask = np.zeros(table.num_rows, dtype=bool)
     mask[candidates[duplicate]] = True

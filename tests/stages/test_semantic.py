@@ -166,6 +166,24 @@ def test_null_embeddings_and_earlier_verdicts_are_untouched() -> None:
     assert out.num_rows == table.num_rows and out["key"].equals(table["key"])
 
 
+
+def test_embeddings_from_a_memory_map_flag_what_the_column_flags(tmp_path) -> None:
+    """The local engine reads embeddings from a memory map on disk (a cluster at a time), not the table's column:
+    the verdicts are the same, null embeddings and earlier verdicts included."""
+    rng = np.random.default_rng(6)
+    rows: list = _copies(rng, groups=6, size=3) + [None, None]
+    reason = [None] * len(rows)
+    reason[4] = "duplicate_phash"
+    table = _table(np.array(rows, dtype=object), reason=reason, stage=[r and "dedup" for r in reason])
+    vectors = np.lib.format.open_memmap(tmp_path / "e.npy", mode="w+", dtype=np.float16, shape=(len(rows), DIM))
+    has_vector = np.array([r is not None for r in rows])
+    vectors[has_vector] = np.array([r for r in rows if r is not None], np.float16)
+    by_column = flag_semantic_duplicates(table, 0.95, clusters=2)
+    by_map = flag_semantic_duplicates(table.drop_columns(["embedding"]), 0.95, 2, 0, vectors, has_vector)
+    assert by_map.select(["drop_reason", "drop_detail"]).equals(by_column.select(["drop_reason", "drop_detail"]))
+    assert by_map["drop_reason"].to_pylist().count("duplicate_semantic") == 6 * 2 - 1
+
+
 def test_too_few_rows_returns_the_table_unchanged() -> None:
     table = _table(np.array([None, _unit(np.ones(DIM))], dtype=object))
     assert flag_semantic_duplicates(table, 0.95, None).equals(table)
