@@ -72,7 +72,7 @@ def _present(path: Location, wanted: list[str]) -> list[str]:
 
 
 def checkpoint_parts(out: Location, stage: str) -> list[Location]:
-    parts = sorted((out / "stages" / stage).glob("part-*.parquet"))
+    parts = storage.glob(out / "stages" / stage, "part-*.parquet")
     if not parts:
         raise ValueError(f"{out}: no {stage} checkpoint; run `curate run` (or `curate shard`) first")
     return parts
@@ -81,7 +81,7 @@ def checkpoint_parts(out: Location, stage: str) -> list[Location]:
 def row_parts(out: Location) -> list[Location]:
     """Files that together hold every input row once: the rows that reached select (the shard checkpoint), and
     the rows each earlier stage dropped (its dropped-NNNNNN.parquet parts)."""
-    return checkpoint_parts(out, "shard") + sorted((out / "stages").glob("*/dropped-*.parquet"))
+    return checkpoint_parts(out, "shard") + storage.glob(out / "stages", "*/dropped-*.parquet")
 
 
 def iter_columns(parts: list[Location], wanted: list[str], filters: Any = None) -> Iterator[pa.Table]:
@@ -213,7 +213,7 @@ def row_details(out: Location, rows: set[int]) -> dict[int, dict[str, Any]]:
 def thumbnails(out: Location, rows: set[int], size: int = 160) -> dict[int, str]:
     """A small JPEG data URI per chosen row that has stored bytes; reads only row groups holding chosen rows."""
     wanted, found = np.array(sorted(rows), dtype=np.int64), {}
-    parts = sorted((out / "stages" / "download").glob("part-*.parquet"))
+    parts = storage.glob(out / "stages" / "download", "part-*.parquet")
     if not parts:
         log.warning("%s: no download checkpoint, so the report shows no thumbnails", out)
     for part in parts:

@@ -93,7 +93,7 @@ def stale_shards(out: Location, shard_keys: set[str]) -> str | None:
     if not (select / "_SUCCESS").exists():
         return (f"shards are stale: {select} is unfinished (a stage was re-run after the shards were written); "
                 f"run `curate select {out}`, then `curate shard {out}`")
-    parts = sorted(select.glob("part-*.parquet"))
+    parts = storage.glob(select, "part-*.parquet")
     if not parts:
         return None
     table = pa.concat_tables([storage.read_table(part, columns=[KEY, DROP_REASON]) for part in parts])

@@ -6,7 +6,6 @@ options resumes after it). The driver only ever holds counts, near-duplicate pai
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,12 +13,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curate import io
+from curate import io, storage
 from curate.config import Config
 from curate.engines import spark_dedup, spark_shard
 from curate.engines.local import LocalRun, prefilter_thresholds
@@ -127,16 +124,13 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     files = expand_tars(inputs)
     for path in files:  # a file that is no tar is refused before any work
         check_tar(path)
-    folder, rows, part = f"{run.root}/stages/ingest", 0, 0
+    folder, rows, part = run.path("stages", "ingest"), 0, 0
     damage: list[dict[str, Any]] = []
-    if run.fs.exists(folder):
-        run.fs.rm(folder, recursive=True)
-    run.fs.makedirs(folder, exist_ok=True)
+    storage.remove(folder)
     for path in files:
         for batch in read_tar_rows(path, run.config.batch_size_rows, run.config.caption_field, damage):
             table = normalize_rows(batch, rows)
-            with run.fs.open(f"{folder}/part-{part:06d}.parquet", "wb") as handle:
-                pq.write_table(table, handle)
+            storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
             rows, part = rows + table.num_rows, part + 1
     if rows == 0:
         raise ValueError(f"the input tars hold no samples: {files}")
@@ -203,7 +197,6 @@ class SparkRun:
 
     def __init__(self, spark: SparkSession, output: str, config: Config) -> None:
         self.spark, self.config, self.out = spark, config, str(output).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.out)
         self.timings: dict[str, float] = {}
         self.damaged_inputs: list[dict[str, Any]] = []
 
@@ -224,14 +217,13 @@ class SparkRun:
     def resumable(self, inputs: list[str]) -> bool:
         """True when OUT holds a finished download of the same inputs with the same download-side options."""
         current: dict[str, Any] = {"inputs": inputs, "config": self.config.to_dict()}
-        marker, success = f"{self.root}/stages/spark-run.json", f"{self.root}/stages/download/_SUCCESS"
+        marker, success = self.path("stages", "spark-run.json"), self.path("stages", "download", "_SUCCESS")
         same = False
-        if self.fs.exists(marker) and self.fs.exists(success):
-            earlier = json.loads(self.fs.cat_file(marker))
+        if storage.exists(marker) and storage.exists(success):
+            earlier = storage.read_json(marker)
             same = earlier["inputs"] == inputs and all(
                 current["config"].get(k) == v for k, v in earlier["config"].items() if k not in AFTER_DOWNLOAD_OPTIONS)
-        self.fs.makedirs(f"{self.root}/stages", exist_ok=True)
-        self.fs.pipe_file(marker, json.dumps(current, indent=1).encode())
+        storage.write_json(current, marker)
         return same
 
     def resolve_scores(self, ingested: DataFrame) -> str:
@@ -334,8 +326,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
             write_ledger(run, selected)
             raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
         placed = run.checkpoint("shard", placed)
-        if run.fs.exists(f"{run.root}/shards"):
-            run.fs.rm(f"{run.root}/shards", recursive=True)
+        storage.remove(run.path("shards"))
         return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
 
     placed, shard_plan, entries = run.timed("shard", shard)
@@ -349,8 +340,4 @@ def write_report(run: SparkRun) -> None:
     """OUT/report.html, by the one report builder both engines share (it reads either engine's folder)."""
     from curate.report import build_report
 
-    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
-    if protocol in ("file", "local"):
-        build_report(run.root)
-    else:  # the builder reads and writes local files
-        log.warning("no report.html written to %s: copy the folder locally and run `curate report` on it", run.out)
+    build_report(run.out)  # through the storage layer: a local folder or any fsspec URL (s3a://, gs://, …)

@@ -4,13 +4,12 @@ ledger.parquet and samples.parquet are parquet folders of ordered parts."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from curate import accounting
+from curate import accounting, storage
 from curate.engines.local import LocalRun
 from curate.engines.local_shard import index_document, sizes_document
 from curate.engines.spark_frames import arrow_schema, map_stage
@@ -26,12 +25,8 @@ STAGE_ORDER = STAGE_NAMES
 
 
 def write_json(run: SparkRun, name: str, value: Any) -> None:
-    """JSON as curate.io.write_json writes it, under a temporary name first, then moved into place."""
-    final = f"{run.root}/{name}"
-    tmp = f"{final.rsplit('/', 1)[0]}/.{final.rsplit('/', 1)[1]}.tmp"
-    run.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    run.fs.pipe_file(tmp, (json.dumps(value, indent=1, sort_keys=False, default=str) + "\n").encode())
-    run.fs.mv(tmp, final)
+    """JSON by the storage layer's one writer (the local engine's too), atomically, on any fsspec URL."""
+    storage.write_json(value, run.path(name))
 
 
 def check_accounting(input_rows: int, samples: DataFrame, ledger: DataFrame) -> None:

@@ -8,15 +8,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import mmh3
 import numpy as np
 import pyarrow as pa
 
+from curate import storage
 from curate.config import Config
 from curate.engines.local_shard import CARRIED_SKIP
 from curate.engines.spark_frames import INDEX, global_index, map_stage
@@ -75,12 +74,13 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -
 
 
 class _Tar:
-    """One shard being written under a temporary name; close() renames it into place (a retry rewrites it whole)."""
+    """One shard being written through the storage layer (a temporary name locally, the final key on an object
+    store); close() makes it appear whole, abandon() leaves nothing (a retry rewrites it whole)."""
 
-    def __init__(self, fs: Any, folder: str, name: str) -> None:
-        self.fs, self.final = fs, f"{folder}/{name}"
-        self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        self.handle = fs.open(self.tmp, "wb")
+    def __init__(self, folder: str, name: str) -> None:
+        self.final = f"{folder}/{name}"
+        self._writing = storage.open_write(self.final)
+        self.handle = self._writing.__enter__()
         self.digest, self.size, self.samples = hashlib.sha256(), 0, 0
 
     def add(self, data: bytes) -> None:
@@ -93,14 +93,12 @@ class _Tar:
         end = shard_stage.tar_end(self.size)
         self.handle.write(end)
         self.digest.update(end)
-        self.handle.close()
-        self.fs.mv(self.tmp, self.final)
+        self._writing.__exit__(None, None, None)
         return {"nsamples": self.samples, "filesize": self.size + len(end), "sha256": self.digest.hexdigest()}
 
     def abandon(self) -> None:
-        self.handle.close()
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp)
+        error = RuntimeError(f"{self.final}: abandoned")
+        self._writing.__exit__(RuntimeError, error, None)  # deletes the temporary file, or aborts the upload
 
 
 def _fail_once(folder: str | None, tar: _Tar) -> None:
@@ -120,7 +118,6 @@ def _fail_once(folder: str | None, tar: _Tar) -> None:
 def _writer(shard_dir: str, prefix: str, metadata_columns: list[str], fail_folder: str | None) -> Any:
     """mapInArrow body: rows sorted by (shard, position) stream into one tar per shard; yields index entries."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        fs, folder = fsspec.core.url_to_fs(shard_dir)
         tar: _Tar | None = None
         current = -1
         try:
@@ -129,7 +126,7 @@ def _writer(shard_dir: str, prefix: str, metadata_columns: list[str], fail_folde
                     if tar is None or row[SHARD] != current:
                         if tar is not None:
                             yield _entry(current, tar.final, tar.close())
-                        current, tar = row[SHARD], _Tar(fs, folder, shard_stage.shard_name(prefix, row[SHARD]))
+                        current, tar = row[SHARD], _Tar(shard_dir, shard_stage.shard_name(prefix, row[SHARD]))
                     tar.add(shard_stage.sample_bytes(row[KEY], row[JPG], row.get(CAPTION) or "",
                                                      sample_document(row, metadata_columns)))
                     if tar.samples == 2:
@@ -156,12 +153,10 @@ def write_shards(placed: DataFrame, downloaded: DataFrame, shard_plan: Any, conf
     assignment = placed.filter(F.col(SHARD) >= 0).select(ROW, SHARD, POSITION, *SCORE_COLUMNS, *BUCKET_COLUMNS)
     images = downloaded.drop(*[c for c in assignment.columns if c != ROW]).join(assignment, ROW)
     ordered = images.repartition(shard_plan.num_shards, SHARD).sortWithinPartitions(SHARD, POSITION)
-    fs, folder = fsspec.core.url_to_fs(shard_dir)
-    fs.makedirs(folder, exist_ok=True)
+    storage.makedirs(shard_dir)
     writer = _writer(shard_dir, config.shard_name, metadata_columns, os.environ.get(FAIL_ONCE_ENV))
     rows = ordered.mapInArrow(writer, ENTRY_DDL).collect()
-    for stray in fs.glob(f"{folder}/.*.tmp"):  # left by attempts that were killed mid-tar
-        fs.rm(stray)
+    storage.remove_temporaries(shard_dir)  # left by attempts killed mid-tar (an object store holds none)
     entries = sorted((r.asDict() for r in rows), key=lambda entry: entry["shard"])
     if [e["shard"] for e in entries] != list(range(shard_plan.num_shards)):
         raise RuntimeError(f"shard writers returned {len(entries)} entries for {shard_plan.num_shards} shards")
