@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+REFERENCE_COUNT = 8  # rows per set kept in tests/models/data/safety_keras_reference.json
 KERAS_SIDE = """
 import sys, numpy as np, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
@@ -93,6 +94,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4000, help="embeddings per set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument(
+        "--write-reference", help="write Keras punsafe of REFERENCE_COUNT inputs per set (a test fixture)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -103,7 +107,8 @@ def main() -> None:
     graph = read_safety_model(args.zip, SAFETY)
     network = SafetyNetwork(graph).eval()
     sets = input_sets(graph, args.count, args.seed)
-    results = {"zip_sha256": sha256_of(args.zip), "sets": {}}
+    results: dict = {"zip_sha256": sha256_of(args.zip), "sets": {}}
+    reference: dict = {"zip_sha256": results["zip_sha256"], "seed": args.seed, "count": args.count, "sets": {}}
     with tempfile.TemporaryDirectory() as folder:
         with zipfile.ZipFile(args.zip) as archive:
             archive.extractall(folder)
@@ -119,6 +124,8 @@ def main() -> None:
             with torch.inference_mode():
                 ours = network(torch.from_numpy(inputs.astype(np.float32))).numpy().astype(np.float64)
             port, dense = np.abs(ours - keras), np.abs(dense_only(graph, inputs) - keras)
+            if args.write_reference:
+                reference["sets"][name] = keras[:REFERENCE_COUNT].tolist()
             results["sets"][name] = {
                 "n": len(inputs),
                 "port_max": float(port.max()),
@@ -134,6 +141,8 @@ def main() -> None:
     print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.write_reference:
+        Path(args.write_reference).write_text(json.dumps(reference, indent=1) + "\n")
     if results["port_max_all"] > 1e-4:
         sys.exit("the port disagrees with Keras by more than 1e-4")
 

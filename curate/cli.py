@@ -273,12 +273,16 @@ def score_embeddings(
     aesthetic_weights: Annotated[Optional[str], typer.Option(help="Local file or URL of the head.")] = None,  # noqa: UP045
     aesthetic_head: Annotated[str, typer.Option(help="v2 (MLP) or v1 (linear).")] = "v2",
     model_cache: Annotated[str, typer.Option(help="Where official weights are downloaded.")] = "~/.cache/curate",
+    safety_weights: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Local copy or URL of clip_autokeras_binary_nsfw.zip (the NSFW detector).")] = None,
 ) -> None:
-    """Aesthetic scores from precomputed CLIP embeddings (LAION's img_emb), before any image is downloaded."""
+    """Aesthetic scores and NSFW probabilities (punsafe) from precomputed CLIP embeddings (LAION's img_emb), before
+    any image is downloaded."""
     from curate.score_embeddings import score_embeddings as score
 
     try:
-        rows = score(embeddings, output, metadata, aesthetic_weights, aesthetic_head, model_cache)
+        rows = score(embeddings, output, metadata, aesthetic_weights, aesthetic_head, model_cache,
+                     safety_weights=safety_weights)
     except ValueError as error:
         _fail(error)
     results.print(f"{rows} rows scored: {output}")

@@ -72,6 +72,7 @@ class Config:
     aesthetic_weights: str | None = None
     aesthetic_head: str = "v2"
     watermark_weights: str | None = None
+    safety_weights: str | None = None
     # shard
     world_size: int = 256
     workers_per_rank: int = 8
@@ -215,7 +216,8 @@ OPTION_HELP: dict[str, str] = {
                 "measured after).",
     "threshold": "Keep aesthetic score >= this (5.0 is LAION-Aesthetics v2 5+).",
     "max_watermark": "Drop watermark probability above this.",
-    "max_unsafe": "Drop metadata punsafe above this (off unless set).",
+    "max_unsafe": "Drop punsafe (NSFW probability) above this: LAION's CLIP-based detector's with --scores model, "
+                  "the metadata column's otherwise (off unless set).",
     "min_clip_score": "Drop images whose CLIP ViT-L/14 image-caption cosine (clip_score, --scores model) is below "
                       "this, and images without a caption (off unless set; L/14 cosines run lower than the ViT-B/32 "
                       "ones of LAION's 0.28 rule).",
@@ -263,6 +265,8 @@ OPTION_HELP: dict[str, str] = {
     "aesthetic_weights": "Local file (or URL) of the aesthetic predictor head.",
     "aesthetic_head": "Aesthetic head: v2 (MLP) or v1 (linear).",
     "watermark_weights": "Local file (or URL) of the LAION watermark detector.",
+    "safety_weights": "Local copy (or URL) of LAION's clip_autokeras_binary_nsfw.zip (the NSFW detector; its "
+                      "unzipped folder works too).",
     "world_size": "Training ranks (GPUs) that will read the shards.",
     "workers_per_rank": "Data-loader workers per rank; shard count is a multiple of world size x this.",
     "target_shard_size": "Aim for shards of about this many bytes.",

@@ -32,7 +32,7 @@ _DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "proce
                        "allow_loopback", "allow_private_network", "allow_link_local", "disallowed_header_directives",
                        "user_agent_token", "max_per_host", "ca_bundle"})
 _MODELS = frozenset({"device", "precision", "batch_size", "model_cache", "clip_weights", "aesthetic_weights",
-                     "aesthetic_head", "watermark_weights"})
+                     "aesthetic_head", "watermark_weights", "safety_weights"})
 _SHARD = frozenset({"world_size", "workers_per_rank", "target_shard_size", "global_batch_size", "seed", "shard_name"})
 
 STAGES: tuple[StageSpec, ...] = (

@@ -30,7 +30,7 @@ from curate.engines.spark_frames import (
     output_schema,
     read_parquet_files,
 )
-from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PWATERMARK, ROW
+from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
 from curate.stage_plan import AFTER_DOWNLOAD_OPTIONS
 from curate.stages import prefilter, select
 from curate.stages.download import download
@@ -309,6 +309,10 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     if scores == "model":
         scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
         scored_schema = scored_schema.append(pa.field(CLIP_SCORE, pa.float32()))
+        unsafe = pa.field(PUNSAFE, pa.float32())  # the detector's replaces the metadata's float64, as in local runs
+        names = scored_schema.names
+        scored_schema = (scored_schema.set(names.index(PUNSAFE), unsafe) if PUNSAFE in names
+                         else scored_schema.append(unsafe))
     profile = score_profile(spark, scores)
     scored = run.timed("score", lambda: run.checkpoint(
         "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.models import AestheticPredictor, ClipEncoder, WatermarkDetector, tensor_inputs
+from curate.models import AestheticPredictor, ClipEncoder, SafetyDetector, WatermarkDetector, tensor_inputs
 from curate.models.clip_text import paired_cosines
 from curate.models.device import resolve_device
 from curate.models.preprocess import model_inputs
-from curate.schema import AESTHETIC_SCORE, CAPTION, CLIP_SCORE, EMBEDDING, JPG, SCORES_SOURCE, WATERMARK_PROB
+from curate.schema import AESTHETIC_SCORE, CAPTION, CLIP_SCORE, EMBEDDING, JPG, PUNSAFE, SCORES_SOURCE, WATERMARK_PROB
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Scorer:
     clip: ClipEncoder
     aesthetic: AestheticPredictor
     watermark: WatermarkDetector
+    safety: SafetyDetector | None = None  # LAION's NSFW detector on the embedding; load_scorer always builds it
     batch_size: int = 64
     decode_workers: int = max(1, os.cpu_count() or 1)
     draft: bool = True
@@ -63,6 +64,7 @@ def load_scorer(config: Config) -> Scorer:
         config.aesthetic_weights,
         config.aesthetic_head,
         config.watermark_weights,
+        config.safety_weights,
         config.precision,
     )
     if key not in _SCORERS:
@@ -75,6 +77,8 @@ def load_scorer(config: Config) -> Scorer:
                 config.aesthetic_weights, head=config.aesthetic_head, cache_dir=cache, device=device
             ),
             watermark=WatermarkDetector.load(config.watermark_weights, cache_dir=cache, device=device),
+            # always, not only with --max-unsafe: ~0.2 MFLOP an image, and a re-cut may set --max-unsafe later
+            safety=SafetyDetector.load(config.safety_weights, cache_dir=cache, device=device),
             decoder="tensor" if device.type == "cuda" else "pil",
         )
         log.info("scoring on %s in %s, %s decoder", device, _SCORERS[key].clip.dtype, _SCORERS[key].decoder)
@@ -97,7 +101,8 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
     embedding = np.zeros((rows, scorer.clip.embed_dim), dtype=np.float16)
     scored = np.zeros(rows, dtype=bool)
     errors: list[str | None] = [None] * rows
-    parts: dict[str, list] = {"rows": [], "features": [], "aesthetic": [], "watermark": [], "clip": []}
+    parts: dict[str, list] = {"rows": [], "features": [], "aesthetic": [], "watermark": [], "clip": [], "safety": []}
+    unsafe = np.zeros(rows, dtype=np.float32)
     captioned, text_tokens = _caption_tokens(table, todo, scorer)
     clip_score = np.zeros(rows, dtype=np.float32)
     batches = _tensor_batches if scorer.decoder == "tensor" else _decoded_batches
@@ -112,12 +117,16 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
         parts["features"].append(features.half())
         parts["aesthetic"].append(scorer.aesthetic.score(features))
         parts["watermark"].append(scorer.watermark.probabilities(batch.watermark))
+        if scorer.safety is not None:
+            parts["safety"].append(scorer.safety.probabilities(features))
         parts["clip"].append(features)
     if parts["rows"]:
         done = np.concatenate(parts["rows"])
         aesthetic[done] = tensor_inputs.gather(parts["aesthetic"])
         watermark[done] = tensor_inputs.gather(parts["watermark"])
         embedding[done] = tensor_inputs.gather(parts["features"], np.float16)
+        if parts["safety"]:
+            unsafe[done] = tensor_inputs.gather(parts["safety"])
         scored[done] = True
         both, cosines = _clip_scores(scorer, parts["clip"], text_tokens, done, captioned)
         clip_score[both] = cosines
@@ -130,6 +139,8 @@ def score_images(table: pa.Table, scorer: Scorer) -> pa.Table:
         EMBEDDING: _embedding_array(embedding, invalid),
         CLIP_SCORE: pa.array(clip_score, pa.float32(), mask=invalid | ~captioned),
     }
+    if scorer.safety is not None:  # replaces the metadata's punsafe on the rows scored here
+        new_columns[PUNSAFE] = pa.array(unsafe, pa.float32(), mask=invalid)
     for name, values in new_columns.items():
         table = _merge_column(table, name, values, scored)
     failed = np.array([error is not None for error in errors], dtype=bool)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +24,7 @@ from curate.schema import (
     DROP_REASON,
     DROP_STAGE,
     EMBEDDING,
+    PUNSAFE,
     SCORES_SOURCE,
     WATERMARK_PROB,
 )
@@ -111,7 +113,8 @@ def test_missing_weight_raises_before_scoring_and_names_the_option(tiny_config: 
 
 def test_run_with_model_scores_keeps_what_the_scores_say(tmp_path, corpus_factory, config_factory, tiny_config) -> None:
     corpus = corpus_factory(16)
-    models = {name: getattr(tiny_config, name) for name in ("clip_weights", "aesthetic_weights", "watermark_weights")}
+    models = {name: getattr(tiny_config, name)
+              for name in ("clip_weights", "aesthetic_weights", "watermark_weights", "safety_weights")}
     # a random tiny CLIP maps these smooth images close together: leave semantic dedup out of this run
     config = config_factory(
         scores="model", device="cpu", batch_size=8, threshold=-1e9, dedup=["url", "exact", "phash"], world_size=2,
@@ -151,3 +154,46 @@ def test_cuda_bf16_scores_close_to_cpu(tiny_config: Config, table: pa.Table) -> 
     for name, tolerance in ((AESTHETIC_SCORE, 0.1), (WATERMARK_PROB, 0.02)):
         pairs = [(a, b) for a, b in zip(cpu[name].to_pylist(), gpu[name].to_pylist(), strict=True) if a is not None]
         assert pairs and max(abs(a - b) for a, b in pairs) < tolerance
+
+
+def test_punsafe_is_the_detector_on_the_embedding_and_replaces_the_metadata(table: pa.Table, scorer: Scorer) -> None:
+    assert scorer.safety is not None  # load_scorer always builds it under --scores model
+    table = table.append_column(PUNSAFE, pa.array([0.25] * table.num_rows, pa.float64()))
+    out = score_images(table, scorer)
+    assert out.schema.field(PUNSAFE).type == pa.float32()
+    assert [out[PUNSAFE][i].as_py() for i in (2, 3, 4, 6)] == [0.25] * 4  # unscored rows keep the metadata's
+    images = [Image.open(io.BytesIO(table["jpg"][i].as_py())) for i in (0, 1, 5, 7)]
+    expected = scorer.safety.predict(scorer.clip.encode(images))
+    got = np.array([out[PUNSAFE][i].as_py() for i in (0, 1, 5, 7)], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert 0.25 not in got.tolist()
+
+
+def test_missing_safety_weights_stop_the_run_before_any_download(tmp_path, corpus_factory, config_factory,
+                                                                  tiny_config: Config) -> None:
+    corpus = corpus_factory(4)
+    models = {name: getattr(tiny_config, name) for name in ("clip_weights", "aesthetic_weights", "watermark_weights")}
+    config = config_factory(scores="model", device="cpu", safety_weights=str(tmp_path / "absent.zip"), **models)
+    with pytest.raises(WeightsError, match="--safety-weights"):
+        run_local([str(corpus.path)], tmp_path / "out", config)
+    assert not (tmp_path / "out" / "stages" / "download").exists()
+
+
+def test_max_unsafe_cuts_the_model_punsafe_on_a_recut(tmp_path, corpus_factory, config_factory, tiny_config) -> None:
+    corpus = corpus_factory(16)
+    models = {name: getattr(tiny_config, name)
+              for name in ("clip_weights", "aesthetic_weights", "watermark_weights", "safety_weights")}
+    config = config_factory(scores="model", device="cpu", batch_size=8, threshold=-1e9, dedup=["url"], world_size=2,
+                            workers_per_rank=1, **models)
+    out = tmp_path / "out"
+    run_local([str(corpus.path)], out, config)
+    scored = pa.concat_tables(pq.read_table(p) for p in sorted((out / "stages" / "score").glob("part-*.parquet")))
+    unsafe = scored.filter(pc.equal(scored[SCORES_SOURCE], "model"))[PUNSAFE].to_numpy()
+    cut = float(np.median(unsafe))
+    recut(out, Config(**{**config.to_dict(), "max_unsafe": cut}))
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    dropped = [float(row["detail"]) for row in ledger if row["reason"] == "unsafe"]
+    assert dropped and min(dropped) > cut
+    selected = pa.concat_tables(pq.read_table(p) for p in sorted((out / "stages" / "select").glob("part-*.parquet")))
+    kept = selected.filter(pc.is_null(selected[DROP_REASON]))[PUNSAFE].to_numpy()
+    assert len(kept) and kept.max() <= np.float32(cut)
