@@ -105,7 +105,12 @@ class Checkpoint:
 
     def write_split(self, index: int, table: pa.Table, alive: pa.ChunkedArray) -> None:
         """Rows still alive to part-i, rows this step dropped to dropped-i (written first: part-i marks it done)."""
-        write_table(table.filter(pc.invert(alive)), self.dropped_path(index))
+        dead = pc.invert(alive)
+        if not pc.any(dead).as_py():  # nothing dropped: write the part as it is, not a filtered copy of its images
+            write_table(table.slice(0, 0), self.dropped_path(index))
+            write_table(table, self.part_path(index))
+            return
+        write_table(table.filter(dead), self.dropped_path(index))
         write_table(table.filter(alive), self.part_path(index))
 
     def finish(self, meta: dict[str, Any] | None = None) -> None:

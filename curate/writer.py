@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 from curate import storage
 from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, CROP_LEFT, CROP_TOP, SMALLER_THAN_BUCKET
-from curate.stages.shard import sample_bytes, shard_name, tar_end
+from curate.stages.shard import sample_pieces, shard_name, tar_end
 from curate.storage import Location
 
 _RECORD = struct.Struct("<qQ")  # position, length of the member bytes that follow
@@ -41,28 +42,46 @@ def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[st
 
 
 def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, metadata_columns: list[str]) -> int:
-    """Append every assigned sample's tar members to its shard's bucket file; returns samples written."""
+    """Append every assigned sample's tar members to its shard's bucket file; returns samples written.
+
+    Only the metadata goes through Python objects: each image goes from the part's Arrow buffer to the bucket file
+    as a view of that buffer, uncopied (joins, sorts and to_pylist of the image column were most of this stage)."""
     bucket_dir.mkdir(parents=True, exist_ok=True)
     written = 0
-    # Join on the input row number: keys repeat among dropped rows (url+caption duplicates).
+    # Match on the input row number: keys repeat among dropped rows (url+caption duplicates).
     wanted = assignment.select([ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source",
                                 *BUCKET_COLUMNS])
     for part in parts:
         part = part.drop_columns([c for c in wanted.column_names if c != ROW and c in part.column_names])
-        joined = part.join(wanted, ROW, join_type="inner")
-        if joined.num_rows == 0:
+        match = pc.index_in(part[ROW], value_set=wanted[ROW]).to_numpy(zero_copy_only=False)
+        hits = np.flatnonzero(~np.isnan(match)) if match.dtype.kind == "f" else np.arange(len(match))
+        if len(hits) == 0:
             continue
-        joined = joined.sort_by([(SHARD, "ascending"), (POSITION, "ascending")])
-        shards = joined[SHARD].to_numpy()
+        chosen = wanted.take(pa.array(match[hits].astype(np.int64)))
+        order = np.lexsort((chosen[POSITION].to_numpy(), chosen[SHARD].to_numpy()))
+        hits, chosen = hits[order], chosen.take(pa.array(order))
+        rows = part.drop_columns([JPG]).take(pa.array(hits))
+        for name in chosen.column_names[1:]:
+            rows = rows.append_column(name, chosen[name])
+        images = _binary_views(part[JPG], hits)
+        shards = chosen[SHARD].to_numpy()
         for shard in np.unique(shards):
-            rows = joined.filter(pc.equal(joined[SHARD], shard)).to_pylist()
+            picked = np.flatnonzero(shards == shard)
             with open(bucket_dir / f"{int(shard):06d}.bucket", "ab") as bucket:
-                for row in rows:
-                    members = sample_bytes(row[KEY], row[JPG], row.get(CAPTION) or "",
+                for i, row in zip(picked.tolist(), rows.take(pa.array(picked)).to_pylist(), strict=True):
+                    pieces = sample_pieces(row[KEY], images[i], row.get(CAPTION) or "",
                                            sample_document(row, metadata_columns))
-                    bucket.write(_RECORD.pack(row[POSITION], len(members)) + members)
-            written += len(rows)
+                    bucket.writelines([_RECORD.pack(row[POSITION], sum(len(p) for p in pieces)), *pieces])
+            written += len(picked)
     return written
+
+
+def _binary_views(column: pa.ChunkedArray, rows: np.ndarray) -> list[memoryview | None]:
+    """The values of a binary column at rows, as views of its Arrow buffers (None for a null)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    data, valid = memoryview(array.buffers()[2] or b""), array.is_valid().to_numpy(zero_copy_only=False)
+    return [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in rows.tolist()]
 
 
 def _bucket_index(path: Path) -> list[tuple[int, int, int]]:
@@ -83,12 +102,13 @@ def write_shard(bucket: Path, destination: Location) -> dict[str, Any]:
     returns its wids index entry."""
     digest, size, records = hashlib.sha256(), 0, _bucket_index(bucket)
     with open(bucket, "rb") as source, storage.open_write(destination) as tar:
-        for _, offset, length in records:
-            source.seek(offset)
-            data = source.read(length)
-            tar.write(data)
-            digest.update(data)
-            size += length
+        if records:  # the bucket mapped, not read: each record goes to the tar and the digest without a copy
+            with mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                for _, offset, length in records:
+                    with view[offset:offset + length] as data:
+                        tar.write(data)
+                        digest.update(data)
+                    size += length
         end = tar_end(size)
         tar.write(end)
         digest.update(end)

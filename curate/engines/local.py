@@ -47,7 +47,7 @@ from curate.schema import (
 )
 from curate.stage_plan import STAGE_NAMES
 from curate.stages import dedup, prefilter, select
-from curate.stages.download import DownloadOptions, download
+from curate.stages.download import JPG_BYTES, DownloadOptions, download, image_bytes_last
 from curate.stages.ingest import check_input_schema, normalize
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
 from curate.webdataset_input import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
@@ -249,17 +249,20 @@ class LocalRun:
         def body() -> dict[str, Any]:
             source, target = self.checkpoint("download"), self.checkpoint("score")
             scorer = _load_scorer(self.config) if scores == "model" else None
-            for index, part in enumerate(source.iter_parts()):
+            for index, path in enumerate(source.parts()):
                 if target.has_part(index):
                     continue
-                part = part.append_column("jpg_bytes", pc.binary_length(part[JPG]))
+                names = storage.read_schema(path).names
+                # Scores from the metadata need the images' lengths only (jpg_bytes), not their bytes.
+                columns = [n for n in names if n != JPG] if scorer is None and JPG_BYTES in names else None
+                part = image_bytes_last(storage.read_table(path, columns=columns))
                 if scorer is not None and part.num_rows:
                     from curate.stages.score import score_images
 
                     part = score_images(part, scorer)
                 else:  # an empty part still gets the score columns
                     part = select.scores_from_metadata(part)
-                part = part.drop_columns([JPG])
+                part = part.drop_columns([c for c in [JPG] if c in part.column_names])
                 target.write_split(index, part, alive(part))
             return {"scores": scores}
 

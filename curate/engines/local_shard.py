@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import accounting, io, storage
+from curate.config import download_workers
 from curate.engines.local import LocalRun
 from curate.engines.local_partitions import rows_between
 from curate.schema import (
@@ -82,9 +84,16 @@ def shard(run: LocalRun) -> dict[str, Any]:
             bucket = buckets / f"{index:06d}.bucket"
             if not bucket.exists():
                 bucket.touch()
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            entries.append(write_shard(bucket, shard_path(shard_dir, run.config.shard_name, index)))
-            run.progress("shard", index + 1, shard_plan.num_shards)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+
+        def write(index: int) -> dict[str, Any]:
+            return write_shard(buckets / f"{index:06d}.bucket", shard_path(shard_dir, run.config.shard_name, index))
+
+        # One tar per thread, one thread per core: the copy, the sha256 and the fsync all run outside the GIL.
+        with ThreadPoolExecutor(max(1, min(download_workers(run.config)[0], shard_plan.num_shards))) as pool:
+            for index, entry in enumerate(pool.map(write, range(shard_plan.num_shards))):
+                entries.append(entry)
+                run.progress("shard", index + 1, shard_plan.num_shards)
         shutil.rmtree(buckets)
         per_bucket = bucket_counts(assignment)
         entries = [{**entry, "buckets": per_bucket.get(index, {})} for index, entry in enumerate(entries)]

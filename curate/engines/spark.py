@@ -33,7 +33,7 @@ from curate.engines.spark_frames import (
 from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
 from curate.stage_plan import AFTER_DOWNLOAD_OPTIONS
 from curate.stages import prefilter, select
-from curate.stages.download import download
+from curate.stages.download import download, image_bytes_last
 from curate.stages.ingest import canonical_names, normalize
 from curate.stages.shard import ShardPlanError
 from curate.stages.stored import decode_stored
@@ -154,7 +154,7 @@ def _prefilter(config: Config, scores: str, url_dedup: bool, stored: bool = Fals
 
 def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
     def run(table: pa.Table) -> pa.Table:
-        table = table.append_column("jpg_bytes", pc.binary_length(table[JPG]))
+        table = image_bytes_last(table)
         if scores == "model":
             from curate.stages.score import score_images
 

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import imagehash
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
@@ -76,6 +77,7 @@ def _resizer_module() -> ModuleType:
 log = logging.getLogger(__name__)
 STAGE = "download"
 SUCCESS = "success"
+JPG_BYTES = "jpg_bytes"  # the score stage moves it last, where it has always been
 
 
 @dataclass(frozen=True)
@@ -174,11 +176,40 @@ def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
     return with_download_results(table, results)
 
 
+def binary_column(values: list[bytes | None]) -> pa.Array:
+    """pa.array(values, pa.binary()) in one exact allocation and one copy: pa.array grows its buffer by doubling,
+    which for a batch of images is several copies of hundreds of megabytes and as many fresh pages."""
+    lengths = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+    if lengths.sum() >= 2**31 - 1:  # past int32 offsets: pa.array's own chunking
+        return pa.array(values, pa.binary())
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), np.bool_, len(values))
+    nulls = len(values) - int(valid.sum())
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    data = pa.py_buffer(b"".join(v for v in values if v is not None))
+    return pa.Array.from_buffers(pa.binary(), len(values), [bitmap, pa.py_buffer(offsets), data], nulls)
+
+
+def image_bytes_last(table: pa.Table) -> pa.Table:
+    """jpg_bytes moved to the last column, where the score stage has always put it (samples.parquet's column order);
+    measured from jpg in a download part written before the download stage added it."""
+    values = table[JPG_BYTES] if JPG_BYTES in table.column_names else pc.binary_length(table[JPG])
+    return table.drop_columns([c for c in [JPG_BYTES] if c in table.column_names]).append_column(JPG_BYTES, values)
+
+
 def with_download_results(table: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
     """The download columns from one result per row ({} for rows not processed); failures get their reason."""
     for field in table_schema("download"):
-        values = pa.array([r.get(field.name) for r in results], field.type)
-        table = table.append_column(field, values) if field.name not in table.column_names else table
+        if field.name in table.column_names:
+            continue
+        if field.name == JPG_BYTES:  # the stored image's length: later stages need not read the images for it
+            values = pc.binary_length(table[JPG])
+        elif field.type == pa.binary():
+            values = binary_column([r.get(field.name) for r in results])
+        else:
+            values = pa.array([r.get(field.name) for r in results], field.type)
+        table = table.append_column(field, values)
     failed = pa.array([bool(r) and r[STATUS] != SUCCESS for r in results])
     reasons: list[str] = [r.get(STATUS) or "" for r in results]
     details = [r.get("error") for r in results]

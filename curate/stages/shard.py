@@ -128,10 +128,17 @@ def _member(name: str, data: bytes) -> bytes:
 
 def sample_bytes(key: str, jpg: bytes, caption: str, meta: dict[str, Any]) -> bytes:
     """KEY.jpg, KEY.txt, KEY.json as ready-made tar members; a shard is these concatenated, then tar_end()."""
+    return b"".join(sample_pieces(key, jpg, caption, meta))
+
+
+def sample_pieces(key: str, jpg: bytes | memoryview, caption: str, meta: dict[str, Any]) -> list[bytes | memoryview]:
+    """sample_bytes as pieces to write one after another: the image is passed on as it is, never copied."""
     check_key(key)
     text = (caption or "").encode("utf-8", "surrogatepass")
     document = json.dumps(meta, ensure_ascii=True, sort_keys=True, allow_nan=False).encode()
-    return _member(f"{key}.jpg", jpg) + _member(f"{key}.txt", text) + _member(f"{key}.json", document)
+    padding = (-len(jpg)) % tarfile.BLOCKSIZE
+    return [_header(f"{key}.jpg", len(jpg)), jpg, b"\0" * padding + _member(f"{key}.txt", text)
+            + _member(f"{key}.json", document)]
 
 
 def tar_end(size_so_far: int) -> bytes:

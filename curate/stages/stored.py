@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +28,7 @@ from curate.webdataset_input import read_stored
 
 # img2dataset measured the image before it resized it: that is the true original size.
 SOURCE_ORIGINAL = {ORIGINAL_WIDTH: "source_original_width", ORIGINAL_HEIGHT: "source_original_height"}
+CHUNK_ROWS = 64  # rows per slice of decode_stored_chunks: tens of megabytes of stored photos
 
 
 def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
@@ -37,23 +39,37 @@ def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
 
 def decode_stored(table: pa.Table, options: DownloadOptions) -> pa.Table:
     """Add the download columns to rows whose image lies in an input tar; rows already flagged are not read."""
+    return pa.concat_tables(decode_stored_chunks(table, options))
+
+
+def decode_stored_chunks(table: pa.Table, options: DownloadOptions, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """decode_stored(table) as consecutive slices of `rows` rows (one at least, for an empty table): memory holds
+    one slice's images, not a part's (a 500-row part of 1 MB photos is 500 MB, and its copies as many again)."""
     table = with_verdict_columns(table)
-    todo = [i for i, go in enumerate(alive(table).to_pylist()) if go]
-    results: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
-    if todo:
-        located = table.take(pa.array(todo, pa.int64()))
-        bodies = read_stored(located[TAR_PATH].to_pylist(), located[TAR_OFFSET].to_pylist(),
-                             located[TAR_SIZE].to_pylist())
-        if options.resize_mode == "bucket":
-            resizer_for(options)  # load the resizer once, before the threads need it
-        with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(todo)))) as pool:
-            for i, result in zip(todo, pool.map(lambda body: decode_one(body, options), bodies), strict=True):
-                results[i] = result
-    table = with_download_results(table, results)
+    go = alive(table).to_pylist()
+    if options.resize_mode == "bucket" and any(go):
+        resizer_for(options)  # load the resizer once, before the threads need it
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, sum(go)))) as pool:
+        for start in range(0, max(table.num_rows, 1), rows):
+            piece = table.slice(start, rows)
+            todo = [i for i, live in enumerate(go[start:start + rows]) if live]
+            results: list[dict[str, Any]] = [{} for _ in range(piece.num_rows)]
+            if todo:
+                located = piece.take(pa.array(todo, pa.int64()))
+                bodies = read_stored(located[TAR_PATH].to_pylist(), located[TAR_OFFSET].to_pylist(),
+                                     located[TAR_SIZE].to_pylist())
+                for i, result in zip(todo, pool.map(lambda body: decode_one(body, options), bodies), strict=True):
+                    results[i] = result
+                del bodies
+            yield _with_results(piece, results)
+
+
+def _with_results(piece: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
+    piece = with_download_results(piece, results)
     for ours, theirs in SOURCE_ORIGINAL.items():
-        if theirs in table.column_names:
-            claimed = pc.cast(table[theirs], pa.int32(), safe=False)
-            usable = pc.and_(pc.is_valid(table[ours]), pc.greater(pc.fill_null(claimed, 0), 0))
-            table = table.set_column(table.column_names.index(ours), ours,
-                                     pc.if_else(usable, claimed, table[ours]))
-    return table
+        if theirs in piece.column_names:
+            claimed = pc.cast(piece[theirs], pa.int32(), safe=False)
+            usable = pc.and_(pc.is_valid(piece[ours]), pc.greater(pc.fill_null(claimed, 0), 0))
+            piece = piece.set_column(piece.column_names.index(ours), ours,
+                                     pc.if_else(usable, claimed, piece[ours]))
+    return piece
