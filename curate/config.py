@@ -248,7 +248,8 @@ OPTION_HELP: dict[str, str] = {
     "processes": "Download processes (default: the usable cores).",
     "timeout": "Seconds allowed for one URL, redirects and body included.",
     "max_image_bytes": "Largest body fetched, in bytes.",
-    "max_per_host": "At most this many concurrent requests to one host.",
+    "max_per_host": "At most this many concurrent requests to one host from each download process (so up to "
+                    "--processes times this many in all).",
     "ca_bundle": "PEM file of extra certificate authorities to trust for HTTPS (e.g. a test or corporate CA).",
     "allow_loopback": "Allow URLs on loopback addresses only (127.0.0.0/8, ::1): what tests and the demo need.",
     "allow_private_network": "Allow URLs on loopback and private addresses (RFC 1918, ULA fc00::/7); not link-local.",
