@@ -19,6 +19,7 @@ from curate import io, storage
 from curate import report_data as data
 from curate import report_html as html
 from curate import report_plots as plots
+from curate import report_scores as scores
 from curate.storage import Location
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def header(out: Location, stats: dict[str, Any]) -> str:
     facts = [f"{stats['input_rows']:,} rows in", f"{stats['kept']:,} kept", f"{stats['dropped']:,} dropped",
              f"scores from {stats.get('scores_source')}", f"aesthetic ≥ {config['threshold']:g}",
              f"watermark ≤ {config['max_watermark']:g}", f"shorter side ≥ {config['min_size']} px"]
+    facts += [f"{name} {sign} {config[key]:g}" for name, sign, key in (("NSFW probability", "≤", "max_unsafe"),
+                                                                      ("CLIP score", "≥", "min_clip_score"))
+              if config.get(key) is not None]
     spans = "".join(f"<span>{escape(f)}</span>" for f in facts)
     return f'<h1>curate report</h1><p class="muted">{escape(str(out.resolve()))}</p><p class="facts">{spans}</p>'
 
@@ -72,6 +76,7 @@ def distributions_section(out: Location, stats: dict[str, Any]) -> str:
                                      "watermark probability", "probability"),
         plots.size_scatter(sample, config["min_size"]),
         plots.caption_histogram(sample),
+        *scores.charts(sample, config),
     ]
     compared = plots.metadata_vs_measured(sample)
     note = (f"{sample.num_rows:,} of {stats['input_rows']:,} rows (a fixed sample)"
@@ -98,13 +103,20 @@ def score_bins(sample: Any, threshold: float) -> np.ndarray:
 
 def grids_section(out: Location, stats: dict[str, Any]) -> str:
     """Every image grid; details and thumbnails are read once, for the chosen rows only."""
-    threshold = stats["config"]["threshold"]
+    config = stats["config"]
+    threshold = config["threshold"]
     per_reason = data.sample_per_reason(out / "ledger.parquet", PER_GRID)
     boundary = data.aesthetic_picks(out, threshold, PER_GRID)
+    at_cuts = scores.picks(out, config, PER_GRID)
     groups = data.duplicate_groups(out, per_reason, DUPLICATE_GROUPS, COPIES_PER_GROUP)
     chosen = {r for rows in [*per_reason.values(), *boundary.values()] for r in rows}
+    chosen |= {r for sides in at_cuts.values() for rows in sides.values() for r in rows}
     chosen |= {r for survivor, copies in groups for r in [*copies, *([survivor] if survivor is not None else [])]}
-    details, thumbs = data.row_details(out, chosen), data.thumbnails(out, chosen)
+    details = data.row_details(out, chosen)
+    blurred = scores.blurred_rows(details, scores.blur_cut(config))
+    for row in blurred:
+        details[row]["blurred"] = True
+    thumbs = data.thumbnails(out, chosen, blurred=blurred)
     parts = ['<h2 id="images">Images</h2>',
              f'<h3 id="boundary">At the aesthetic threshold ({threshold:g})</h3><div class="cols">',
              f"<div><p>kept, just above (the lowest-scored kept)</p>{html.grid(boundary['above'], details, thumbs)}"
@@ -112,6 +124,7 @@ def grids_section(out: Location, stats: dict[str, Any]) -> str:
              f"<div><p>dropped for their aesthetic score, just below</p>"
              f"{html.grid(boundary['below'], details, thumbs)}</div></div>",
              f'<h3 id="highest">Highest-scored kept</h3>{html.grid(boundary["highest"], details, thumbs)}',
+             scores.grids(config, at_cuts, details, thumbs),
              '<h3 id="duplicates">Duplicate groups (survivor first, outlined)</h3>']
     parts += [html.group(s, c, details, thumbs) for s, c in groups] or ['<p class="muted">no duplicates</p>']
     counts = {reason: n for reasons in stats["dropped_by_stage"].values() for reason, n in reasons.items()}

@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from curate import storage
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
     CAPTION,
+    CLIP_SCORE,
     DROP_DETAIL,
     DROP_REASON,
     HEIGHT,
@@ -25,6 +26,7 @@ from curate.schema import (
     KEY,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
+    PUNSAFE,
     PWATERMARK,
     ROW,
     URL,
@@ -37,7 +39,9 @@ log = logging.getLogger(__name__)
 MAX_POINTS = 100_000  # rows sampled for the distributions, whatever the run's size
 AESTHETIC_REASONS = ("low_aesthetic", "metadata_low_aesthetic")
 DETAIL_COLUMNS = [ROW, KEY, URL, CAPTION, DROP_REASON, DROP_DETAIL, AESTHETIC_SCORE, AESTHETIC, WATERMARK_PROB,
-                  PWATERMARK, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT]
+                  PWATERMARK, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT, PUNSAFE, CLIP_SCORE]
+# Blur radius of a thumbnail above the safety cut, as a fraction of its size: shapes and colours stay, nothing more.
+BLUR_FRACTION = 0.1
 
 
 def row_hash(rows: np.ndarray) -> np.ndarray:
@@ -106,7 +110,7 @@ def distribution_sample(out: Location, input_rows: int) -> pa.Table:
     fraction = min(1.0, MAX_POINTS / max(input_rows, 1))
     pieces = []
     wanted = [ROW, CAPTION, DROP_REASON, AESTHETIC_SCORE, AESTHETIC, WATERMARK_PROB, PWATERMARK,
-              ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT, "scores_source"]
+              ORIGINAL_WIDTH, ORIGINAL_HEIGHT, WIDTH, HEIGHT, "scores_source", PUNSAFE, CLIP_SCORE]
     for table in iter_columns(row_parts(out), wanted):
         uniform = (row_hash(table[ROW].to_numpy()) >> np.uint64(11)).astype(np.float64) / 2.0**53
         table = table.filter(pa.array(uniform < fraction))
@@ -128,6 +132,8 @@ def distribution_sample(out: Location, input_rows: int) -> pa.Table:
             "metadata_watermark": coalesce(table, PWATERMARK, PWATERMARK),
             "measured_watermark": pc.cast(measured[1], pa.float64()),
             "scores_source": source,
+            "punsafe": coalesce(table, PUNSAFE, PUNSAFE),
+            "clip_score": coalesce(table, CLIP_SCORE, CLIP_SCORE),
         }))
     return pa.concat_tables(pieces) if pieces else pa.table({})
 
@@ -210,8 +216,10 @@ def row_details(out: Location, rows: set[int]) -> dict[int, dict[str, Any]]:
     return details
 
 
-def thumbnails(out: Location, rows: set[int], size: int = 160) -> dict[int, str]:
-    """A small JPEG data URI per chosen row that has stored bytes; reads only row groups holding chosen rows."""
+def thumbnails(out: Location, rows: set[int], size: int = 160, blurred: set[int] | None = None) -> dict[int, str]:
+    """A small JPEG data URI per chosen row that has stored bytes, blurred for the rows in `blurred`; reads only row
+    groups holding chosen rows."""
+    blurred = blurred or set()
     wanted, found = np.array(sorted(rows), dtype=np.int64), {}
     parts = storage.glob(out / "stages" / "download", "part-*.parquet")
     if not parts:
@@ -228,15 +236,18 @@ def thumbnails(out: Location, rows: set[int], size: int = 160) -> dict[int, str]
             table = reader.read_row_group(group, columns=[ROW, JPG])
             table = table.filter(pc.and_(pc.is_in(table[ROW], pa.array(wanted)), pc.is_valid(table[JPG])))
             for row, data in zip(table[ROW].to_pylist(), table[JPG].to_pylist(), strict=True):
-                found[row] = thumbnail_uri(data, size)
+                found[row] = thumbnail_uri(data, size, blur=row in blurred)
     return {row: uri for row, uri in found.items() if uri}
 
 
-def thumbnail_uri(data: bytes, size: int) -> str:
+def thumbnail_uri(data: bytes, size: int, blur: bool = False) -> str:
+    """The image as a JPEG data URI of at most size × size; blurred past recognition when blur is set."""
     try:
         with Image.open(bytes_io.BytesIO(data)) as opened:
             image = opened.convert("RGB")
         image.thumbnail((size, size))
+        if blur:
+            image = image.filter(ImageFilter.GaussianBlur(radius=max(2.0, BLUR_FRACTION * max(image.size))))
         buffer = bytes_io.BytesIO()
         image.save(buffer, "JPEG", quality=70)
     except Exception as error:  # a stored image that no longer decodes is shown as a placeholder

@@ -72,11 +72,14 @@ def tile(detail: dict[str, Any] | None, uri: str | None, survivor: bool = False)
     else:
         picture = (f'<div class="placeholder">no stored image ({escape(reason)})<br><br>'
                    f'{escape(str(detail.get("url") or "no URL"))}</div>')
-    lines = [f"aesthetic {_number(score)} · wm {_number(watermark)}", f"{size} · row {detail.get('row', '?')}",
+    extra = "".join(f" · {name} {_number(detail.get(key))}"
+                    for name, key in (("nsfw", "punsafe"), ("clip", "clip_score")) if detail.get(key) is not None)
+    lines = [f"aesthetic {_number(score)} · wm {_number(watermark)}{extra}", f"{size} · row {detail.get('row', '?')}",
              escape(reason) + (f" ({escape(str(detail['drop_detail']))})" if detail.get("drop_detail") else ""),
              escape(caption)]
     title = escape(" | ".join(str(x) for x in (caption, detail.get("url"), detail.get("key")) if x))
     css = ' class="survivor"' if survivor else ""
+    css += ' data-blurred="true"' if uri and detail.get("blurred") else ""
     captions = "".join(f"<figcaption>{line}</figcaption>" for line in lines)
     return f'<figure{css} title="{title}" data-row="{detail.get("row", "")}">{picture}{captions}</figure>'
 

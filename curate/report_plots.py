@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,8 +55,9 @@ def _values(sample: pa.Table, column: str, mask: Any = None) -> np.ndarray:
 
 
 def kept_dropped_histogram(sample: pa.Table, column: str, bins: np.ndarray, cut: float | None,
-                           title: str, xlabel: str) -> str:
-    """Kept and dropped rows stacked, with the threshold as a vertical line."""
+                           title: str, xlabel: str, log_rows: bool = False,
+                           marks: Sequence[tuple[float, str]] = ()) -> str:
+    """Kept and dropped rows stacked, with the threshold as a vertical line (and marks as dotted ones)."""
     figure, axes = _axes()
     kept = _values(sample, column, sample["kept"])
     dropped = _values(sample, column, pc.invert(sample["kept"]))
@@ -63,6 +65,10 @@ def kept_dropped_histogram(sample: pa.Table, column: str, bins: np.ndarray, cut:
               color=[KEPT, DROPPED], label=["kept", "dropped"])
     if cut is not None:
         axes.axvline(cut, color=LINE, linestyle="--", label=f"cut {cut:g}")
+    for value, label in marks:
+        axes.axvline(value, color="#868e96", linestyle=":", label=label)
+    if log_rows:
+        axes.set_yscale("log")
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("rows")

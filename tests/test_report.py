@@ -22,7 +22,7 @@ from curate import pipeline, report_data
 from curate.cli import app
 from curate.config import Config
 from curate.demo import generated_image, jpeg
-from curate.report import build_report
+from curate.report import PER_GRID, build_report
 from curate.server import ImageServer, Response
 
 THRESHOLD, MIN_SIZE = 5.0, 64
@@ -241,3 +241,119 @@ def test_metadata_vs_measured_scatter_needs_model_scores() -> None:
     model = pa.table({**values, "scores_source": ["model"] * 3})
     assert (metadata_vs_measured(model) or "").startswith("data:image/png;base64,")
     assert metadata_vs_measured(model.set_column(4, "scores_source", pa.array(["metadata"] * 3))) is None
+
+
+# --- safety and CLIP-score parts (curate/report_scores.py) ---
+
+def _served_run(root: Path, rows: list[dict[str, Any]], routes: dict[str, Response], config: Config) -> Path:
+    with ImageServer(routes) as server:
+        served = [dict(r, URL=server.url(r["URL"])) for r in rows]
+        pq.write_table(pa.Table.from_pylist(served), root / "sample.parquet")
+        pipeline.run_local([str(root / "sample.parquet")], root / "out", config)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def safety_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run whose rows carry LAION's punsafe (0 to 0.75), judged without --max-unsafe, then re-cut at 0.5: the rows
+    above it were downloaded, so select drops them with their images stored."""
+    root = tmp_path_factory.mktemp("report-safety")
+    routes, rows = corpus_rows(np.random.default_rng(1))
+    for index, row in enumerate(rows):
+        row["punsafe"] = 0.05 * (index % 16)
+    config = Config(scores="metadata", world_size=2, workers_per_rank=1, allow_private_network=True,
+                    min_size=MIN_SIZE, threshold=THRESHOLD, threads=4, timeout=5.0).validate()
+    out = _served_run(root, rows, routes, config)
+    config.max_unsafe = 0.5
+    pipeline.recut(out, config)
+    return out
+
+
+def _thumbnail_detail(uri: str) -> float:
+    """How far a thumbnail is from its own 4-px blur: the detail that makes a picture out (JPEG noise counts little)."""
+    from PIL import ImageFilter
+
+    image = Image.open(__import__("io").BytesIO(__import__("base64").b64decode(uri.split(",", 1)[1]))).convert("L")
+    smooth = np.asarray(image.filter(ImageFilter.GaussianBlur(4)), dtype=np.float64)
+    return float(np.abs(np.asarray(image, dtype=np.float64) - smooth).mean())
+
+
+def test_safety_grid_straddles_the_cut_and_blurs_the_dropped(safety_output: Path) -> None:
+    from curate import report_scores
+
+    cut = report_scores.cuts({"max_unsafe": 0.5})[0]
+    picks = report_scores.cut_picks(safety_output, cut, PER_GRID)
+    details = report_data.row_details(safety_output, set(picks["kept"] + picks["dropped"]))
+    assert picks["kept"] and picks["dropped"]
+    assert all(details[r]["punsafe"] <= 0.5 and details[r]["drop_reason"] is None for r in picks["kept"])
+    assert all(details[r]["punsafe"] > 0.5 and details[r]["drop_reason"] == "unsafe" for r in picks["dropped"])
+    assert max(details[r]["punsafe"] for r in picks["kept"]) == pytest.approx(0.5)  # the nearest kept come first
+    text = (safety_output / "report.html").read_text()
+    assert "NSFW probability ≤ 0.5" in text
+    section = text[text.index('id="boundary-safety"'): text.index('id="boundary-clip-score"')]
+    blurred = re.findall(r'<figure data-blurred="true"[^>]*data-row="(\d+)"><img src="([^"]+)"', section)
+    assert {int(row) for row, _ in blurred} == set(picks["dropped"])
+    sharp = report_data.thumbnails(safety_output, {int(row) for row, _ in blurred})
+    for row, uri in blurred:
+        assert _thumbnail_detail(uri) < min(1.0, 0.3 * _thumbnail_detail(sharp[int(row)]))
+    assert "--min-clip-score is off" in text
+
+
+def test_only_rows_above_the_safety_cut_are_blurred(safety_output: Path) -> None:
+    from curate import report_scores
+
+    text = (safety_output / "report.html").read_text()
+    blurred = {int(r) for r in re.findall(r'<figure data-blurred="true"[^>]*data-row="(\d+)"', text)}
+    shown = {int(r) for r in re.findall(r'<figure[^>]*data-row="(\d+)"><img', text)}
+    details = report_data.row_details(safety_output, shown)
+    assert blurred and blurred == {r for r in shown if (details[r].get("punsafe") or 0) > 0.5}
+    assert report_scores.blurred_rows({1: {"punsafe": 0.9}, 2: {"punsafe": 0.5}, 3: {}}, 0.5) == {1}
+    assert report_scores.blur_cut({"max_unsafe": None}) == report_scores.BLUR_WITHOUT_CUT
+
+
+def test_score_charts_appear_only_for_scores_present(run_output: Path, safety_output: Path) -> None:
+    from curate import report_scores
+
+    stats = json.loads((run_output / "stats.json").read_text())
+    assert report_scores.charts(report_data.distribution_sample(run_output, stats["input_rows"]), {}) == []
+    sample = report_data.distribution_sample(safety_output, stats["input_rows"])
+    charts = report_scores.charts(sample, {"max_unsafe": 0.5})
+    assert len(charts) == 1 and charts[0].startswith("data:image/png;base64,")
+
+
+@pytest.fixture(scope="module")
+def clip_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """A run with the tiny models' scores, re-cut at the median clip_score."""
+    from curate.models.testing import write_tiny_weights
+
+    root = tmp_path_factory.mktemp("report-clip")
+    routes, rows = corpus_rows(np.random.default_rng(2))
+    weights = write_tiny_weights(root / "weights")
+    config = Config(scores="model", device="cpu", world_size=2, workers_per_rank=1, allow_private_network=True,
+                    min_size=MIN_SIZE, threshold=-100.0, max_watermark=1.0, threads=4, timeout=5.0,
+                    dedup=["url", "exact"], **weights).validate()
+    out = _served_run(root, rows, routes, config)
+    scores = pq.read_table(out / "stages" / "score", columns=["clip_score"])["clip_score"].drop_null().to_numpy()
+    config.min_clip_score = float(np.median(scores))
+    pipeline.recut(out, config)
+    return out, config.min_clip_score
+
+
+def test_clip_score_grid_straddles_the_cut(clip_output: tuple[Path, float]) -> None:
+    from curate import report_scores
+
+    out, cut = clip_output
+    picks = report_scores.cut_picks(out, report_scores.cuts({"min_clip_score": cut})[1], PER_GRID)
+    details = report_data.row_details(out, set(picks["kept"] + picks["dropped"]))
+    assert picks["kept"] and picks["dropped"]
+    assert all(details[r]["clip_score"] >= cut and details[r]["drop_reason"] is None for r in picks["kept"])
+    assert all(details[r]["clip_score"] < cut and details[r]["drop_reason"] == "low_clip_score"
+               for r in picks["dropped"])
+    text = (out / "report.html").read_text()
+    section = text[text.index('id="boundary-clip-score"'):]
+    section = section[: section.index("<h3", 10)]
+    assert {int(r) for r in re.findall(r'data-row="(\d+)"', section)} == set(picks["kept"] + picks["dropped"])
+    assert f"CLIP score ≥ {cut:g}" in text and " · clip " in section
+    stats = json.loads((out / "stats.json").read_text())
+    sample = report_data.distribution_sample(out, stats["input_rows"])
+    assert len(report_scores.charts(sample, {"min_clip_score": cut})) == 2  # punsafe from the tiny safety model too

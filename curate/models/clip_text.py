@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import open_clip
 import torch
@@ -40,8 +42,9 @@ class ClipTextTower(nn.Module):
         """Unnormalized text features [N, output_dim] of token ids [N, <= 77] (end-of-text is the largest id)."""
         ends = tokens.argmax(dim=-1)
         length = int(ends.max()) + 1
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        positions, mask = cast(torch.Tensor, self.positional_embedding), cast(torch.Tensor, self.attn_mask)
+        x = self.token_embedding(tokens[:, :length]) + positions[:length]
+        x = self.transformer(x, attn_mask=mask[:length, :length])
         x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), ends]
         return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
 
