@@ -115,6 +115,11 @@ def lookup_intervals(lookup: Lookup) -> tuple[np.ndarray, np.ndarray, np.ndarray
 class SafetyNetwork(nn.Module):
     """The SavedModel's inference graph on raw (un-normalized) float inputs [N, D] → punsafe [N], float32."""
 
+    columns: torch.Tensor
+    nan_to_zero: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, graph: SafetyGraph) -> None:
         super().__init__()
         self.input_dim = graph.input_dim

@@ -116,7 +116,8 @@ def _packed(number: int, item: int | bytes, fmt: str, width: int) -> list:
 
 def tensor(buffer: bytes) -> np.ndarray:
     """A TensorProto as a numpy array (strings as an object array of bytes)."""
-    dtype_code, dims, content = 0, (), None
+    dtype_code, content = 0, None
+    dims: tuple[int, ...] = ()
     strings: list[bytes] = []
     values: list = []
     for number, item in fields(buffer):
@@ -205,7 +206,9 @@ class Function:
 
 
 def function(buffer: bytes) -> Function:
-    name, args, outputs, nodes, ret = "", [], [], {}, {}
+    name, nodes, ret = "", {}, {}
+    args: list[str] = []
+    outputs: list[str] = []
     for number, item in fields(buffer):
         if number == 1:  # OpDef: 1 name, 2 input_arg, 3 output_arg (ArgDef: 1 name)
             for sub, value in fields(_bytes(item)):

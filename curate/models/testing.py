@@ -160,7 +160,7 @@ def tiny_safety(input_dim: int = 16, categorical: tuple[int, ...] = (3, 9), seed
     ]
     tables = {}
     for column in categorical:
-        keys = [f"{float(v):f}" for v in np.float32(rng.normal(0, 0.25, 40))] + ["-0.000000", "0.5", "abc"]
+        keys = [f"{float(v):f}" for v in rng.normal(0, 0.25, 40).astype(np.float32)] + ["-0.000000", "0.5", "abc"]
         keys = list(dict.fromkeys(keys))
         tables[column] = (keys, np.arange(1, len(keys) + 1, dtype=np.int64), 0)
     mean = rng.normal(0, 0.05, input_dim).astype(np.float32)
