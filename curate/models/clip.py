@@ -62,6 +62,8 @@ class ClipEncoder:
         self.visual = visual.eval().to(self.device)
         if self.dtype == torch.bfloat16:
             _bf16_matmuls(self.visual)
+            if text is not None:  # fp32 matmuls on a GPU would cost the text tower ~16x its bf16 time
+                _bf16_blocks(text.transformer)
         self.text = ClipTextEncoder(text, self.device) if text is not None else None
 
     @classmethod
@@ -127,7 +129,12 @@ def _bf16_matmuls(visual: nn.Module) -> None:
     residual stream summed in bf16 is where the error came from.
     """
     visual.conv1 = Bf16Island(cast(nn.Module, visual.conv1))
-    blocks = cast(nn.ModuleList, getattr(visual.transformer, "resblocks"))  # noqa: B009 (nn.Module typing)
+    _bf16_blocks(cast(nn.Module, visual.transformer))
+
+
+def _bf16_blocks(transformer: nn.Module) -> None:
+    """Attention and MLP of every residual block in bf16 (the image or the text transformer)."""
+    blocks = cast(nn.ModuleList, getattr(transformer, "resblocks"))  # noqa: B009 (nn.Module typing)
     for block in blocks:
         block.attn = Bf16Island(cast(nn.Module, block.attn))
         block.mlp = Bf16Island(cast(nn.Module, block.mlp))

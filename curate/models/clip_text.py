@@ -54,7 +54,7 @@ class ClipTextEncoder:
 
     def __init__(self, tower: ClipTextTower, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.tower = tower.eval().to(self.device)  # fp32 always: a few percent of the image tower's work
+        self.tower = tower.eval().to(self.device)  # bf16 blocks where ClipEncoder made them so, fp32 elsewhere
         self.tokenizer = SimpleTokenizer(context_length=CONTEXT_LENGTH)
 
     @property

@@ -60,3 +60,13 @@ def test_batches_cut_to_their_longest_caption_change_nothing(encoder: ClipEncode
 
 def test_image_only_load_leaves_the_text_tower_out(tiny_weights: dict[str, str]) -> None:
     assert ClipEncoder.load(tiny_weights["clip_weights"], text=False).text is None
+
+
+def test_bf16_text_tower_stays_close_to_fp32(tiny_weights: dict[str, str], encoder: ClipEncoder) -> None:
+    bf16 = ClipEncoder.load(tiny_weights["clip_weights"], precision="bf16")
+    assert bf16.text is not None and encoder.text is not None
+    block = bf16.text.tower.transformer.resblocks[0]
+    assert block.mlp.c_fc.weight.dtype == torch.bfloat16 and block.ln_1.weight.dtype == torch.float32
+    ours, reference = bf16.text.encode(CAPTIONS), encoder.text.encode(CAPTIONS)
+    assert ours.dtype == np.float32 and np.abs(ours - reference).max() > 0  # bf16 did run
+    assert (ours * reference).sum(axis=1).min() > 0.999
