@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from curate.models.safety_graph import Lookup, SafetyGraph, read_safety_model
-from curate.models.weights import Source, WeightSpec, resolve_weights
+from curate.models.weights import Source, WeightsError, WeightSpec, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,14 @@ class SafetyDetector:
         """Read the release zip (or its unzipped folder); None fetches the official file into cache_dir."""
         path = resolve_weights(SAFETY, path_or_url, cache_dir)
         graph = read_safety_model(path, SAFETY)
+        try:
+            network = SafetyNetwork(graph)
+        except ValueError as error:  # two table keys printing the same float: not a table TF would build
+            raise WeightsError(
+                f"{SAFETY.name}: {path} holds an unusable model ({error}); pass the release zip with {SAFETY.option}"
+            ) from error
         log.info("loaded %s from %s (%d categorical columns)", SAFETY.name, path, len(graph.lookups))
-        return cls(SafetyNetwork(graph), device)
+        return cls(network, device)
 
     @property
     def input_dim(self) -> int:

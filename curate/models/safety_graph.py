@@ -135,7 +135,13 @@ class _Graph:
         if len(found) != 1:
             raise ValueError(f"lookup table {ref.node.name} has {len(found)} initializers, expected 1")
         _, keys, values = self.inputs(found[0])
-        return [key.decode() for key in self.value(keys).reshape(-1)], self.value(values).reshape(-1).astype(np.int64)
+        texts, indices = [key.decode() for key in self.value(keys).reshape(-1)], self.value(values).reshape(-1)
+        if len(texts) != len(indices) or len(set(texts)) != len(texts):
+            raise ValueError(
+                f"lookup table {ref.node.name} has {len(texts)} keys ({len(set(texts))} distinct) "
+                f"for {len(indices)} values"
+            )
+        return texts, indices.astype(np.int64)
 
     def _imports(self) -> list[_Ref]:
         """Every LookupTableImportV2 reached from a graph-level call node, in its calling frame."""
@@ -189,7 +195,20 @@ def extract(model: SavedModel, variables: dict[str, np.ndarray]) -> SafetyGraph:
     encoded.mean, encoded.variance = graph.value(mean).astype(np.float32), variance_value.astype(np.float32)
     encoded.epsilon = float(graph.value(epsilon))
     encoded.layers = layers[::-1]
+    _check_shapes(encoded)
     return encoded
+
+
+def _check_shapes(graph: SafetyGraph) -> None:
+    if graph.mean.size != len(graph.columns) or graph.variance.size != len(graph.columns):
+        raise ValueError(f"normalization of {graph.mean.size} columns after an encoding of {len(graph.columns)}")
+    width = len(graph.columns)
+    for kernel, bias, _ in graph.layers:
+        if kernel.ndim != 2 or kernel.shape[0] != width or bias.shape != (kernel.shape[1],):
+            raise ValueError(f"a dense layer of kernel {kernel.shape} and bias {bias.shape} after {width} columns")
+        width = kernel.shape[1]
+    if width != 1:
+        raise ValueError(f"the model ends in {width} outputs, not one probability")
 
 
 def _encoding(graph: _Graph, concat: _Ref, inputs: dict[str, str]) -> SafetyGraph:

@@ -209,3 +209,17 @@ def test_release_reproduces_the_keras_reference() -> None:
         with torch.inference_mode():
             ours = network(torch.from_numpy(inputs[:REFERENCE_COUNT].astype(np.float32))).numpy()
         np.testing.assert_allclose(ours, reference["sets"][name], atol=1e-6, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["kernels that do not chain", "a table with a key twice"])
+def test_a_model_of_another_shape_is_refused_naming_the_option(tmp_path: Path, case: str) -> None:
+    model = tiny_safety()
+    if case == "kernels that do not chain":
+        kernel, bias, activation = model.layers[1]
+        model.layers[1] = (np.zeros((kernel.shape[0] + 1, kernel.shape[1]), np.float32), bias, activation)
+    else:
+        keys, values, default = model.tables[3]
+        model.tables[3] = ([*keys[:-1], keys[0]], values, default)
+    path = write_tiny_safety(tmp_path / "odd.zip", model)
+    with pytest.raises(WeightsError, match="--safety-weights"):
+        SafetyDetector.load(str(path))
