@@ -79,7 +79,7 @@ def _ours(work: Path, counts: dict[str, int], inner: dict[str, list[float]]) -> 
     def body() -> float:
         seconds = wall([tool("curate"), "download", str(work / "ours")])
         counts["ours"] = ours_successes(work / "ours")
-        inner.setdefault("ours", []).append(counts["ours"] / Checkpoint(work / "ours", "download").meta()["seconds"])
+        inner.setdefault("ours", []).append(counts["ours"] / ours_seconds(work / "ours"))
         return counts["ours"] / seconds
 
     return body
@@ -104,6 +104,13 @@ def ours_successes(out: Path) -> int:
 
 def theirs_successes(output: Path) -> int:
     return sum(json.loads(p.read_text())["successes"] for p in output.glob("*_stats.json"))
+
+
+def ours_seconds(out: Path) -> float:
+    """curate's own span: the download workers' first part's start to last part's end (their start-up excluded, as
+    in theirs_seconds); the stage's whole time for a checkpoint written before the workers reported it."""
+    meta = Checkpoint(out, "download").meta()
+    return meta.get("work_seconds") or meta["seconds"]
 
 
 def theirs_seconds(output: Path) -> float:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,24 @@ class Checkpoint:
             return
         write_table(table.filter(dead), self.dropped_path(index))
         write_table(table.filter(alive), self.part_path(index))
+
+    def write_split_pieces(self, index: int, pieces: Iterable[pa.Table],
+                           alive: Callable[[pa.Table], pa.ChunkedArray]) -> None:
+        """write_split for a part that comes in pieces (the download's slices): memory is one piece, not the part."""
+        pieces = iter(pieces)
+        first = next(pieces, None)
+        if first is None:
+            raise ValueError(f"{self.part_path(index)}: no rows to write")
+        # dropped-i's block ends first, so it is whole before part-i (which marks the part done) appears
+        with storage.table_writer(self.part_path(index), first.schema, first) as live, \
+                storage.table_writer(self.dropped_path(index), first.schema, first) as dropped:
+            for piece in itertools.chain([first], pieces):
+                mask = alive(piece)
+                if pc.all(mask).as_py():  # nothing dropped: no filtered copy of the piece's images
+                    live(piece)
+                    continue
+                dropped(piece.filter(pc.invert(mask)))
+                live(piece.filter(mask))
 
     def finish(self, meta: dict[str, Any] | None = None) -> None:
         write_json(meta or {}, self.path / "_SUCCESS")

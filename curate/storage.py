@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Union
@@ -320,11 +320,22 @@ def write_table(table: pa.Table, target: str | Location) -> None:
 
 def write_tables(tables: Iterator[pa.Table], schema: pa.Schema, target: str | Location) -> None:
     """Stream tables into one parquet file, atomically (memory: one table at a time)."""
+    with table_writer(target, schema) as write:
+        for table in tables:
+            write(table)
+
+
+@contextmanager
+def table_writer(target: str | Location, schema: pa.Schema,
+                 sample: pa.Table | None = None) -> Iterator[Callable[[pa.Table], None]]:
+    """write(table) appends to one parquet file that appears at target, whole, when the block ends without error;
+    with a sample table, the file gets write_table's options for it (an image column stored plain)."""
     path = location(target)
+    options = parquet_options(sample) if sample is not None else {}
+    rows = options.pop("row_group_size", None)
     with (_local_temporary(path) if isinstance(path, Path) else open_write(path)) as sink:
-        with pq.ParquetWriter(sink, schema) as writer:
-            for table in tables:
-                writer.write_table(table.cast(schema))
+        with pq.ParquetWriter(sink, schema, **options) as writer:
+            yield lambda table: writer.write_table(table.cast(schema), row_group_size=rows)
 
 
 def remove_temporaries(root: str | Location) -> list[Location]:

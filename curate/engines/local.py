@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq
 
 from curate import io, storage
 from curate.config import Config, download_workers
+from curate.engines.local_download import download_parts
 from curate.engines.local_partitions import (
     VerdictRouter,
     key_partitions,
@@ -47,7 +46,7 @@ from curate.schema import (
 )
 from curate.stage_plan import STAGE_NAMES
 from curate.stages import dedup, prefilter, select
-from curate.stages.download import JPG_BYTES, DownloadOptions, download, image_bytes_last
+from curate.stages.download import JPG_BYTES, DownloadOptions, image_bytes_last
 from curate.stages.ingest import check_input_schema, normalize
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
 from curate.webdataset_input import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
@@ -227,20 +226,16 @@ class LocalRun:
             live = [storage.parquet_file(source.part_path(i)).metadata.num_rows for i in todo]
             options, stored = self.download_options(), self.stored_images()
             groups = job_groups(todo, live, self.config.batch_size_rows)
-            jobs = [(str(self.out), group, options, stored) for group in groups]
-            processes = min(download_workers(self.config)[0], len(jobs))
-            if processes > 1:
-                # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(processes, mp_context=context) as pool:
-                    for finished in pool.map(_download_parts, jobs):
-                        done += finished
-                        self.progress("download", done, total)
-            else:
-                for job in jobs:
-                    done += _download_parts(job)
-                    self.progress("download", done, total)
-            return {"parts": total}
+            processes = min(download_workers(self.config)[0], len(groups))
+
+            def written(parts: int) -> None:
+                nonlocal done
+                done += parts
+                self.progress("download", done, total)
+
+            # work_seconds: the workers' span, their start-up excluded (the bench's in-tool figure)
+            work = download_parts(str(self.out), groups, options, stored, processes, written)
+            return {"parts": total, "work_seconds": work}
 
         return self._timed("download", body)
 
@@ -355,26 +350,6 @@ def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]
         groups[-1].append(index)
         count += alive_rows
     return groups
-
-
-def _download_parts(job: tuple[str, list[int], DownloadOptions, bool]) -> int:
-    """Prefilter parts to download parts, fetched as one batch (a picklable unit of work for the process pool)."""
-    out, indices, options, stored = job
-    source, target = io.Checkpoint(out, "prefilter"), io.Checkpoint(out, "download")
-    parts = [storage.read_table(source.part_path(index)) for index in indices]
-    batch = pa.concat_tables(parts, promote_options="permissive")
-    if stored:
-        from curate.stages.stored import decode_stored
-
-        batch = decode_stored(batch, options)
-    else:
-        batch = download(batch, options)
-    start = 0
-    for index, part in zip(indices, parts, strict=True):  # back into the parts they came from, in order
-        piece = batch.slice(start, part.num_rows)
-        target.write_split(index, piece, alive(piece))
-        start += part.num_rows
-    return len(indices)
 
 
 def _load_scorer(config: Config) -> Any:

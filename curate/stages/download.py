@@ -9,7 +9,9 @@ import io
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -78,6 +80,8 @@ log = logging.getLogger(__name__)
 STAGE = "download"
 SUCCESS = "success"
 JPG_BYTES = "jpg_bytes"  # the score stage moves it last, where it has always been
+CHUNK_ROWS = 256  # rows per slice of download_chunks (and per row group of a download part)
+WINDOW_PER_THREAD = 8  # fetches submitted per thread ahead of the oldest unfinished one
 
 
 @dataclass(frozen=True)
@@ -161,19 +165,74 @@ def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, in
 
 def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
     """Add the download columns; rows already flagged are not fetched, failed ones get the download reason."""
-    table = with_verdict_columns(table)
-    todo = alive(table).to_pylist()
-    urls = table[URL].to_pylist()
-    results: list[dict[str, Any]] = [{} for _ in urls]
-    indices = [i for i, go in enumerate(todo) if go]
-    if options.resize_mode == "bucket":
-        resizer_for(options)  # load the resizer here, once, before the threads need it
-    with Session(options.max_per_host) as session, \
-            ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(indices)))) as pool:
-        for i, result in zip(indices, pool.map(lambda i: download_one(urls[i], options, session), indices),
-                             strict=True):
-            results[i] = result
-    return with_download_results(table, results)
+    chunks = list(download_chunks(table, options))
+    return pa.concat_tables(chunks) if chunks else with_download_results(with_verdict_columns(table), [])
+
+
+def download_chunks(table: pa.Table, options: DownloadOptions, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """download(table) as consecutive slices of `rows` rows, each yielded once its rows are done.
+
+    Memory is bounded by the fetch window (WINDOW_PER_THREAD results per thread ahead of the oldest unfinished row)
+    and one slice, not by the table: a 10,000-row part of 1024 px images is gigabytes.
+    """
+    return (chunk for _, chunk in download_stream([table], options, rows))
+
+
+class _Batch:
+    """One table of a download stream: its rows still to submit, the results not yet yielded, the next row to yield."""
+
+    def __init__(self, number: int, table: pa.Table) -> None:
+        self.number, self.table = number, with_verdict_columns(table)
+        self.urls = self.table[URL].to_pylist()
+        self.todo = deque(i for i, go in enumerate(alive(self.table).to_pylist()) if go)
+        self.results: dict[int, dict[str, Any]] = {}
+        self.start = 0
+
+
+def download_stream(tables: Iterable[pa.Table], options: DownloadOptions,
+                    rows: int = CHUNK_ROWS) -> Iterator[tuple[int, pa.Table]]:
+    """download_chunks of consecutive tables through one session and one thread pool, as (table number, slice):
+    the next table's rows are fetched while the slowest rows of the one before finish, so no table ends with idle
+    threads waiting on its last URLs."""
+    window = max(1, options.threads) * WINDOW_PER_THREAD
+    source, batches = enumerate(tables), deque[_Batch]()
+    pending: deque[tuple[_Batch, int, Future[dict[str, Any]]]] = deque()
+    more = True
+    with Session(options.max_per_host) as session, ThreadPoolExecutor(max_workers=max(1, options.threads)) as pool:
+        while True:
+            while len(pending) < window and (more or (batches and batches[-1].todo)):
+                if not batches or not batches[-1].todo:  # open the next table
+                    number, table = next(source, (-1, None))
+                    if table is None:
+                        more = False
+                        continue
+                    batches.append(_Batch(number, table))
+                    if options.resize_mode == "bucket" and batches[-1].todo:
+                        resizer_for(options)  # load the resizer here, once, before the threads need it
+                    continue
+                batch = batches[-1]
+                i = batch.todo.popleft()
+                pending.append((batch, i, pool.submit(download_one, batch.urls[i], options, session)))
+            if pending:
+                batch, i, future = pending.popleft()
+                batch.results[i] = future.result()
+            while batches:  # the oldest table's finished slices: every row before `upto` is done
+                head = batches[0]
+                upto = (pending[0][1] if pending and pending[0][0] is head else
+                        head.todo[0] if head.todo else head.table.num_rows)
+                while head.start < head.table.num_rows and (head.start + rows <= upto or upto == head.table.num_rows):
+                    yield head.number, _slice_with_results(head.table, head.start, rows, head.results)
+                    head.start += rows
+                if head.start < head.table.num_rows:
+                    break
+                batches.popleft()
+            if not (pending or batches or more):
+                return
+
+
+def _slice_with_results(table: pa.Table, start: int, rows: int, results: dict[int, dict[str, Any]]) -> pa.Table:
+    piece = table.slice(start, rows)
+    return with_download_results(piece, [results.pop(i, {}) for i in range(start, start + piece.num_rows)])
 
 
 def binary_column(values: list[bytes | None]) -> pa.Array:
