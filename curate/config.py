@@ -219,8 +219,8 @@ OPTION_HELP: dict[str, str] = {
     "max_unsafe": "Drop punsafe (NSFW probability) above this: LAION's CLIP-based detector's with --scores model, "
                   "the metadata column's otherwise (off unless set).",
     "min_clip_score": "Drop images whose CLIP ViT-L/14 image-caption cosine (clip_score, --scores model) is below "
-                      "this, and images without a caption (off unless set; L/14 cosines run lower than the ViT-B/32 "
-                      "ones of LAION's 0.28 rule).",
+                      "this, and images without a caption (off unless set; L/14 cosines are on another scale than "
+                      "the ViT-B/32 ones of LAION's 0.28 rule).",
     "scores": "Where scores come from: model (computed on the pixels), metadata (LAION's columns, also applied "
               "before download), auto (metadata when every row has it and --min-clip-score is off).",
     "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic.",
