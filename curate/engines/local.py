@@ -19,6 +19,7 @@ from curate.config import Config, download_workers
 from curate.engines.local_download import download_parts
 from curate.engines.local_partitions import (
     VerdictRouter,
+    duplicate_verdicts,
     key_partitions,
     partition_count,
     rows_between,
@@ -45,13 +46,14 @@ from curate.schema import (
     WATERMARK_PROB,
 )
 from curate.stage_plan import STAGE_NAMES
-from curate.stages import dedup, prefilter, select
+from curate.stages import prefilter, select
 from curate.stages.download import JPG_BYTES, DownloadOptions, image_bytes_last
 from curate.stages.ingest import check_input_schema, normalize
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
 from curate.webdataset_input import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
 
 log = logging.getLogger(__name__)
+SCORE_SLICE_ROWS = 1024  # download rows read and scored at a time
 Progress = Callable[[str, int, int], None]
 STAGES = STAGE_NAMES
 # What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
@@ -247,16 +249,16 @@ class LocalRun:
             for index, path in enumerate(source.parts()):
                 if target.has_part(index):
                     continue
+                if scorer is not None and storage.parquet_file(path).metadata.num_rows:
+                    # read and scored a slice at a time: a part of 10,000 images is gigabytes
+                    slices = io.read_parquet_batches(str(path), SCORE_SLICE_ROWS)
+                    target.write_split_pieces(index, (_scored(piece, scorer) for piece in slices), alive)
+                    continue
                 names = storage.read_schema(path).names
                 # Scores from the metadata need the images' lengths only (jpg_bytes), not their bytes.
                 columns = [n for n in names if n != JPG] if scorer is None and JPG_BYTES in names else None
-                part = image_bytes_last(storage.read_table(path, columns=columns))
-                if scorer is not None and part.num_rows:
-                    from curate.stages.score import score_images
-
-                    part = score_images(part, scorer)
-                else:  # an empty part still gets the score columns
-                    part = select.scores_from_metadata(part)
+                # the metadata's scores, or an empty part's score columns
+                part = select.scores_from_metadata(image_bytes_last(storage.read_table(path, columns=columns)))
                 part = part.drop_columns([c for c in [JPG] if c in part.column_names])
                 target.write_split(index, part, alive(part))
             return {"scores": scores}
@@ -287,20 +289,35 @@ class LocalRun:
             target.reset()
             present = set().union(*(storage.read_schema(path).names for path in source.parts()))
             semantic = "semantic" in kinds and EMBEDDING in present
-            wanted = [*DEDUP_SIGNATURE, *([EMBEDDING] if semantic else [])]
-            # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-            table = select.with_threshold_pass(with_verdict_columns(source.read([n for n in wanted if n in present])),
-                                               c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
-                                               c.min_clip_score)
-            if "exact" in kinds:
-                table = dedup.flag_exact_duplicates(table)
-            if "phash" in kinds:
-                table = dedup.flag_phash_duplicates(table, c.phash_distance)
-            if semantic:
+            columns = [n for n in DEDUP_SIGNATURE if n in present]
+
+            def signatures(live_only: bool = True) -> Iterator[pa.Table]:
+                # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
+                for path in source.parts():
+                    names = set(storage.read_schema(path).names)
+                    part = storage.read_table(path, columns=[n for n in columns if n in names])
+                    part = with_verdict_columns(part)
+                    part = part.filter(alive(part)) if live_only else part
+                    yield select.with_threshold_pass(part, c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
+                                                     c.min_clip_score)
+
+            partitions = partition_count(self.live_rows("score"))
+            verdicts = duplicate_verdicts(signatures(), kinds, c.phash_distance, partitions,
+                                          storage.scratch(self.out, "dedup-work"))
+            if semantic:  # on the rows exact and pHash left, embeddings from a memory map; ranks are O(rows)
                 from curate.stages.semantic import flag_semantic_duplicates
 
-                table = flag_semantic_duplicates(table, c.semdedup_threshold, c.semdedup_clusters, c.seed)
-            verdicts = verdicts_of(table).sort_by(ROW)
+                # every row, in checkpoint order: row i of the table is row i of the memory map
+                table = pa.concat_tables(list(signatures(live_only=False)), promote_options="permissive")
+                table = apply_verdicts(table, verdicts)
+                folder = storage.scratch(self.out, "dedup-embeddings")
+                try:
+                    vectors, has_vector = embedding_map(source, folder)
+                    table = flag_semantic_duplicates(table, c.semdedup_threshold, c.semdedup_clusters, c.seed,
+                                                     vectors, has_vector)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                verdicts = verdicts_of(table).sort_by(ROW)
             rows = verdicts[ROW].to_numpy()
             for index, part in enumerate(source.iter_parts()):
                 low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
@@ -329,6 +346,34 @@ class LocalRun:
         return self._timed("select", body, force=force)
 
 
+def embedding_map(checkpoint: io.Checkpoint, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's embedding in checkpoint order (zeros where it has none), in a memory map on local disk, and which
+    rows have one: semantic dedup reads it a batch or a cluster at a time, so memory is not n x 768 floats."""
+    from curate.stages.semantic import embedding_matrix
+
+    parts = checkpoint.parts()
+    schemas = [storage.read_schema(path) for path in parts]
+    kind = next(schema.field(EMBEDDING).type for schema in schemas if EMBEDDING in schema.names)
+    rows = sum(storage.parquet_file(path).metadata.num_rows for path in parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", shape=(rows, kind.list_size),
+                                        dtype=kind.value_type.to_pandas_dtype())
+    has_vector = np.zeros(rows, dtype=bool)
+    start = 0
+    for path, schema in zip(parts, schemas, strict=True):
+        if EMBEDDING not in schema.names:
+            start += storage.parquet_file(path).metadata.num_rows
+            continue
+        column = storage.read_table(path, columns=[EMBEDDING])[EMBEDDING]
+        valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+        if valid.any():
+            vectors[start + np.flatnonzero(valid)] = embedding_matrix(column.filter(pa.array(valid)))
+        has_vector[start:start + len(valid)] = valid
+        start += len(valid)
+    vectors.flush()
+    return vectors, has_vector
+
+
 def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
     """The prefilter's arguments: metadata scores are judged before download only when they are the scores."""
     on_metadata = scores == "metadata"
@@ -350,6 +395,13 @@ def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]
         groups[-1].append(index)
         count += alive_rows
     return groups
+
+
+def _scored(part: pa.Table, scorer: Any) -> pa.Table:
+    """A slice of a download part with the model scores, without its image bytes."""
+    from curate.stages.score import score_images
+
+    return score_images(image_bytes_last(part), scorer).drop_columns([JPG])
 
 
 def _load_scorer(config: Config) -> Any:

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.schema import ROW
+from curate.schema import PHASH, ROW, SHA256
+from curate.stages import dedup
+from curate.stages.verdict import alive, verdict_schema, verdicts_of
 
 ROWS_PER_PARTITION = 2_000_000  # ~100 MB of signatures, a few hundred MB while grouped
 
@@ -108,3 +111,54 @@ def rows_between(table: pa.Table, sorted_rows: np.ndarray, low: int, high: int) 
     """The rows of a table sorted by ROW (sorted_rows is its ROW column) with low <= row < high."""
     start, end = np.searchsorted(sorted_rows, [low, high])
     return table.slice(start, end - start)
+
+
+def _hash_partitions(values: pa.ChunkedArray | pa.Array, partitions: int) -> np.ndarray:
+    """Partition of each int64 hash (null: 0)."""
+    return pc.fill_null(values, 0).to_numpy().view(np.uint64) % np.uint64(partitions)
+
+
+def duplicate_verdicts(signatures: Iterable[pa.Table], kinds: list[str], max_distance: int, partitions: int,
+                       folder: Path) -> pa.Table:
+    """Exact and pHash duplicate verdicts of the rows in signatures (alive rows with the survivor-rule columns), each
+    kind as signature -> partition -> group, one partition in memory at a time:
+    - exact: rows by their sha256; each partition's sha256 groups are whole, its survivors go on to pHash;
+    - pHash: rows by their hash; every distinct hash's band values by (band, value), where each partition yields
+      its near pairs; the union-find over those pairs of hash values (dedup.hash_components) names each hash's
+      component; rows again by their component, each partition judged with the survivor rule.
+    Returns the flagged rows' verdicts (row, drop_stage, drop_reason, drop_detail)."""
+    verdicts = [verdict_schema().empty_table()]
+    remaining: Iterable[pa.Table] = signatures
+    if "exact" in kinds:
+        by_digest = spill(signatures, lambda t: key_partitions(pc.fill_null(t[SHA256], "0" * 16), partitions),
+                          partitions, folder / "exact")
+
+        def exact_survivors() -> Iterator[pa.Table]:
+            for path in by_digest:
+                judged = dedup.flag_exact_duplicates(pq.read_table(path))
+                verdicts.append(verdicts_of(judged))
+                yield judged.filter(alive(judged))
+
+        remaining = exact_survivors()
+    if "phash" in kinds:
+        by_hash = spill((t.filter(pc.is_valid(t[PHASH])) for t in remaining),
+                        lambda t: _hash_partitions(t[PHASH], partitions), partitions, folder / "phash")
+        bands = spill((dedup.band_signatures(pq.read_table(path, columns=[PHASH])[PHASH].to_numpy(), max_distance)
+                       for path in by_hash),
+                      lambda t: _hash_partitions(pc.add(pc.multiply(t["value"], 64), pc.cast(t["band"], pa.int64())),
+                                                 partitions), partitions, folder / "bands")
+        pairs = [dedup.band_group_pairs(pq.read_table(path), max_distance) for path in bands]
+        named, components = dedup.hash_components(np.concatenate([np.zeros(0, np.int64), *(p[0] for p in pairs)]),
+                                                  np.concatenate([np.zeros(0, np.int64), *(p[1] for p in pairs)]))
+        grouped = (t.append_column("_group", pa.array(dedup.component_of(t[PHASH].to_numpy(), named, components)))
+                   for t in map(pq.read_table, by_hash))
+        for path in spill(grouped, lambda t: _hash_partitions(t["_group"], partitions), partitions, folder / "groups"):
+            table = pq.read_table(path)
+            _, labels = np.unique(table["_group"].to_numpy(), return_inverse=True)
+            judged = dedup.flag_group_duplicates(table.drop_columns(["_group"]), labels, "duplicate_phash")
+            verdicts.append(verdicts_of(judged))
+    else:
+        for _ in remaining:  # the exact survivors' generator records the exact verdicts as it goes
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return pa.concat_tables(verdicts).sort_by(ROW)

@@ -37,7 +37,6 @@ from curate.schema import (
     SHA256,
 )
 from curate.stages import dedup, semantic
-from curate.stages.components import merge_components
 from curate.stages.verdict import with_verdict_columns
 
 if TYPE_CHECKING:
@@ -78,10 +77,8 @@ def exact_flags(df: DataFrame) -> DataFrame:
 
 def band_pairs(table: pa.Table, max_distance: int) -> pa.Table:
     """(left, right) distinct hash values of one band group within max_distance bits, left < right as uint64."""
-    hashes = np.unique(table[PHASH].to_numpy().view(np.uint64))
-    i, j = dedup.near_pairs(hashes, max_distance)
-    return pa.table({"left": pa.array(hashes[i].view(np.int64), pa.int64()),
-                     "right": pa.array(hashes[j].view(np.int64), pa.int64())})
+    left, right = dedup.band_group_pairs(table, max_distance)
+    return pa.table({"left": pa.array(left, pa.int64()), "right": pa.array(right, pa.int64())})
 
 
 def _near_pairs(hashes: DataFrame, max_distance: int) -> pa.Table:
@@ -99,14 +96,8 @@ def _near_pairs(hashes: DataFrame, max_distance: int) -> pa.Table:
 
 def components(pairs: pa.Table) -> pa.Table:
     """(phash, component) for every hash in a pair: a union-find over the pairs only (driver side)."""
-    if pairs.num_rows == 0:
-        return pa.table({PHASH: pa.array([], pa.int64()), "component": pa.array([], pa.int64())})
-    ends = np.concatenate([pairs["left"].to_numpy(), pairs["right"].to_numpy()])
-    unique, inverse = np.unique(ends, return_inverse=True)
-    labels = np.arange(len(unique), dtype=np.int64)
-    merge_components(labels, inverse[:pairs.num_rows], inverse[pairs.num_rows:])
-    # labels[x] is the smallest position in x's component and unique is sorted: the component's smallest hash
-    return pa.table({PHASH: pa.array(unique), "component": pa.array(unique[labels])})
+    named, component = dedup.hash_components(pairs["left"].to_numpy(), pairs["right"].to_numpy())
+    return pa.table({PHASH: pa.array(named, pa.int64()), "component": pa.array(component, pa.int64())})
 
 
 def phash_flags(spark: SparkSession, df: DataFrame, max_distance: int) -> DataFrame:

@@ -87,6 +87,53 @@ def phash_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return np.unique(np.concatenate(found).astype(np.int64), axis=0)
 
 
+def band_signatures(hashes: np.ndarray, max_distance: int) -> pa.Table:
+    """(band, value, phash) for every distinct hash and band: hashes within max_distance share a (band, value)."""
+    hashes = np.unique(np.asarray(hashes).astype(np.int64))
+    as_unsigned = hashes.view(np.uint64)
+    values = [((as_unsigned >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)).astype(np.int64)
+              for lo, hi in band_slices(max_distance)]
+    return pa.table({"band": pa.array(np.repeat(np.arange(len(values), dtype=np.int8), len(hashes))),
+                     "value": pa.array(np.concatenate(values)), PHASH: pa.array(np.tile(hashes, len(values)))})
+
+
+def band_group_pairs(table: pa.Table, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) distinct hashes within max_distance bits inside each (band, value) group of band signatures,
+    left < right as uint64: one Spark group, or one spilled partition of the local engine's."""
+    band, value = table["band"].to_numpy(), table["value"].to_numpy()
+    hashes = table[PHASH].to_numpy().view(np.uint64)
+    order = np.lexsort((hashes, value, band))
+    band, value, hashes = band[order], value[order], hashes[order]
+    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])])
+    ends = np.r_[starts[1:], len(order)]
+    left, right = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        group = np.unique(hashes[start:end])
+        i, j = near_pairs(group, max_distance)
+        left.append(group[i])
+        right.append(group[j])
+    return np.concatenate(left).view(np.int64), np.concatenate(right).view(np.int64)
+
+
+def hash_components(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, component) for every hash named in a pair: a union-find over pairs of hash values, never rows; a
+    component is named by its smallest hash (as int64). Hashes in no pair are their own component."""
+    ends = np.concatenate([left, right]).astype(np.int64)
+    unique, inverse = np.unique(ends, return_inverse=True)
+    labels = np.arange(len(unique), dtype=np.int64)
+    merge_components(labels, inverse[:len(left)], inverse[len(left):])
+    return unique, unique[labels]  # labels[x] is the smallest position in x's component, and unique is sorted
+
+
+def component_of(hashes: np.ndarray, named: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Each hash's component from hash_components' (hash, component) arrays; a hash not named is its own."""
+    hashes = np.asarray(hashes, dtype=np.int64)
+    if not len(named):
+        return hashes.copy()
+    at = np.minimum(np.searchsorted(named, hashes), len(named) - 1)
+    return np.where(named[at] == hashes, components[at], hashes)
+
+
 def phash_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Connected-component label per hash; identical hashes collapse first so a huge group costs O(n)."""
     unique, inverse = np.unique(hashes.astype(np.uint64), return_inverse=True)
