@@ -72,9 +72,10 @@ def tile(detail: dict[str, Any] | None, uri: str | None, survivor: bool = False)
     else:
         picture = (f'<div class="placeholder">no stored image ({escape(reason)})<br><br>'
                    f'{escape(str(detail.get("url") or "no URL"))}</div>')
-    extra = "".join(f" · {name} {_number(detail.get(key))}"
-                    for name, key in (("nsfw", "punsafe"), ("clip", "clip_score")) if detail.get(key) is not None)
-    lines = [f"aesthetic {_number(score)} · wm {_number(watermark)}{extra}", f"{size} · row {detail.get('row', '?')}",
+    extra = " · ".join(f"{name} {_number(detail.get(key))}"
+                       for name, key in (("nsfw", "punsafe"), ("clip", "clip_score")) if detail.get(key) is not None)
+    lines = [f"aesthetic {_number(score)} · wm {_number(watermark)}", *([extra] if extra else []),
+             f"{size} · row {detail.get('row', '?')}",
              escape(reason) + (f" ({escape(str(detail['drop_detail']))})" if detail.get("drop_detail") else ""),
              escape(caption)]
     title = escape(" | ".join(str(x) for x in (caption, detail.get("url"), detail.get("key")) if x))
