@@ -77,11 +77,20 @@ def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, m
 
 
 def _binary_views(column: pa.ChunkedArray, rows: np.ndarray) -> list[memoryview | None]:
-    """The values of a binary column at rows, as views of its Arrow buffers (None for a null)."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
-    data, valid = memoryview(array.buffers()[2] or b""), array.is_valid().to_numpy(zero_copy_only=False)
-    return [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in rows.tolist()]
+    """The values of a binary column at rows, as views of its Arrow buffers (None for a null); no chunk is copied."""
+    starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    chunks = []
+    for array in column.chunks:
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+        data = memoryview(array.buffers()[2] or b"")
+        chunks.append((offsets, data, array.is_valid().to_numpy(zero_copy_only=False)))
+    views: list[memoryview | None] = []
+    for row in rows.tolist():
+        number = int(np.searchsorted(starts, row, side="right")) - 1
+        offsets, data, valid = chunks[number]
+        at = row - int(starts[number])
+        views.append(data[offsets[at]:offsets[at + 1]] if valid[at] else None)
+    return views
 
 
 def _bucket_index(path: Path) -> list[tuple[int, int, int]]:

@@ -29,6 +29,9 @@ from curate.webdataset_input import read_stored
 # img2dataset measured the image before it resized it: that is the true original size.
 SOURCE_ORIGINAL = {ORIGINAL_WIDTH: "source_original_width", ORIGINAL_HEIGHT: "source_original_height"}
 CHUNK_ROWS = 64  # rows per slice of decode_stored_chunks: tens of megabytes of stored photos
+# Decoding is all CPU, no network wait: a few threads keep a core busy (the GIL-free decode overlaps the rest);
+# the download's dozens only add switching.
+THREADS = 4
 
 
 def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def decode_stored_chunks(table: pa.Table, options: DownloadOptions, rows: int = 
     go = alive(table).to_pylist()
     if options.resize_mode == "bucket" and any(go):
         resizer_for(options)  # load the resizer once, before the threads need it
-    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, sum(go)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, THREADS, sum(go)))) as pool:
         for start in range(0, max(table.num_rows, 1), rows):
             piece = table.slice(start, rows)
             todo = [i for i, live in enumerate(go[start:start + rows]) if live]
