@@ -69,7 +69,10 @@ def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, m
             picked = np.flatnonzero(shards == shard)
             with open(bucket_dir / f"{int(shard):06d}.bucket", "ab") as bucket:
                 for i, row in zip(picked.tolist(), rows.take(pa.array(picked)).to_pylist(), strict=True):
-                    pieces = sample_pieces(row[KEY], images[i], row.get(CAPTION) or "",
+                    image = images[i]
+                    if image is None:  # select keeps only downloaded rows: a kept row without bytes is a bug
+                        raise RuntimeError(f"sample {row[KEY]} was placed in a shard but has no image bytes")
+                    pieces = sample_pieces(row[KEY], image, row.get(CAPTION) or "",
                                            sample_document(row, metadata_columns))
                     bucket.writelines([_RECORD.pack(row[POSITION], sum(len(p) for p in pieces)), *pieces])
             written += len(picked)
@@ -106,23 +109,52 @@ def _bucket_index(path: Path) -> list[tuple[int, int, int]]:
     return sorted(records)
 
 
+class TarSink:
+    """One tar being written through the storage layer (a temporary name locally, the final key on an object store):
+    samples' member bytes in, then close() adds the end-of-archive blocks and makes it appear whole, returning its
+    wids index entry; abandon() leaves nothing. Both engines write their shards with it."""
+
+    def __init__(self, destination: str | Location) -> None:
+        self.final = destination
+        self._writing = storage.open_write(destination)
+        self.handle = self._writing.__enter__()
+        self.digest, self.size, self.samples = hashlib.sha256(), 0, 0
+
+    def add(self, data: bytes | memoryview) -> None:
+        """One sample's members (curate.stages.shard.sample_bytes)."""
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        self.samples += 1
+
+    def close(self) -> dict[str, Any]:
+        end = tar_end(self.size)
+        self.handle.write(end)
+        self.digest.update(end)
+        self._writing.__exit__(None, None, None)
+        return {"nsamples": self.samples, "filesize": self.size + len(end), "sha256": self.digest.hexdigest()}
+
+    def abandon(self) -> None:
+        error = RuntimeError(f"{self.final}: abandoned")
+        self._writing.__exit__(RuntimeError, error, None)  # deletes the temporary file, or aborts the upload
+
+
 def write_shard(bucket: Path, destination: Location) -> dict[str, Any]:
     """Write one tar from its (local) bucket in position order, atomically, to a local or fsspec destination;
     returns its wids index entry."""
-    digest, size, records = hashlib.sha256(), 0, _bucket_index(bucket)
-    with open(bucket, "rb") as source, storage.open_write(destination) as tar:
+    records = _bucket_index(bucket)
+    tar = TarSink(destination)
+    try:
         if records:  # the bucket mapped, not read: each record goes to the tar and the digest without a copy
-            with mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            with open(bucket, "rb") as source, mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+                    memoryview(mapped) as view:
                 for _, offset, length in records:
                     with view[offset:offset + length] as data:
-                        tar.write(data)
-                        digest.update(data)
-                    size += length
-        end = tar_end(size)
-        tar.write(end)
-        digest.update(end)
-        size += len(end)
-    return {"url": destination.name, "nsamples": len(records), "filesize": size, "sha256": digest.hexdigest()}
+                        tar.add(data)
+    except BaseException:
+        tar.abandon()
+        raise
+    return {"url": destination.name, **tar.close()}
 
 
 def shard_path(shard_dir: Location, prefix: str, index: int) -> Location:

@@ -5,7 +5,6 @@ The driver holds counts, byte totals, the shard plan and one index entry per sha
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from curate.engines.spark_frames import INDEX, global_index, map_stage
 from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
 from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, add_buckets, bucket_name
-from curate.writer import sample_document
+from curate.writer import TarSink, sample_document
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -73,35 +72,7 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -
     return map_stage(placed, lambda table: add_buckets(table, base)), shard_plan
 
 
-class _Tar:
-    """One shard being written through the storage layer (a temporary name locally, the final key on an object
-    store); close() makes it appear whole, abandon() leaves nothing (a retry rewrites it whole)."""
-
-    def __init__(self, folder: str, name: str) -> None:
-        self.final = f"{folder}/{name}"
-        self._writing = storage.open_write(self.final)
-        self.handle = self._writing.__enter__()
-        self.digest, self.size, self.samples = hashlib.sha256(), 0, 0
-
-    def add(self, data: bytes) -> None:
-        self.handle.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-        self.samples += 1
-
-    def close(self) -> dict[str, Any]:
-        end = shard_stage.tar_end(self.size)
-        self.handle.write(end)
-        self.digest.update(end)
-        self._writing.__exit__(None, None, None)
-        return {"nsamples": self.samples, "filesize": self.size + len(end), "sha256": self.digest.hexdigest()}
-
-    def abandon(self) -> None:
-        error = RuntimeError(f"{self.final}: abandoned")
-        self._writing.__exit__(RuntimeError, error, None)  # deletes the temporary file, or aborts the upload
-
-
-def _fail_once(folder: str | None, tar: _Tar) -> None:
+def _fail_once(folder: str | None, tar: TarSink) -> None:
     """Test hook: the first writer to get here dies like a killed executor, leaving its partial temporary tar."""
     if folder is None:
         return
@@ -118,21 +89,21 @@ def _fail_once(folder: str | None, tar: _Tar) -> None:
 def _writer(shard_dir: str, prefix: str, metadata_columns: list[str], fail_folder: str | None) -> Any:
     """mapInArrow body: rows sorted by (shard, position) stream into one tar per shard; yields index entries."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        tar: _Tar | None = None
+        tar: TarSink | None = None
         current = -1
         try:
             for batch in batches:
                 for row in batch.to_pylist():
                     if tar is None or row[SHARD] != current:
                         if tar is not None:
-                            yield _entry(current, tar.final, tar.close())
-                        current, tar = row[SHARD], _Tar(shard_dir, shard_stage.shard_name(prefix, row[SHARD]))
+                            yield _entry(current, str(tar.final), tar.close())
+                        current, tar = row[SHARD], TarSink(f"{shard_dir}/{shard_stage.shard_name(prefix, row[SHARD])}")
                     tar.add(shard_stage.sample_bytes(row[KEY], row[JPG], row.get(CAPTION) or "",
                                                      sample_document(row, metadata_columns)))
                     if tar.samples == 2:
                         _fail_once(fail_folder, tar)
             if tar is not None:
-                yield _entry(current, tar.final, tar.close())
+                yield _entry(current, str(tar.final), tar.close())
                 tar = None
         finally:
             if tar is not None:
