@@ -73,7 +73,7 @@ def test_every_url_case_ends_with_its_reason(tmp_path: Path, server: ImageServer
     wrong = {i: (cases[i][0] and cases[i][0][:80], expected, got[i])
              for i, (_, expected) in enumerate(cases) if got[i] != expected}
     assert not wrong, f"{len(cases) - len(wrong)} of {len(cases)} right; wrong: {wrong}"
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # no case hangs the run (a wide bound: the machine may be loaded)
     assert result["stats"]["dropped_by_stage"]["download"]["opted_out"] == 3  # opt-outs are counted
 
 
@@ -83,7 +83,7 @@ def test_trickle_is_cut_at_the_overall_deadline(server: ImageServer) -> None:
     with pytest.raises(FetchError) as error:
         fetch(url, FetchPolicy(timeout=0.5, allow_private_network=True))
     assert error.value.reason == "timeout"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # the trickle would take 10 s; a wide bound for a loaded machine
 
 
 @pytest.fixture
@@ -249,7 +249,7 @@ def test_retry_after_is_honoured_within_the_deadline(keep_alive: KeepAliveServer
     with pytest.raises(FetchError) as error:  # an hour is past the deadline: no wait, a transient failure
         fetch(keep_alive.url("/later.jpg"), FetchPolicy(timeout=3.0, allow_private_network=True))
     assert error.value.reason == "http_error" and str(error.value).startswith("HTTP 429")
-    assert time.monotonic() - started < 0.5 and is_transient(error.value.reason, str(error.value))
+    assert time.monotonic() - started < 2.0 and is_transient(error.value.reason, str(error.value))  # < the deadline
 
 
 def test_a_host_that_keeps_failing_rests(keep_alive: KeepAliveServer) -> None:
