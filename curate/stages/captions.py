@@ -23,7 +23,7 @@ from curate.stages.verdict import alive, with_reason
 STAGE = "prefilter"
 CLIP_CONTEXT = 77  # CLIP's text context, start and end tokens included: SD/SDXL training truncates past it
 LANGUAGE_MIN_CONFIDENCE = 0.5  # py3langid's normalized probability; below it a short caption's language is unknown
-REPAIR_MARGIN = 8  # tokens: ftfy's repairs (mojibake, ligatures, widths) move a count by less than this
+REPAIR_MARGIN = 8  # tokens: a count this far under the limit without ftfy's repairs stays under it with them
 REPEATS_FOR_JUNK = 3  # "Bora Bora" and "bye bye" are captions; "shoes shoes shoes" is keyword stuffing
 
 # Whole captions that are camera or upload file names, bare URLs (Arrow's RE2 syntax, matched case-insensitively).
@@ -147,15 +147,16 @@ def clip_token_count(caption: str, repair: bool = True) -> int:
 
 
 def token_counts(captions: pa.ChunkedArray | pa.Array, limit: int | None = None) -> pa.Array:
-    """CLIP token counts (without start/end) per caption; null for a null caption. With a limit, a count further
-    than REPAIR_MARGIN from it is taken without ftfy's repairs: the verdict is the same, at a quarter of the cost."""
+    """CLIP token counts (without start/end) per caption; null for a null caption. With a limit, a count
+    more than REPAIR_MARGIN under it is taken without ftfy's repairs (the verdict is the same, at a quarter of the
+    cost); one near or over it is counted again with them, as mojibake can hold many more tokens than its repair."""
     counts: list[int | None] = []
     for caption in captions.to_pylist():
         if caption is None:
             counts.append(None)
             continue
         count = clip_token_count(caption, repair=limit is None)
-        if limit is not None and abs(count - limit) <= REPAIR_MARGIN and not caption.isascii():
+        if limit is not None and count >= limit - REPAIR_MARGIN and not caption.isascii():
             count = clip_token_count(caption)
         counts.append(count)
     return pa.array(counts, pa.int64())

@@ -108,3 +108,14 @@ def test_prefilter_runs_the_caption_checks_last():
                                               "caption_language"]
     off = prefilter(table, None, min_size=512, max_watermark=None, max_unsafe=None, aesthetic_threshold=None)
     assert off["drop_reason"].to_pylist() == [None, None, "metadata_low_resolution", None, None]
+
+
+def test_mojibake_far_over_the_limit_unrepaired_is_judged_on_its_repaired_count():
+    """Garbled accents count far more tokens unrepaired than repaired: a caption that fits once repaired is kept."""
+    caption = "the Ã©cole cafÃ© on the corner " * 6
+    repaired = clip_token_count(caption)
+    assert clip_token_count(caption, repair=False) - repaired > REPAIR_MARGIN
+    out = flag_long_captions(_table([caption]), repaired + 2)  # exactly fits, start and end tokens included
+    assert out["drop_reason"].to_pylist() == [None]
+    out = flag_long_captions(_table([caption]), repaired + 1)
+    assert out["drop_reason"].to_pylist() == ["long_caption"] and out["drop_detail"][0].as_py() == str(repaired + 2)
