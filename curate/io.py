@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,8 @@ class Checkpoint:
     def write_split(self, index: int, table: pa.Table, alive: pa.ChunkedArray) -> None:
         """Rows still alive to part-i, rows this step dropped to dropped-i (written first: part-i marks it done)."""
         dead = pc.invert(alive)
-        if not pc.any(dead).as_py():  # nothing dropped: write the part as it is, not a filtered copy of its images
-            write_table(table.slice(0, 0), self.dropped_path(index))
+        if not pc.any(dead).as_py():  # nothing dropped: the part as it is (no filtered copy), and no dropped-i
+            storage.remove(self.dropped_path(index))  # one a killed earlier attempt may have left
             write_table(table, self.part_path(index))
             return
         write_table(table.filter(dead), self.dropped_path(index))
@@ -121,14 +122,19 @@ class Checkpoint:
         first = next(pieces, None)
         if first is None:
             raise ValueError(f"{self.part_path(index)}: no rows to write")
-        # dropped-i's block ends first, so it is whole before part-i (which marks the part done) appears
-        with storage.table_writer(self.part_path(index), first.schema, first) as live, \
-                storage.table_writer(self.dropped_path(index), first.schema, first) as dropped:
+        storage.remove(self.dropped_path(index))  # one a killed earlier attempt may have left
+        # dropped-i, opened at the first dropped row (a part that drops none has none), ends first: it is whole
+        # before part-i (which marks the part done) appears
+        with storage.table_writer(self.part_path(index), first.schema, first) as live, ExitStack() as opened:
+            dropped: Callable[[pa.Table], None] | None = None
             for piece in itertools.chain([first], pieces):
                 mask = alive(piece)
                 if pc.all(mask).as_py():  # nothing dropped: no filtered copy of the piece's images
                     live(piece)
                     continue
+                if dropped is None:
+                    dropped = opened.enter_context(storage.table_writer(self.dropped_path(index), first.schema,
+                                                                        first))
                 dropped(piece.filter(pc.invert(mask)))
                 live(piece.filter(mask))
 
