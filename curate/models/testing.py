@@ -65,6 +65,19 @@ def write_tiny_watermark(path: str | Path, wrapped: bool = True, seed: int = 0) 
     return Path(path)
 
 
+def two_tone_jpeg(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+    """A JPEG of one colour with a second-colour square in it: images the score tests tell apart."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", size, color)
+    image.paste((255 - color[0], color[1] // 2, 40), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
 def write_tiny_weights(folder: str | Path, seed: int = 0) -> dict[str, str]:
     """All four weights under folder; returns Config overrides (clip_, aesthetic_, watermark_, safety_weights)."""
     folder = Path(folder)

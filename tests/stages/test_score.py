@@ -16,6 +16,7 @@ from PIL import Image
 
 from curate.config import Config
 from curate.models import AestheticPredictor, ClipEncoder, WeightsError
+from curate.models.testing import two_tone_jpeg as jpeg
 from curate.models.testing import write_tiny_weights
 from curate.pipeline import recut, run_local
 from curate.schema import (
@@ -30,14 +31,6 @@ from curate.schema import (
 )
 from curate.stages.score import Scorer, load_scorer, score_images
 from curate.stages.verdict import with_reason, with_verdict_columns
-
-
-def jpeg(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
-    image = Image.new("RGB", size, color)
-    image.paste((255 - color[0], color[1] // 2, 40), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=92)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
