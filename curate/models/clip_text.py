@@ -13,6 +13,15 @@ from torch import nn
 CONTEXT_LENGTH = 77  # CLIP's text context: longer captions are truncated, the last token kept as end-of-text
 # Captions per text batch; each batch is cut to its longest caption, so length-sorted batches stay short.
 TEXT_BATCH = 256
+# Only the first 77 tokens count, and every word holds at least one: the tokenizer sees a caption's first 77 words,
+# each cut at WORD_CHARS (a CLIP token is at most a few dozen characters), so a hostile megabyte caption costs what a
+# sentence costs (BPE is quadratic in a word's length: one 1 MB word took 1-2.5 s).
+WORD_CHARS = 4096
+
+
+def bounded(caption: str) -> str:
+    """The part of a caption its first 77 CLIP tokens come from."""
+    return " ".join(word[:WORD_CHARS] for word in caption.split(maxsplit=CONTEXT_LENGTH)[:CONTEXT_LENGTH])
 
 
 class ClipTextTower(nn.Module):
@@ -63,7 +72,7 @@ class ClipTextEncoder:
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Token ids [N, 77] on the CPU, truncated to CLIP's context."""
-        return self.tokenizer(captions)
+        return self.tokenizer([bounded(caption) for caption in captions])
 
     def embed_rows(self, tokens: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """`embed` of the token rows at the given indices."""

@@ -70,3 +70,20 @@ def test_bf16_text_tower_stays_close_to_fp32(tiny_weights: dict[str, str], encod
     ours, reference = bf16.text.encode(CAPTIONS), encoder.text.encode(CAPTIONS)
     assert ours.dtype == np.float32 and np.abs(ours - reference).max() > 0  # bf16 did run
     assert (ours * reference).sum(axis=1).min() > 0.999
+
+
+def test_the_tokenizer_sees_only_what_the_first_77_tokens_come_from() -> None:
+    """bounded(caption) tokenizes as the whole caption does, for long captions of every kind of word (spaces,
+    punctuation, entities, digits, long words); a megabyte word is cut before BPE."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from curate.models.clip_text import WORD_CHARS, bounded
+
+    tokenizer = SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    rng = np.random.default_rng(0)
+    pieces = ["sunset", "over", "the", "Alps,", "&amp;", "2019", "dog's", "x" * 300, "Café", "—", "a\tb",
+              "IMG_1234.JPG", "naïve", "!!!", "supercalifragilisticexpialidocious" * 5, "  ", "\n"]
+    captions = [" ".join(rng.choice(pieces, size=n).tolist()) for n in (5, 76, 77, 78, 150, 400) for _ in range(5)]
+    assert torch.equal(tokenizer([bounded(c) for c in captions]), tokenizer(captions))
+    huge = "a" * (1 << 20)
+    assert len(bounded(huge)) == WORD_CHARS and len(bounded("word " * 100_000).split()) == CONTEXT_LENGTH
