@@ -164,18 +164,10 @@ def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, in
 
 
 def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
-    """Add the download columns; rows already flagged are not fetched, failed ones get the download reason."""
-    chunks = list(download_chunks(table, options))
+    """Add the download columns; rows already flagged are not fetched, failed ones get the download reason. The
+    whole table's images in memory: the local engine streams its parts through download_stream instead."""
+    chunks = [chunk for _, chunk in download_stream([table], options)]
     return pa.concat_tables(chunks) if chunks else with_download_results(with_verdict_columns(table), [])
-
-
-def download_chunks(table: pa.Table, options: DownloadOptions, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """download(table) as consecutive slices of `rows` rows, each yielded once its rows are done.
-
-    Memory is bounded by the fetch window (WINDOW_PER_THREAD results per thread ahead of the oldest unfinished row)
-    and one slice, not by the table: a 10,000-row part of 1024 px images is gigabytes.
-    """
-    return (chunk for _, chunk in download_stream([table], options, rows))
 
 
 class _Batch:
