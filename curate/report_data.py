@@ -173,23 +173,31 @@ def aesthetic_picks(out: Location, threshold: float, k: int) -> dict[str, list[i
 
 def duplicate_groups(out: Location, sampled: dict[str, list[int]], groups: int,
                      members: int) -> list[tuple[int | None, list[int]]]:
-    """(survivor row, dropped copies) per group; the ledger's detail names the survivor's key."""
+    """(survivor row, dropped copies) per group. The ledger's detail names the survivor: its key for the content
+    duplicates, its row for duplicate_url (a url+caption repeat shares the survivor's key)."""
     chosen_rows = [row for reason, rows in sampled.items() if reason.startswith("duplicate_") for row in rows]
     if not chosen_rows:
         return []
     ledger = out / "ledger.parquet"
-    first = storage.read_table(ledger, columns=[ROW, "detail"], filters=[(ROW, "in", chosen_rows)])
-    survivors = list(dict.fromkeys(v for v in first.sort_by(ROW)["detail"].to_pylist() if v))[:groups]
-    copies: dict[str, list[int]] = {key: [] for key in survivors}
+    first = storage.read_table(ledger, columns=[ROW, "reason", "detail"], filters=[(ROW, "in", chosen_rows)])
+    first = first.sort_by(ROW).to_pylist()
+    picked = list(dict.fromkeys(_survivor_ref(r["reason"], r["detail"]) for r in first if r["detail"]))[:groups]
+    copies: dict[tuple[bool, str], list[int]] = {ref: [] for ref in picked}
+    details = pa.array(sorted({detail for _, detail in picked}))
     for batch in ledger_batches(ledger, [ROW, "reason", "detail"]):
-        mask = pc.and_(pc.starts_with(batch.column("reason"), "duplicate_"),
-                       pc.is_in(batch.column("detail"), pa.array(survivors)))
+        mask = pc.and_(pc.starts_with(batch.column("reason"), "duplicate_"), pc.is_in(batch.column("detail"), details))
         hits = batch.filter(mask)
-        for row, key in zip(hits.column(ROW).to_pylist(), hits.column("detail").to_pylist(), strict=True):
-            if len(copies[key]) < members:
-                copies[key].append(row)
-    found = survivor_rows(out, survivors)
-    return [(found.get(key), copies[key]) for key in survivors]
+        for row, reason, detail in zip(*(hits.column(c).to_pylist() for c in (ROW, "reason", "detail")), strict=True):
+            group = copies.get(_survivor_ref(reason, detail))
+            if group is not None and len(group) < members:
+                group.append(row)
+    found = survivor_rows(out, [detail for by_row, detail in picked if not by_row])
+    return [(int(detail) if by_row else found.get(detail), copies[(by_row, detail)]) for by_row, detail in picked]
+
+
+def _survivor_ref(reason: str, detail: str) -> tuple[bool, str]:
+    """(whether detail is the survivor's row, detail)."""
+    return reason == "duplicate_url", detail
 
 
 def survivor_rows(out: Location, keys: list[str]) -> dict[str, int]:
