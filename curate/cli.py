@@ -1,4 +1,4 @@
-"""The `curate` command line: a thin typer app over curate.pipeline; the one place that writes to the terminal."""
+"""The `curate` command line: a thin typer app over curate.pipeline.run; the one place that writes to the terminal."""
 
 
 import inspect
@@ -15,11 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from curate import pipeline, storage
-from curate.accounting import drop_counts
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
+from curate.pipeline import run as pipeline
+from curate.pipeline.accounting import drop_counts
+from curate.pipeline.plan import STAGE_NAMES
 from curate.schema import DROP_REASON, DROP_STAGE, KEY
-from curate.stage_plan import STAGE_NAMES
+from curate.storage import files as storage
 
 
 class _PlainFlags:
@@ -229,7 +230,7 @@ def retry(output: OutputArgument,
 @app.command(cls=Command)
 def verify(output: OutputArgument) -> None:
     """Re-read every shard: sha256, sample counts, jpg/txt/json per sample; exit 1 on any mismatch."""
-    from curate.verify import verify as verify_output
+    from curate.wds.verify import verify as verify_output
 
     problems = verify_output(output)
     for problem in problems:
@@ -243,7 +244,7 @@ def verify(output: OutputArgument) -> None:
 @app.command(cls=Command)
 def report(output: OutputArgument) -> None:
     """Rebuild OUT/report.html (funnel, distributions, image grids, shard plan) from a finished run."""
-    from curate.report import build_report
+    from curate.report.build import build_report
 
     try:
         path = build_report(output)
@@ -256,7 +257,7 @@ def report(output: OutputArgument) -> None:
 def demo(output: Output = Path("demo-out"),
          rows: Annotated[int, typer.Option(help="Rows in the generated sample.")] = 400) -> None:
     """Build a LAION-schema sample, serve its images on 127.0.0.1 and run the pipeline on it."""
-    from curate.demo import run_demo
+    from curate.tools.demo import run_demo
 
     bars, update = _progress()
     with bars:
@@ -278,7 +279,7 @@ def score_embeddings(
 ) -> None:
     """Aesthetic scores and NSFW probabilities (punsafe) from precomputed CLIP embeddings (LAION's img_emb), before
     any image is downloaded."""
-    from curate.score_embeddings import score_embeddings as score
+    from curate.tools.score_embeddings import score_embeddings as score
 
     try:
         rows = score(embeddings, output, metadata, aesthetic_weights, aesthetic_head, model_cache,
@@ -300,7 +301,7 @@ def dedup_embeddings_command(
         seed: Annotated[int, typer.Option(help="Seed of the k-means.")] = 0,
         workers: Annotated[int, typer.Option(help="Processes for the per-cluster search.")] = 1) -> None:
     """Find semantic near-duplicates in precomputed CLIP embeddings, before any image is downloaded."""
-    from curate.dedup_embeddings import dedup_embeddings
+    from curate.tools.dedup_embeddings import dedup_embeddings
 
     try:
         result = dedup_embeddings([str(path) for path in embeddings], str(output), threshold,

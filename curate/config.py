@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
+from curate.pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
 
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
@@ -25,7 +25,7 @@ AESTHETIC_HEADS = ("v2", "v1")
 class Config:
     """Every option of `curate run`; field names are the long option names with '_' for '-'."""
 
-    recipe: str = DEFAULT_RECIPE  # a preset of the options below (curate.recipes); given options win over it
+    recipe: str = DEFAULT_RECIPE  # a preset of the options below (curate.pipeline.recipes); given options win over it
     # prefilter and select
     min_size: int = 512
     threshold: float = 5.0

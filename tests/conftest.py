@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from curate.config import Config
-from curate.server import ImageServer, Response
 from curate.stages.ingest import key_of
+from curate.testing.server import ImageServer, Response
 
 
 def make_jpeg(width: int, height: int, seed: int) -> bytes:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import io
+from curate.storage import checkpoint as io
 
 
 def _alive(table: pa.Table) -> pa.ChunkedArray:

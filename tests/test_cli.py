@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from curate import pipeline
 from curate.cli import app
 from curate.config import default_of, option_fields
+from curate.pipeline import run as pipeline
 
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 

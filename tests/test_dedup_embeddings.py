@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.dedup_embeddings import OUTPUT_SCHEMA, ConcatenatedVectors, dedup_embeddings
+from curate.tools.dedup_embeddings import OUTPUT_SCHEMA, ConcatenatedVectors, dedup_embeddings
 
 DIM = 96
 

@@ -31,7 +31,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_fsspec_url_inputs(tmp_path, corpus_factory, config_factory):
-    from curate.pipeline import run_local
+    from curate.pipeline.run import run_local
 
     corpus = corpus_factory(30)
     stats = run_local([f"file://{corpus.path}"], tmp_path / "out", config_factory(world_size=2, workers_per_rank=1))

@@ -11,8 +11,8 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from curate.cli import app
-from curate.pipeline import rerun_stage, run_local
-from curate.verify import verify
+from curate.pipeline.run import rerun_stage, run_local
+from curate.wds.verify import verify
 
 
 def _shards(out: Path) -> list[Path]:

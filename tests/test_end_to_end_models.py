@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.models.testing import write_tiny_weights
-from curate.pipeline import run_local
-from curate.verify import verify
+from curate.pipeline.run import run_local
+from curate.wds.verify import verify
 
 
 @pytest.fixture(scope="module")

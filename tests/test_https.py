@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.fetch import FetchError, FetchPolicy, Session, fetch
+from curate.net.fetch import FetchError, FetchPolicy, Session, fetch
 from tests.hostile.conftest import jpeg
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from curate.config import Config
-from curate.pipeline import run_local
+from curate.pipeline.run import run_local
 from curate.schema import json_schema
-from curate.server import ImageServer, Response
+from curate.testing.server import ImageServer, Response
 
 torch = pytest.importorskip("torch")
 from curate.loader import iter_samples, make_loader, read_shardlist  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from curate.config import Config, load_config
-from curate.recipes import DEFAULT_RECIPE, RECIPES
+from curate.pipeline.recipes import DEFAULT_RECIPE, RECIPES
 from curate.stages.verdict import above, below
 
 
@@ -57,8 +57,8 @@ def test_bad_recipe_and_caption_options_are_named():
 
 def test_curate_run_recipe_sdxl_on_the_demo_corpus(tmp_path):
     from curate.cli import app
-    from curate.demo import sample_rows, write_sample
-    from curate.server import ImageServer
+    from curate.testing.server import ImageServer
+    from curate.tools.demo import sample_rows, write_sample
 
     routes, rows = sample_rows(40)
     passing = {"punsafe": 0.0, "pwatermark": 0.0, "AESTHETIC_SCORE": 7.0, "WIDTH": 1024.0, "HEIGHT": 1024.0}

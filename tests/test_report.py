@@ -18,12 +18,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from curate import pipeline, report_data
 from curate.cli import app
 from curate.config import Config
-from curate.demo import generated_image, jpeg
-from curate.report import PER_GRID, build_report
-from curate.server import ImageServer, Response
+from curate.pipeline import run as pipeline
+from curate.report import data as report_data
+from curate.report.build import PER_GRID, build_report
+from curate.testing.server import ImageServer, Response
+from curate.tools.demo import generated_image, jpeg
 
 THRESHOLD, MIN_SIZE = 5.0, 64
 
@@ -240,7 +241,7 @@ def test_report_renders_in_a_browser(run_output: Path, tmp_path: Path) -> None:
 
 
 def test_metadata_vs_measured_scatter_needs_model_scores() -> None:
-    from curate.report_plots import metadata_vs_measured
+    from curate.report.plots import metadata_vs_measured
 
     values = {"metadata_aesthetic": [5.0, 6.0, 7.0], "measured_aesthetic": [5.2, 5.9, 6.5],
               "metadata_watermark": [0.1, 0.5, 0.9], "measured_watermark": [0.2, 0.4, 0.95]}
@@ -249,7 +250,7 @@ def test_metadata_vs_measured_scatter_needs_model_scores() -> None:
     assert metadata_vs_measured(model.set_column(4, "scores_source", pa.array(["metadata"] * 3))) is None
 
 
-# --- safety and CLIP-score parts (curate/report_scores.py) ---
+# --- safety and CLIP-score parts (curate/report/scores.py) ---
 
 def _served_run(root: Path, rows: list[dict[str, Any]], routes: dict[str, Response], config: Config) -> Path:
     with ImageServer(routes) as server:
@@ -285,7 +286,7 @@ def _thumbnail_detail(uri: str) -> float:
 
 
 def test_safety_grid_straddles_the_cut_and_blurs_the_dropped(safety_output: Path) -> None:
-    from curate import report_scores
+    from curate.report import scores as report_scores
 
     cut = report_scores.cuts({"max_unsafe": 0.5})[0]
     picks = report_scores.cut_picks(safety_output, cut, PER_GRID)
@@ -306,7 +307,7 @@ def test_safety_grid_straddles_the_cut_and_blurs_the_dropped(safety_output: Path
 
 
 def test_only_rows_above_the_safety_cut_are_blurred(safety_output: Path) -> None:
-    from curate import report_scores
+    from curate.report import scores as report_scores
 
     text = (safety_output / "report.html").read_text()
     blurred = {int(r) for r in re.findall(r'<figure data-blurred="true"[^>]*data-row="(\d+)"', text)}
@@ -318,7 +319,7 @@ def test_only_rows_above_the_safety_cut_are_blurred(safety_output: Path) -> None
 
 
 def test_score_charts_appear_only_for_scores_present(run_output: Path, safety_output: Path) -> None:
-    from curate import report_scores
+    from curate.report import scores as report_scores
 
     stats = json.loads((run_output / "stats.json").read_text())
     assert report_scores.charts(report_data.distribution_sample(run_output, stats["input_rows"]), {}) == []
@@ -346,7 +347,7 @@ def clip_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
 
 
 def test_clip_score_grid_straddles_the_cut(clip_output: tuple[Path, float]) -> None:
-    from curate import report_scores
+    from curate.report import scores as report_scores
 
     out, cut = clip_output
     picks = report_scores.cut_picks(out, report_scores.cuts({"min_clip_score": cut})[1], PER_GRID)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline import run_local
-from curate.server import Response
+from curate.pipeline.run import run_local
 from curate.stages.ingest import SOURCE_PREFIX, canonical_names, reserved_columns
+from curate.testing.server import Response
 from tests.conftest import make_jpeg
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from curate.models import AestheticPredictor, SafetyDetector
 from curate.models.testing import tiny_safety, write_tiny_aesthetic, write_tiny_safety
-from curate.score_embeddings import score_embeddings
+from curate.tools.score_embeddings import score_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from curate import storage
 from curate.cli import app
-from curate.verify import verify
+from curate.storage import files as storage
+from curate.wds.verify import verify
 
 OPTIONS = ["--scores", "metadata", "--world-size", "4", "--workers-per-rank", "1", "--min-size", "256",
            "--image-size", "256", "--allow-private-network", "--threshold", "5.0"]

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.pipeline import run_local
-from curate.server import ImageServer, Response
+from curate.pipeline.run import run_local
+from curate.testing.server import ImageServer, Response
 from tests.conftest import make_jpeg
 
 ROWS = 40

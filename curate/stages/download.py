@@ -1,4 +1,5 @@
-"""Download: fetch every alive row politely (curate.fetch.Session), decode once, resize, measure; a status per row."""
+"""Download: fetch every alive row politely (curate.net.fetch.Session), decode once, resize, measure; a status
+per row."""
 
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curate.fetch import FetchError, FetchPolicy, Session, fetch, is_transient
-from curate.images import DecodeError, decode, encode_jpeg, hash_copy, planned_size, prepare, resized
+from curate.net.fetch import FetchError, FetchPolicy, Session, fetch, is_transient
 from curate.schema import (
     DOWNLOAD_BYTES,
     DROP_DETAIL,
@@ -45,6 +45,7 @@ from curate.schema import (
     table_schema,
 )
 from curate.stages.buckets import BucketResizer, crop_columns
+from curate.stages.images import DecodeError, decode, encode_jpeg, hash_copy, planned_size, prepare, resized
 from curate.stages.verdict import alive, with_reason, with_verdict_columns
 
 

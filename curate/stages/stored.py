@@ -24,7 +24,7 @@ from curate.stages.download import (
     with_download_results,
 )
 from curate.stages.verdict import alive, with_verdict_columns
-from curate.webdataset_input import read_stored
+from curate.wds.reader import read_stored
 
 # img2dataset measured the image before it resized it: that is the true original size.
 SOURCE_ORIGINAL = {ORIGINAL_WIDTH: "source_original_width", ORIGINAL_HEIGHT: "source_original_height"}

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate import fetch
 from curate.config import Config
-from curate.pipeline import run_local
-from curate.server import ImageServer, Response
+from curate.net import fetch
+from curate.pipeline.run import run_local
+from curate.testing.server import ImageServer, Response
 
 TIMEOUT = 1.5  # seconds per URL: small, so the stalling servers cost little
 

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curate.images import DecodeError, prepare
-from curate.server import ImageServer, Response
+from curate.stages.images import DecodeError, prepare
+from curate.testing.server import ImageServer, Response
 from tests.hostile.conftest import encode, outcomes, picture, png_declaring, png_rgba16, row, run_rows, serve
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from curate.cli import app
-from curate.server import ImageServer, Response
+from curate.testing.server import ImageServer, Response
 from tests.hostile.conftest import jpeg, row, serve, write_rows
 from tests.hostile.test_rows import row_cases
 

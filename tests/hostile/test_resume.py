@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline import retry_failed
-from curate.server import ImageServer, Response
+from curate.pipeline.run import retry_failed
+from curate.testing.server import ImageServer, Response
 from tests.hostile.conftest import hostile_config, jpeg, outcomes, row, run_rows, serve, write_rows
 
 log = logging.getLogger(__name__)

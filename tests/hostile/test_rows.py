@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from curate.cli import app
-from curate.pipeline import run_local
-from curate.server import ImageServer, Response
+from curate.pipeline.run import run_local
 from curate.stages.shard import check_key, sample_bytes
+from curate.testing.server import ImageServer, Response
 from tests.hostile.conftest import hostile_config, jpeg, outcomes, row, run_rows, serve, write_rows
 
 LONG_CAPTION = "word " * 20_000  # 100 KB

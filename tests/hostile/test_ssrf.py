@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from curate import fetch as fetch_module
-from curate.fetch import FetchError, FetchPolicy, fetch, refusal, resolve
-from curate.server import ImageServer, Response, _Handler
+from curate.net import fetch as fetch_module
+from curate.net.fetch import FetchError, FetchPolicy, fetch, refusal, resolve
+from curate.testing.server import ImageServer, Response, _Handler
 from tests.hostile.conftest import jpeg, outcomes, row, run_rows, serve
 
 BLOCKED_ADDRESSES = ["127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "169.254.169.254",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.fetch import FetchError, FetchPolicy, fetch, is_disallowed, is_transient
-from curate.server import ImageServer, Response
+from curate.net.fetch import FetchError, FetchPolicy, fetch, is_disallowed, is_transient
+from curate.testing.server import ImageServer, Response
 from tests.hostile.conftest import TIMEOUT, jpeg, outcomes, row, run_rows, serve
 
 MAX_BYTES = 200_000
@@ -193,7 +193,7 @@ POLICY = FetchPolicy(timeout=TIMEOUT, allow_private_network=True)
 def test_at_most_max_per_host_requests_in_flight(keep_alive: KeepAliveServer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from curate.fetch import Session
+    from curate.net.fetch import Session
 
     for i in range(12):
         keep_alive.routes[f"/{i}.jpg"] = [(200, {}, jpeg(i), 0.1)]
@@ -206,7 +206,7 @@ def test_at_most_max_per_host_requests_in_flight(keep_alive: KeepAliveServer) ->
 
 def test_a_kept_alive_connection_is_reused_and_never_reaches_a_refused_address(
         keep_alive: KeepAliveServer, fake_dns: dict[str, str]) -> None:
-    from curate.fetch import Session
+    from curate.net.fetch import Session
 
     keep_alive.routes["/a.jpg"] = [(200, {}, jpeg(1), 0.0)]
     fake_dns.update({"img.test": "127.0.0.1", "other.test": "127.0.0.1"})
@@ -227,7 +227,7 @@ def test_a_kept_alive_connection_is_reused_and_never_reaches_a_refused_address(
 
 
 def test_a_connection_the_server_closed_is_replaced(keep_alive: KeepAliveServer) -> None:
-    from curate.fetch import Session
+    from curate.net.fetch import Session
 
     keep_alive.routes["/a.jpg"] = [(200, {}, jpeg(2), 0.0)]
     with Session() as session:
@@ -253,7 +253,7 @@ def test_retry_after_is_honoured_within_the_deadline(keep_alive: KeepAliveServer
 
 
 def test_a_host_that_keeps_failing_rests(keep_alive: KeepAliveServer) -> None:
-    from curate.fetch import FAILURES_BEFORE_BACKOFF, Session
+    from curate.net.fetch import FAILURES_BEFORE_BACKOFF, Session
 
     keep_alive.routes["/down.jpg"] = [(500, {}, b"", 0.0)]
     with Session() as session:

@@ -49,7 +49,7 @@ def test_near_pairs_in_blocks_match_brute_force(monkeypatch):
 def test_spark_components_are_the_local_groups():
     """The Spark driver's union-find over hash pairs labels each hash with its component's smallest hash, grouping
     the hashes exactly as the local engine's phash_groups does."""
-    from curate.engines.spark_dedup import components
+    from curate.executors.spark.dedup import components
 
     rng = np.random.default_rng(2)
     hashes = np.unique(rng.integers(0, 2**10, size=200, dtype=np.uint64))

@@ -12,8 +12,8 @@ from PIL import Image
 
 from bench.corpus import photo_like
 from curate.config import Config, download_workers
-from curate.images import decode, planned_size, prepare
 from curate.stages.download import DownloadOptions, process_body, resizer_for
+from curate.stages.images import decode, planned_size, prepare
 
 # Agreement with img2dataset's Resizer, in 8-bit levels over the decoded outputs: with DCT scaling (target at most
 # half the original), mean |diff| <= 2.5 and max <= 48; without it the same area resize, mean <= 0.5.

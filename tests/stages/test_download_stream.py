@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.config import Config
-from curate.engines.local import LocalRun
-from curate.fetch import FetchPolicy
-from curate.io import Checkpoint
-from curate.server import ImageServer, Response
+from curate.executors.local.engine import LocalRun
+from curate.net.fetch import FetchPolicy
 from curate.stages.download import DownloadOptions, download_stream
+from curate.storage.checkpoint import Checkpoint
+from curate.testing.server import ImageServer, Response
 from tests.conftest import make_jpeg
 
 FAST = [f"/b{i}.jpg" for i in range(6)]

@@ -18,7 +18,7 @@ from curate.config import Config
 from curate.models import AestheticPredictor, ClipEncoder, WeightsError
 from curate.models.testing import two_tone_jpeg as jpeg
 from curate.models.testing import write_tiny_weights
-from curate.pipeline import recut, run_local
+from curate.pipeline.run import recut, run_local
 from curate.schema import (
     AESTHETIC_SCORE,
     DROP_DETAIL,

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import storage
 from curate.schema import JPG, TAR_OFFSET, TAR_PATH, TAR_SIZE
 from curate.stages.download import DownloadOptions, binary_column, image_bytes_last
 from curate.stages.stored import decode_stored, decode_stored_chunks
+from curate.storage import files as storage
 from tests.conftest import make_jpeg
 
 
@@ -75,7 +75,7 @@ def test_image_column_is_stored_plain_in_small_row_groups(tmp_path) -> None:
 
 
 def test_image_views_span_chunks_without_copying_them() -> None:
-    from curate.writer import _binary_views
+    from curate.wds.writer import _binary_views
 
     values = [b"a", None, b"", b"xyz", b"1234", None, b"q"]
     column = pa.chunked_array([pa.array(values[:3], pa.binary()), pa.array(values[3:], pa.binary()).slice(1),

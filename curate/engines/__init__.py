@@ -1,1 +1,0 @@
-"""Engines drive the stage functions: local (in-process, process pool) and Spark."""

@@ -1,0 +1,123 @@
+"""The local engine's download pool: worker processes pull groups of prefilter parts from one queue and stream them
+through one fetch session and one thread pool each, writing every download part as soon as its rows are done.
+
+A worker never waits on the last, slowest URLs of a group with its other threads idle: the next group's rows are
+fetched meanwhile (curate.stages.download.download_stream). The span from the first part's start to the last part's
+end in any worker is the stage's work time, its processes' start-up excluded (what img2dataset's shard times show).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import queue
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from curate.stages.download import DownloadOptions, download, download_stream
+from curate.stages.verdict import alive
+from curate.storage import checkpoint as io
+from curate.storage import files as storage
+
+Span = tuple[float, float]  # wall-clock start and end of a worker's work (time.time(), comparable across processes)
+_tasks: Any = None  # the worker processes' queues, set by _initialize
+_reports: Any = None
+
+
+def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, stored: bool, processes: int,
+                   progress: Callable[[int], None]) -> float:
+    """Prefilter parts to download parts, `groups` of them at a time; progress(parts) as parts are written. Returns
+    the seconds from the first part's start to the last part's end (worker start-up excluded)."""
+    if processes <= 1:
+        tasks: Any = queue.SimpleQueue()
+        _fill(tasks, groups, 1)
+        return _seconds([_work(out, options, stored, tasks, progress)])
+    # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
+    context = multiprocessing.get_context("spawn")
+    tasks, reports = context.Queue(), context.Queue()
+    _fill(tasks, groups, processes)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_initialize,
+                             initargs=(tasks, reports)) as pool:
+        futures = [pool.submit(_worker, out, options, stored) for _ in range(processes)]
+        while not all(future.done() for future in futures):
+            try:
+                progress(reports.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        spans = [future.result() for future in futures]  # a worker's error is raised here
+    while True:  # reports still in the pipe when the last worker finished
+        try:
+            progress(reports.get_nowait())
+        except queue.Empty:
+            break
+    return _seconds(spans)
+
+
+def _fill(tasks: Any, groups: list[list[int]], workers: int) -> None:
+    for group in groups:
+        tasks.put(group)
+    for _ in range(workers):
+        tasks.put(None)  # one end marker per worker call
+
+
+def _seconds(spans: list[Span | None]) -> float:
+    found = [span for span in spans if span is not None]
+    return max(end for _, end in found) - min(start for start, _ in found) if found else 0.0
+
+
+def _initialize(tasks: Any, reports: Any) -> None:
+    global _tasks, _reports
+    _tasks, _reports = tasks, reports
+
+
+def _worker(out: str, options: DownloadOptions, stored: bool) -> Span | None:
+    return _work(out, options, stored, _tasks, _reports.put)
+
+
+def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
+          report: Callable[[int], None]) -> Span | None:
+    """Groups from tasks until the end marker; None when there were none left for this worker."""
+    started = time.time()
+    groups: Iterator[list[int]] = iter(tasks.get, None)
+    first = next(groups, None)
+    if first is None:
+        return None
+    groups = itertools.chain([first], groups)
+    source, target = io.Checkpoint(out, "prefilter"), io.Checkpoint(out, "download")
+    if stored:
+        for group in groups:
+            _decode_stored_group(source, target, group, options)
+            report(len(group))
+        return started, time.time()
+    indices: list[int] = []  # the part index of each table in the stream
+
+    def tables() -> Iterator[pa.Table]:
+        for group in groups:
+            for index in group:
+                part = storage.read_table(source.part_path(index))
+                if part.num_rows:
+                    indices.append(index)
+                    yield part
+                else:  # no rows to fetch: written at once, with the download columns
+                    empty = download(part, options)
+                    target.write_split(index, empty, alive(empty))
+                    report(1)
+
+    for number, pieces in itertools.groupby(download_stream(tables(), options), key=lambda item: item[0]):
+        target.write_split_pieces(indices[number], (chunk for _, chunk in pieces), alive)
+        report(1)
+    return started, time.time()
+
+
+def _decode_stored_group(source: io.Checkpoint, target: io.Checkpoint, group: list[int],
+                         options: DownloadOptions) -> None:
+    """WebDataset input: the images are in the rows already; each part decoded, checked and written in slices."""
+    from curate.stages.stored import decode_stored_chunks
+
+    for index in group:
+        part = storage.read_table(source.part_path(index))
+        target.write_split_pieces(index, decode_stored_chunks(part, options), alive)

@@ -1,0 +1,1 @@
+"""HTTP for the download stage: the SSRF-guarded fetch session and its connections."""

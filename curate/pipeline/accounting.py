@@ -1,0 +1,93 @@
+"""The run's books: ledger, samples, stats.json, and the check that every input row is accounted for."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.pipeline.plan import STAGE_NAMES
+from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
+
+
+class AccountingError(RuntimeError):
+    pass
+
+
+def ledger_table(table: pa.Table) -> pa.Table:
+    """One row per dropped input row: key, row, url, stage, reason, detail."""
+    dropped = table.filter(pc.is_valid(table[DROP_REASON]))
+    columns = {KEY: dropped[KEY], ROW: dropped[ROW], URL: dropped[URL], "stage": dropped[DROP_STAGE],
+               "reason": dropped[DROP_REASON], "detail": dropped[DROP_DETAIL]}
+    return pa.table(columns).cast(table_schema("ledger")).sort_by(ROW)
+
+
+def samples_table(table: pa.Table) -> pa.Table:
+    """One row per kept sample, the samples schema's columns first, then the metadata carried through."""
+    kept = table.filter(pc.and_(pc.is_null(table[DROP_REASON]), pc.greater_equal(table[SHARD], 0)))
+    schema = table_schema("samples")
+    first = [kept[f.name].cast(f.type) for f in schema]
+    skip = set(schema.names) | {DROP_STAGE, DROP_REASON, DROP_DETAIL, "jpg", "embedding", "status", "error"}
+    rest = [name for name in kept.column_names if name not in skip]
+    return pa.table(first + [kept[name] for name in rest], names=schema.names + rest).sort_by(
+        [(SHARD, "ascending"), ("position", "ascending")])
+
+
+def check_accounting(input_rows: int, samples: pa.Table, ledger: pa.Table) -> None:
+    """input rows = kept + dropped, and every input row number appears exactly once."""
+    rows = np.sort(np.concatenate([samples[ROW].to_numpy(), ledger[ROW].to_numpy()]))
+    if len(rows) != input_rows or not np.array_equal(rows, np.arange(input_rows)):
+        missing = np.setdiff1d(np.arange(input_rows), rows)[:10].tolist()
+        raise AccountingError(
+            f"accounting failed: {input_rows} input rows, {samples.num_rows} kept + {ledger.num_rows} dropped "
+            f"= {samples.num_rows + ledger.num_rows}; first missing rows: {missing}"
+        )
+
+
+def check_rows(low: int, high: int, rows: np.ndarray) -> None:
+    """The kept and dropped row numbers of one input range are exactly low … high - 1, each once."""
+    rows = np.sort(rows)
+    if len(rows) != high - low or not np.array_equal(rows, np.arange(low, high)):
+        missing = np.setdiff1d(np.arange(low, high), rows)[:10].tolist()
+        repeated = rows[1:][rows[1:] == rows[:-1]][:10].tolist()
+        raise AccountingError(f"accounting failed for input rows {low}-{high - 1}: {len(rows)} accounted for; "
+                              f"first missing rows: {missing}; first rows counted twice: {repeated}")
+
+
+def drop_counts(ledger: pa.Table, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """{stage: {reason: count}} in pipeline order, added to `into` (the counts of earlier ledger pieces)."""
+    counts: dict[str, dict[str, int]] = {stage: dict(reasons) for stage, reasons in (into or {}).items()}
+    for row in ledger.group_by(["stage", "reason"]).aggregate([(KEY, "count")]).to_pylist():
+        reasons = counts.setdefault(row["stage"], {})
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + row[f"{KEY}_count"]
+    order = STAGE_NAMES
+    return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=_rank(order))}
+
+
+def _rank(order: list[str]) -> Any:
+    return lambda stage: order.index(stage) if stage in order else len(order)
+
+
+def funnel(input_rows: int, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """Rows remaining after each stage."""
+    remaining, steps = input_rows, [{"stage": "input", "rows": input_rows, "dropped": 0}]
+    for stage in [name for name in STAGE_NAMES if name != "ingest" or name in counts]:  # ingest: broken tars only
+        dropped = sum(counts.get(stage, {}).values())
+        remaining -= dropped
+        steps.append({"stage": stage, "rows": remaining, "dropped": dropped})
+    return steps
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("curate", "pyarrow", "img2dataset", "webdataset", "pyspark", "torch", "open_clip_torch", "timm",
+                    "faiss-cpu"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found

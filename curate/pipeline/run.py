@@ -1,0 +1,203 @@
+"""What `curate run` and the per-stage commands do, on the local engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.config import Config
+from curate.executors.local.engine import LocalRun, Progress
+from curate.executors.local.shard import finish, shard
+from curate.pipeline.plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, options_read_by
+from curate.schema import ROW
+from curate.stages.download import retry_transient
+from curate.stages.shard import fitting_plan
+from curate.stages.verdict import alive
+from curate.storage import checkpoint as io
+from curate.storage import files as storage
+from curate.storage.files import Location
+
+log = logging.getLogger(__name__)
+
+
+
+def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
+    """Ledger, samples and stats, then OUT/report.html from them."""
+    from curate.report.build import build_report
+
+    stats = finish(run, started)
+    report = build_report(run.out)
+    if stats["kept"] == 0:
+        raise NothingKept(f"no sample was kept: all {stats['input_rows']} input rows were dropped. The ledger, "
+                          f"stats.json and the report say why: {report}")
+    return stats
+
+
+def check_same_run(out: Location, config: Config, inputs: list[str]) -> set[str]:
+    """A rerun into an existing output resumes it: only options later stages read may change (stage_plan); refuse
+    anything else. Returns the options that changed."""
+    path = out / "stages" / "run.json"
+    settings, changed = config.to_dict(), set()
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier["inputs"] != inputs:
+            raise ValueError(f"{out} holds a run over {earlier['inputs']}; use another --output for {inputs}")
+        changed = {k for k, v in earlier["config"].items() if settings.get(k) != v}
+        refused = sorted(changed - RERUN_OPTIONS)
+        if refused:
+            raise ValueError(f"{out} holds a run with other values of {refused}; use another --output, "
+                             "or `curate select`/`curate shard` to re-cut it")
+    io.write_json({"inputs": inputs, "config": settings}, path)
+    return changed
+
+
+class NothingKept(ValueError):
+    """Every input row was dropped: the books and the report are written, the command still fails."""
+
+
+def check_shard_plan_fits(run: LocalRun, stage: str) -> None:
+    """Stop after a stage when the rows still alive cannot fill one sample per shard (before more is downloaded)."""
+    c = run.config
+    unit = c.world_size * c.workers_per_rank
+    live = run.live_rows(stage)
+    if 0 < live < unit:
+        resume = ("nothing was downloaded yet" if stage == "prefilter" else
+                  "the stages so far are checkpointed: rerun the same `curate run` command with the new values "
+                  "and it resumes without downloading again")
+        raise TooFewRows(
+            f"only {live} rows are left after {stage}, fewer than the {unit} shards that --world-size "
+            f"{c.world_size} x --workers-per-rank {c.workers_per_rank} need (one sample per data-loader worker at "
+            f"least); stopped before the next stage. Choose values that fit, e.g. "
+            f"{fitting_plan(live, c.world_size, c.workers_per_rank)}, or loosen the thresholds; {resume}")
+
+
+class TooFewRows(ValueError):
+    """The live rows cannot fill the shard plan the options ask for."""
+
+
+def run_local(inputs: list[str], output: str | Path, config: Config,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Every stage, resuming after the last finished one; returns stats.json's content."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    if run.out.exists() and not run.out.is_dir():
+        raise ValueError(f"--output {run.out} is a file; give a folder (it is created)")
+    files = run.check_inputs(inputs)  # a bad input leaves no trace in OUT, so a corrected rerun is not refused
+    changed = check_same_run(run.out, config, inputs)
+    for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
+        log.info("removed %s, left by an interrupted run", leftover)
+    run.ingest(inputs, files)
+    scores = run.resolve_scores()
+    if scores == "metadata":
+        run.require_metadata_scores()
+    else:
+        from curate.executors.local.engine import _load_scorer
+
+        _load_scorer(config)  # a missing weight stops the run before any download
+    run.prefilter(scores)
+    check_shard_plan_fits(run, "prefilter")
+    run.download()
+    check_shard_plan_fits(run, "download")
+    run.score(scores)
+    check_shard_plan_fits(run, "score")
+    run.dedup(force=bool(changed & options_read_by("dedup")))  # the survivor rule reads the thresholds
+    check_shard_plan_fits(run, "dedup")
+    run.select(force=True)
+    shard(run)
+    return finish_and_report(run, started)
+
+
+def recut(output: str | Path, config: Config, progress: Progress | None = None,
+          reselect: bool = True) -> dict[str, Any]:
+    """Select again with new thresholds and/or shard again, from the checkpoints of a finished run."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    if not run.checkpoint("dedup").done:
+        raise ValueError(f"{output}: no finished dedup stage to re-cut; run `curate run` first")
+    if reselect:
+        run.dedup(force=True)  # the survivor rule depends on the thresholds
+        run.select(force=True)
+    shard(run)
+    record_config(run.out, config)
+    return finish_and_report(run, started)
+
+
+def retry_failed(output: str | Path, config: Config, progress: Progress | None = None) -> dict[str, Any]:
+    """Fetch again only the rows whose download failed with a transient error, then redo the later stages."""
+    started = time.perf_counter()
+    run = LocalRun(output, config, progress)
+    downloads = run.checkpoint("download")
+    if not downloads.done:
+        raise ValueError(f"{output}: no finished download stage; run `curate run` (it resumes) first")
+    io.remove_temporaries(run.out)
+    for later in ("score", "dedup", "select", "shard"):  # first, so a crash here can never leave them stale
+        run.checkpoint(later).reset()
+    options, retried = run.download_options(), 0
+    for index in range(len(downloads.parts())):
+        if not downloads.dropped_path(index).exists():
+            continue
+        redone, count = retry_transient(storage.read_table(downloads.dropped_path(index)), options)
+        if count:
+            fetched = redone.filter(alive(redone))
+            live = storage.read_table(downloads.part_path(index))
+            live = live.filter(pc.invert(pc.is_in(live[ROW], fetched[ROW])))  # a retry killed half-way ran again
+            merged = pa.concat_tables([live, fetched], promote_options="permissive").sort_by(ROW)
+            downloads.write_part(index, merged)  # first: a row may briefly be in both, never in neither
+            io.write_table(redone.filter(pc.invert(alive(redone))), downloads.dropped_path(index))
+            retried += count
+    log.info("retried %d rows whose download failed with a transient error", retried)
+    run.score(run.resolve_scores())
+    run.dedup()
+    run.select(force=True)
+    shard(run)
+    record_config(run.out, config)
+    return finish_and_report(run, started)
+
+
+def funnel_parts(output: str | Path, stage: str) -> list[Location]:
+    """Files that hold every input row once as of a stage: its checkpoint and the earlier stages' dropped rows."""
+    run = LocalRun(output, Config())
+    earlier = [name for name in DROPPING_STAGES if STAGE_NAMES.index(name) <= STAGE_NAMES.index(stage)]
+    return run.checkpoint(stage).parts() + [path for name in earlier for path in run.checkpoint(name).dropped_parts()]
+
+
+def record_config(out: Location, config: Config) -> None:
+    """Keep the run's inputs and store the settings a re-cut or re-run used, so a later resume compares to them."""
+    path = out / "stages" / "run.json"
+    io.write_json({"inputs": json.loads(path.read_text())["inputs"], "config": config.to_dict()}, path)
+
+
+def load_run_config(output: str | Path) -> Config:
+    """The configuration a finished run used."""
+    path = storage.location(output) / "stages" / "run.json"
+    if not path.exists():
+        raise ValueError(f"{output}: not a curate output folder (no stages/run.json)")
+    return Config(**json.loads(path.read_text())["config"])
+
+
+def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any] | None:
+    """Re-run one stage from the previous stage's checkpoint; later checkpoints are marked stale."""
+    run = LocalRun(output, config)
+    for later in STAGE_NAMES[STAGE_NAMES.index(stage):]:
+        marker = run.checkpoint(later).path / "_SUCCESS"
+        marker.unlink(missing_ok=True)
+    started = time.perf_counter()
+    record_config(run.out, config)  # what this command used is the run's setting from now on
+    if stage == "shard":
+        shard(run)
+        return finish_and_report(run, started)
+    scores = run.resolve_scores()
+    if stage == "download":
+        run.checkpoint("download").reset()
+    if stage == "score":
+        run.checkpoint("score").reset()
+    if stage == "select":
+        run.dedup(force=True)  # the survivor rule depends on the thresholds
+    getattr(run, stage)(*([scores] if stage in ("prefilter", "score") else []))
+    return None

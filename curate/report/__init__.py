@@ -1,0 +1,1 @@
+"""report.html: the data it shows, its charts and its HTML."""

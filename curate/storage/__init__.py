@@ -1,0 +1,1 @@
+"""fsspec storage for both executors: paths, atomic writes, checkpoints."""

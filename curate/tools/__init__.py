@@ -1,0 +1,1 @@
+"""Tools around a run: score-embeddings, dedup-embeddings, the demo."""

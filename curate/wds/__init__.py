@@ -1,0 +1,1 @@
+"""WebDataset: the one tar writer, reading img2dataset/WebDataset input, verify."""

@@ -1,0 +1,257 @@
+"""WebDataset input: tars already downloaded (img2dataset's output or any other) read as rows that point at their bytes.
+
+A row is one sample: its caption (KEY.txt, else a json field), the scalar fields of KEY.json, and where its image lies
+(tar, offset, size, extension), so no image byte is copied before the decode stage reads it. img2dataset's per-shard
+parquet names the rows it failed to download: they count as input and go to the ledger with its error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import mmh3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.schema import (
+    CAPTION,
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
+    IMAGE_FORMAT,
+    LOCATION_COLUMNS,
+    TAR_OFFSET,
+    TAR_PATH,
+    TAR_SIZE,
+    URL,
+    VERDICT_COLUMNS,
+)
+from curate.stages.ingest import normalize
+from curate.storage import checkpoint as io
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset's image extensions, in order of preference
+STAGE = "ingest"
+# img2dataset's own json fields: width/height there are the stored (resized) size, not LAION's claimed one.
+IMG2DATASET_RENAMES = {"width": "source_width", "height": "source_height"}
+
+
+def is_webdataset(inputs: list[str], input_format: str) -> bool:
+    """`--input-format`, or for auto: every input is a .tar path/glob or a folder holding tars."""
+    if input_format != "auto":
+        return input_format == "webdataset"
+    return bool(inputs) and all(_names_tars(pattern) for pattern in inputs)
+
+
+def _names_tars(pattern: str) -> bool:
+    if pattern.rstrip("/").endswith(".tar"):
+        return True
+    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+    return any(fs.isdir(path) and any(p.endswith(".tar") for p in fs.find(path)) for path in paths)
+
+
+def expand_tars(patterns: list[str]) -> list[str]:
+    """Every tar the patterns name (paths, globs, folders, fsspec URLs), in a stable order."""
+    return io.expand_inputs(patterns, ".tar", "tar")
+
+
+def check_tar(path: str) -> None:
+    """Refuse a file that is no tar before any work starts (reads its first header only)."""
+    with fsspec.open(path, "rb") as handle:
+        header = handle.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as error:
+        raise ValueError(f"{path}: not a tar file ({error}); --input-format webdataset reads tars") from None
+
+
+@dataclass
+class _Sample:
+    key: str
+    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+    repeated: list[str] = field(default_factory=list)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name; the rest, the extension."""
+    folder, base = posixpath.split(name)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(folder, stem), extension.lower()
+
+
+def _samples(tar: tarfile.TarFile, path: str, size: int, damage: list[dict[str, Any]]) -> Iterator[_Sample]:
+    """Consecutive members of one key as a sample; stops at the first damage, which it records."""
+    current: _Sample | None = None
+    while True:
+        offset = tar.offset
+        try:
+            member = tar.next()
+        except (tarfile.TarError, EOFError, OSError) as error:
+            damage.append({"file": path, "offset": offset, "error": f"{type(error).__name__}: {error}"})
+            break
+        if member is None:
+            break
+        if member.offset_data + member.size > size:  # its bytes run past the end of the file: truncated
+            damage.append({"file": path, "offset": member.offset, "error": f"member {member.name!r} is truncated"})
+            break
+        if not member.isfile():
+            continue
+        key, extension = _split_name(member.name)
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = _Sample(key)
+        if extension in current.members:
+            current.repeated.append(member.name)
+        else:
+            current.members[extension] = member
+    if current is not None:
+        yield current
+
+
+def _text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    handle = tar.extractfile(member)
+    return handle.read().decode("utf-8", "replace") if handle is not None else ""
+
+
+def _json_fields(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> tuple[dict[str, Any], str | None]:
+    """A sample json's fields (scalars as they are, anything else as JSON text), or why it is unreadable."""
+    if member is None:
+        return {}, None
+    try:
+        document = json.loads(_text(tar, member))
+    except json.JSONDecodeError as error:
+        return {}, f"{member.name}: not JSON ({error})"
+    if not isinstance(document, dict):
+        return {}, f"{member.name}: not a JSON object"
+    fields: dict[str, Any] = {}
+    for raw_name, value in document.items():
+        name = IMG2DATASET_RENAMES.get(str(raw_name), str(raw_name))
+        fields[name] = value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    return fields, None
+
+
+def sample_row(tar: tarfile.TarFile, path: str, sample: _Sample, caption_field: str | None) -> dict[str, Any]:
+    """One sample to its input row (verdict columns set when the sample cannot be a training pair)."""
+    fields, json_problem = _json_fields(tar, sample.members.get("json"))
+    row: dict[str, Any] = {**{k: v for k, v in fields.items() if k not in (CAPTION, "caption")},
+                           URL: fields.get(URL), "source_sample": sample.key}
+    if "txt" in sample.members:
+        row[CAPTION] = _text(tar, sample.members["txt"])
+    else:
+        row[CAPTION] = fields.get(caption_field or CAPTION)
+    image = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
+    if image is not None:
+        member = sample.members[image]
+        row.update({TAR_PATH: path, TAR_OFFSET: member.offset_data, TAR_SIZE: member.size, IMAGE_FORMAT: image})
+    problem = (("duplicate_member", f"{path}: members {sample.repeated} repeat the key {sample.key!r}")
+               if sample.repeated else ("no_image", f"{path}: sample {sample.key!r} has {sorted(sample.members)}")
+               if image is None else ("invalid_json", json_problem) if json_problem else None)
+    if problem is not None:
+        row.update({DROP_STAGE: STAGE, DROP_REASON: problem[0], DROP_DETAIL: problem[1]})
+    return row
+
+
+def failed_rows(path: str) -> list[dict[str, Any]]:
+    """img2dataset's failed rows of this tar's shard (NNNNN.parquet beside NNNNN.tar), as dropped input rows."""
+    sidecar = path[: -len(".tar")] + ".parquet"
+    fs, local = fsspec.core.url_to_fs(sidecar)
+    if not fs.exists(local):
+        return []
+    with fs.open(local, "rb") as handle:
+        table = pq.read_table(handle)
+    if "status" not in table.column_names:
+        return []
+    failed = table.filter(pc.not_equal(table["status"], "success"))
+    rows = []
+    for record in failed.to_pylist():
+        record = {IMG2DATASET_RENAMES.get(k, k): v for k, v in record.items()}
+        reason = f"img2dataset_{record.pop('status') or 'failed'}"
+        rows.append({**record, DROP_STAGE: STAGE, DROP_REASON: reason,
+                     DROP_DETAIL: str(record.pop("error_message", None) or "")[:1000]})
+    return rows
+
+
+def row_hash(row: dict[str, Any], tar_path: str) -> int:
+    """LAION's hash (mmh3 of url + caption) when there is a url, else of the tar and sample key: keys stay distinct."""
+    origin = row.get(URL) or f"{tar_path}#{row.get('source_sample') or row.get('key')}"
+    return mmh3.hash64(str(origin) + str(row.get(CAPTION) or ""))[0]
+
+
+def read_tar_rows(path: str, batch_rows: int, caption_field: str | None,
+                  damage: list[dict[str, Any]]) -> Iterator[pa.Table]:
+    """One tar's samples, then img2dataset's failed rows for it, as tables of at most batch_rows rows."""
+    fs, local = fsspec.core.url_to_fs(path)
+    size = fs.size(local)
+    batch: list[dict[str, Any]] = []
+    with fs.open(local, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        for sample in _samples(tar, path, size, damage):
+            batch.append(sample_row(tar, path, sample, caption_field))
+            if len(batch) >= batch_rows:
+                yield _table(batch, path)
+                batch = []
+    for row in failed_rows(path):
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield _table(batch, path)
+            batch = []
+    if batch:
+        yield _table(batch, path)
+    if damage and damage[-1]["file"] == path:
+        log.warning("%s is damaged at byte %d (%s): the samples before it are read", path, damage[-1]["offset"],
+                    damage[-1]["error"])
+
+
+def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
+    """Rows to a table of the input's own columns (normalized later, as parquet input) plus curate's own."""
+    own = (*LOCATION_COLUMNS, *VERDICT_COLUMNS)
+    for row in rows:
+        if row.get("hash") is None:
+            row["hash"] = row_hash(row, tar_path)
+        row.setdefault(URL, None)
+    names = list(dict.fromkeys(name for row in rows for name in row if name not in own))
+    columns = {}
+    types = {TAR_PATH: pa.string(), TAR_OFFSET: pa.int64(), TAR_SIZE: pa.int64(), IMAGE_FORMAT: pa.string()}
+    ours = {name: pa.array([row.get(name) for row in rows], types.get(name, pa.string())) for name in own}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+            if pa.types.is_null(columns[name].type):  # all missing here: text, so batches and joins agree
+                columns[name] = columns[name].cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed kinds across samples: keep them as text
+            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table({**columns, **{f"{OWN_PREFIX}{name}": values for name, values in ours.items()}})
+
+
+OWN_PREFIX = "\x00curate:"  # marks curate's own columns in a raw table; no input column can be named so
+
+
+def normalize_rows(table: pa.Table, first_row: int) -> pa.Table:
+    """ingest.normalize on the input's columns; curate's own (location, verdicts) are put back as they are."""
+    own = [name for name in table.column_names if name.startswith(OWN_PREFIX)]
+    normalized = normalize(table.drop_columns(own), first_row)
+    for name in own:
+        normalized = normalized.append_column(name[len(OWN_PREFIX):], table[name])
+    return normalized
+
+
+def read_stored(paths: list[str], offsets: list[int], sizes: list[int]) -> list[bytes | None]:
+    """The image bytes of rows located in tars (grouped per tar, read in offset order); None past a file's end."""
+    found: list[bytes | None] = [None] * len(paths)
+    order = sorted(range(len(paths)), key=lambda i: (paths[i], offsets[i]))
+    for path in dict.fromkeys(paths[i] for i in order):
+        with fsspec.open(path, "rb") as handle:
+            for i in (i for i in order if paths[i] == path):
+                handle.seek(offsets[i])
+                data = handle.read(sizes[i])
+                found[i] = data if len(data) == sizes[i] else None
+    return found
