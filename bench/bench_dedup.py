@@ -23,8 +23,8 @@ import faiss
 import numpy as np
 
 from bench.common import merge_results
-from curate.dedup_embeddings import dedup_embeddings
 from curate.stages.components import merge_components
+from curate.tools.dedup_embeddings import dedup_embeddings
 
 DIM = 768
 CENTRES = 2_000

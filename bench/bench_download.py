@@ -31,9 +31,9 @@ from bench.corpus import (
     write_corpus,
 )
 from curate.config import Config
-from curate.engines.local import LocalRun
-from curate.io import Checkpoint
-from curate.pipeline import check_same_run
+from curate.executors.local.engine import LocalRun
+from curate.pipeline.run import check_same_run
+from curate.storage.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Figures 3 and 4: `curate run --scores metadata` end to end, per stage, and how its time grows with rows.
 
-The runs call curate.pipeline.run_local, the function `curate run` calls, so stats.json's per-stage timings are the
+The runs call curate.pipeline.run.run_local, the function `curate run` calls, so stats.json's per-stage timings are the
 pipeline's own (interpreter start-up excluded). Scale: the same run at rows/4 and rows, interleaved; the exponent
 is log(t_rows / t_quarter) / log 4 (1.0 is linear).
 
@@ -19,8 +19,8 @@ from typing import Any
 from bench.bench_download import Settings
 from bench.common import WORK, Series, bench_main
 from bench.corpus import CorpusServer, ensure_images, write_corpus
-from curate.engines.local import STAGES
-from curate.pipeline import run_local
+from curate.executors.local.engine import STAGES
+from curate.pipeline.run import run_local
 
 SETTINGS = Settings()  # 250 rows a part: a quarter of the corpus still fills both download processes
 

@@ -21,8 +21,8 @@ from bench.bench_download import Settings
 from bench.bench_e2e import SETTINGS, run_once
 from bench.common import WORK, Series, bench_main, interleaved, wall
 from bench.corpus import CorpusServer, ensure_images, write_corpus
-from curate.engines.local import LocalRun
-from curate.engines.local_shard import shard
+from curate.executors.local.engine import LocalRun
+from curate.executors.local.shard import shard
 
 MB = 1_000_000
 

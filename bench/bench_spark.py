@@ -65,7 +65,7 @@ def spark_session() -> Any:
 
 def run_spark_once(spark: Any, corpus: Path, out: Path, settings: Settings = SETTINGS) -> dict[str, Any]:
     """One fresh Spark run (no download checkpoint to resume from); stats.json's content plus the wall seconds."""
-    from curate.engines.spark import run_spark
+    from curate.executors.spark.engine import run_spark
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         log.error("%s", error)
         return 2
-    from curate.engines.spark import run_spark
+    from curate.executors.spark.engine import run_spark
 
     spark = spark_session(args.master)
     try:
