@@ -1,16 +1,131 @@
-"""Every stage declared once: its name, kind, the columns it adds and the options it reads.
+"""Every stage declared once: its name, kind, the columns it adds, the options it reads, and how its arguments come
+from Config.
 
-Both engines and the CLI take the stage order, the stages that drop rows, and which options a rerun or a resume may
-change from here; no engine keeps its own list. A map works row by row over Arrow batches; a global step needs the
-whole run (signature -> group -> apply).
+Both executors and the CLI take the stage order, the stages that drop rows, and which options a rerun or a resume may
+change from here; no executor keeps its own list. A map works row by row over Arrow batches; a global step needs the
+whole run (signature -> group -> apply). `bind` turns a Config into the function an executor applies to each batch
+(the map stages, and the apply step of prefilter and dedup): the local executor runs it over checkpoint parts, the
+Spark executor through mapInArrow, so neither maps options to arguments itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from curate.config import Config
+
+if TYPE_CHECKING:
+    from curate.stages.download import DownloadOptions
+
+Batch = Callable[[pa.Table], pa.Table]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows before its first judging stage."""
+
+    scores: str  # "model" or "metadata" (--scores auto resolved from the input)
+    stored: bool = False  # the images lie in WebDataset input tars: read, not fetched
+
+
+def prefilter_arguments(config: Config, facts: RunFacts) -> dict[str, Any]:
+    """The prefilter's thresholds: metadata scores are judged before download only when they are the scores."""
+    on_metadata = facts.scores == "metadata"
+    return {"min_size": config.min_size, "max_watermark": config.max_watermark if on_metadata else None,
+            "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None,
+            "min_caption_words": config.min_caption_words, "max_caption_tokens": config.max_caption_tokens,
+            "junk_captions": config.junk_captions, "languages": list(config.languages or [])}
+
+
+def bind_prefilter(config: Config, facts: RunFacts) -> Callable[[pa.Table, pa.Table | None], pa.Table]:
+    """prefilter's apply step: a batch and its url+caption verdicts (from the executor's grouping) -> judged batch."""
+    from curate.stages import prefilter
+
+    judged_by = prefilter_arguments(config, facts)
+
+    def apply(table: pa.Table, url_flags: pa.Table | None) -> pa.Table:
+        return prefilter.prefilter(table, url_flags, **judged_by, check_urls=not facts.stored)
+    return apply
+
+
+def download_options(config: Config) -> DownloadOptions:
+    from curate.config import download_workers
+    from curate.net.fetch import FetchPolicy
+    from curate.stages.download import DownloadOptions
+
+    c = config
+    policy = FetchPolicy(timeout=c.timeout, max_bytes=c.max_image_bytes,
+                         allow_private_network=c.allow_private_network, allow_loopback=c.allow_loopback,
+                         allow_link_local=c.allow_link_local,
+                         disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
+                         user_agent_token=c.user_agent_token, ca_bundle=c.ca_bundle)
+    return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
+                           threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy)
+
+
+def bind_download(config: Config, facts: RunFacts) -> Batch:
+    """A batch with the download columns (fetched, or read from the input tars). The local executor streams its
+    parts through download_stream with the same options instead, so no part waits for its slowest URL."""
+    from curate.stages.download import download
+    from curate.stages.stored import decode_stored
+
+    options = download_options(config)
+    return (lambda table: decode_stored(table, options)) if facts.stored else (lambda table: download(table, options))
+
+
+def bind_score(config: Config, facts: RunFacts, scorer: Callable[[], Any] | None = None) -> Batch:
+    """A downloaded batch -> its scores (the models', or the metadata's), without its image bytes. `scorer` gives
+    this process's models (Spark: on the GPU its task holds); by default load_scorer's, cached per process."""
+    from curate.schema import JPG
+    from curate.stages import select
+    from curate.stages.download import image_bytes_last
+
+    def models() -> Any:
+        from curate.stages.score import load_scorer
+
+        return scorer() if scorer is not None else load_scorer(config)
+
+    def apply(table: pa.Table) -> pa.Table:
+        table = image_bytes_last(table)
+        if facts.scores == "model":
+            from curate.stages.score import score_images
+
+            table = score_images(table, models())
+        else:
+            table = select.scores_from_metadata(table)
+        return table.drop_columns([c for c in [JPG] if c in table.column_names])
+    return apply
+
+
+def metadata_thresholds(config: Config) -> dict[str, Any]:
+    """The thresholds on LAION's metadata (a rerun may change them; prefilter.recoverable counts what they'd keep)."""
+    return {name: getattr(config, name) for name in ("min_size", "threshold", "max_watermark", "max_unsafe")}
+
+
+def select_arguments(config: Config) -> dict[str, Any]:
+    return {"threshold": config.threshold, "min_size": config.min_size, "max_watermark": config.max_watermark,
+            "max_unsafe": config.max_unsafe, "min_clip_score": config.min_clip_score}
+
+
+def bind_survivor_rule(config: Config, facts: RunFacts) -> Batch:
+    """dedup's per-row input to the survivor rule: whether select would keep the row on its own."""
+    from curate.stages import select
+
+    arguments = select_arguments(config)
+    return lambda table: select.with_threshold_pass(table, **arguments)
+
+
+def bind_select(config: Config, facts: RunFacts) -> Batch:
+    from curate.stages import select
+    from curate.stages.verdict import with_verdict_columns
+
+    arguments = select_arguments(config)
+    return lambda table: select.select(with_verdict_columns(table), **arguments)
 
 
 @dataclass(frozen=True)
@@ -20,6 +135,7 @@ class StageSpec:
     adds: tuple[str, ...]  # schema files (curate/schemas/NAME.arrow.json) of the columns it adds
     options: frozenset[str]  # the Config fields it reads
     drops_rows: bool = True  # passes only live rows on (the local engine keeps the others in dropped parts)
+    bind: Callable[..., Callable[..., pa.Table]] | None = None  # Config, RunFacts -> what runs on each batch
 
 
 # The metadata thresholds: prefilter applies them before the download (with --scores metadata, and --min-size on the
@@ -33,18 +149,21 @@ _DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "proce
                        "user_agent_token", "max_per_host", "ca_bundle"})
 _MODELS = frozenset({"device", "precision", "batch_size", "model_cache", "clip_weights", "aesthetic_weights",
                      "aesthetic_head", "watermark_weights", "safety_weights"})
+_CAPTIONS = frozenset({"min_caption_words", "max_caption_tokens", "junk_captions", "languages"})
 _SHARD = frozenset({"world_size", "workers_per_rank", "target_shard_size", "global_batch_size", "seed", "shard_name"})
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "map", ("metadata",), frozenset({"batch_size_rows", "input_format", "caption_field"}),
               drops_rows=False),
-    StageSpec("prefilter", "global", ("verdict",), METADATA_THRESHOLDS | {"scores", "dedup"}),
-    StageSpec("download", "map", ("download",), _DOWNLOAD),
-    StageSpec("score", "map", ("score",), _MODELS | {"scores"}),
+    StageSpec("prefilter", "global", ("verdict",), METADATA_THRESHOLDS | _CAPTIONS | {"scores", "dedup"},
+              bind=bind_prefilter),
+    StageSpec("download", "map", ("download",), _DOWNLOAD, bind=bind_download),
+    StageSpec("score", "map", ("score",), _MODELS | {"scores"}, bind=bind_score),
     StageSpec("dedup", "global", ("verdict",),
               METADATA_THRESHOLDS | MODEL_THRESHOLDS | {"dedup", "phash_distance", "semdedup_threshold",
-                                                        "semdedup_clusters", "seed"}),
-    StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False),
+                                                        "semdedup_clusters", "seed"}, bind=bind_survivor_rule),
+    StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False,
+              bind=bind_select),
     StageSpec("shard", "global", ("samples",), _SHARD, drops_rows=False),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]
@@ -54,6 +173,14 @@ DROPPING_STAGES = [stage.name for stage in STAGES if stage.drops_rows]
 
 def spec(name: str) -> StageSpec:
     return STAGES[STAGE_NAMES.index(name)]
+
+
+def bound(name: str, config: Config, facts: RunFacts, **extra: Any) -> Callable[..., pa.Table]:
+    """The function stage `name` applies to each batch under this config."""
+    stage = spec(name)
+    if stage.bind is None:
+        raise ValueError(f"stage {name} has no per-batch function (the executor runs it as a whole)")
+    return stage.bind(config, facts, **extra)
 
 
 def options_read_by(*names: str) -> frozenset[str]:

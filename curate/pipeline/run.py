@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from curate.config import Config
 from curate.executors.local.engine import LocalRun, Progress
 from curate.executors.local.shard import finish, shard
+from curate.pipeline import plan
 from curate.pipeline.plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, options_read_by
 from curate.schema import ROW
 from curate.stages.download import retry_transient
@@ -138,7 +139,7 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     io.remove_temporaries(run.out)
     for later in ("score", "dedup", "select", "shard"):  # first, so a crash here can never leave them stale
         run.checkpoint(later).reset()
-    options, retried = run.download_options(), 0
+    options, retried = plan.download_options(config), 0
     for index in range(len(downloads.parts())):
         if not downloads.dropped_path(index).exists():
             continue

@@ -13,13 +13,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
+from curate.schema import CAPTION, JPG, KEY, LOCATION_COLUMNS, POSITION, ROW, SHARD
 from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, CROP_LEFT, CROP_TOP, SMALLER_THAN_BUCKET
 from curate.stages.shard import sample_pieces, shard_name, tar_end
 from curate.storage import files as storage
 from curate.storage.files import Location
 
 _RECORD = struct.Struct("<qQ")  # position, length of the member bytes that follow
+
+# Columns not carried into a sample's json (they are its other members, or working and verdict columns).
+CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
+                "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
+                "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard",
+                *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS}
 
 
 def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from curate.executors.local.partitions import (
     rows_between,
     spill,
 )
-from curate.net.fetch import FetchPolicy
-from curate.pipeline.plan import STAGE_NAMES
+from curate.pipeline import plan
+from curate.pipeline.plan import STAGE_NAMES, RunFacts
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
@@ -45,8 +45,8 @@ from curate.schema import (
     URL,
     WATERMARK_PROB,
 )
-from curate.stages import prefilter, select
-from curate.stages.download import JPG_BYTES, DownloadOptions, image_bytes_last
+from curate.stages import prefilter
+from curate.stages.download import JPG_BYTES
 from curate.stages.ingest import check_input_schema, normalize
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
 from curate.storage import checkpoint as io
@@ -198,10 +198,11 @@ class LocalRun:
         def body() -> dict[str, Any]:
             source, target = self.checkpoint("ingest"), self.checkpoint("prefilter")
             target.reset()
-            judged_by = prefilter_thresholds(self.config, scores)
+            facts = RunFacts(scores, self.stored_images())
+            judged_by, judge = plan.prefilter_arguments(self.config, facts), plan.bound("prefilter", self.config, facts)
             live = 0
             for index, (part, url_flags) in enumerate(zip(source.iter_parts(), self.url_flags(), strict=True)):
-                part = prefilter.prefilter(part, url_flags, **judged_by, check_urls=not self.stored_images())
+                part = judge(part, url_flags)
                 keep = alive(part)
                 live += pc.sum(keep.cast("int64")).as_py() or 0
                 target.write_split(index, part, keep)
@@ -210,16 +211,6 @@ class LocalRun:
         return self._timed("prefilter", body)
 
     # -- download ---------------------------------------------------------------------------------------
-    def download_options(self) -> DownloadOptions:
-        c = self.config
-        policy = FetchPolicy(timeout=c.timeout, max_bytes=c.max_image_bytes,
-                             allow_private_network=c.allow_private_network, allow_loopback=c.allow_loopback,
-                             allow_link_local=c.allow_link_local,
-                             disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
-                             user_agent_token=c.user_agent_token, ca_bundle=c.ca_bundle)
-        return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
-                               threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy)
-
     def download(self) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             source, target = self.checkpoint("prefilter"), self.checkpoint("download")
@@ -227,7 +218,7 @@ class LocalRun:
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
             live = [storage.parquet_file(source.part_path(i)).metadata.num_rows for i in todo]
-            options, stored = self.download_options(), self.stored_images()
+            options, stored = plan.download_options(self.config), self.stored_images()
             groups = job_groups(todo, live, self.config.batch_size_rows)
             processes = min(download_workers(self.config)[0], len(groups))
 
@@ -246,21 +237,22 @@ class LocalRun:
     def score(self, scores: str) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             source, target = self.checkpoint("download"), self.checkpoint("score")
-            scorer = _load_scorer(self.config) if scores == "model" else None
+            if scores == "model":
+                _load_scorer(self.config)  # the models load (or fail) before the first part
+            score = plan.bound("score", self.config, RunFacts(scores))
+            metadata = plan.bound("score", self.config, RunFacts("metadata"))  # an empty part's score columns
             for index, path in enumerate(source.parts()):
                 if target.has_part(index):
                     continue
-                if scorer is not None and storage.parquet_file(path).metadata.num_rows:
+                if scores == "model" and storage.parquet_file(path).metadata.num_rows:
                     # read and scored a slice at a time: a part of 10,000 images is gigabytes
                     slices = io.read_parquet_batches(str(path), SCORE_SLICE_ROWS)
-                    target.write_split_pieces(index, (_scored(piece, scorer) for piece in slices), alive)
+                    target.write_split_pieces(index, (score(piece) for piece in slices), alive)
                     continue
                 names = storage.read_schema(path).names
                 # Scores from the metadata need the images' lengths only (jpg_bytes), not their bytes.
-                columns = [n for n in names if n != JPG] if scorer is None and JPG_BYTES in names else None
-                # the metadata's scores, or an empty part's score columns
-                part = select.scores_from_metadata(image_bytes_last(storage.read_table(path, columns=columns)))
-                part = part.drop_columns([c for c in [JPG] if c in part.column_names])
+                columns = [n for n in names if n != JPG] if JPG_BYTES in names else None
+                part = metadata(storage.read_table(path, columns=columns))
                 target.write_split(index, part, alive(part))
             return {"scores": scores}
 
@@ -277,9 +269,7 @@ class LocalRun:
         for path in self.checkpoint("prefilter").dropped_parts():
             names = storage.read_schema(path).names  # only the columns the thresholds read, not the whole rows
             part = storage.read_table(path, columns=[n for n in prefilter.RECOVERABLE_COLUMNS if n in names])
-            c = self.config
-            for reason, count in prefilter.recoverable(part, c.min_size, c.threshold, c.max_watermark,
-                                                       c.max_unsafe).items():
+            for reason, count in prefilter.recoverable(part, **plan.metadata_thresholds(self.config)).items():
                 counts[reason] = counts.get(reason, 0) + count
         return counts
 
@@ -292,15 +282,15 @@ class LocalRun:
             semantic = "semantic" in kinds and EMBEDDING in present
             columns = [n for n in DEDUP_SIGNATURE if n in present]
 
+            # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
+            survivor_rule = plan.bound("dedup", c, RunFacts(c.scores))
+
             def signatures(live_only: bool = True) -> Iterator[pa.Table]:
-                # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
                 for path in source.parts():
                     names = set(storage.read_schema(path).names)
                     part = storage.read_table(path, columns=[n for n in columns if n in names])
                     part = with_verdict_columns(part)
-                    part = part.filter(alive(part)) if live_only else part
-                    yield select.with_threshold_pass(part, c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
-                                                     c.min_clip_score)
+                    yield survivor_rule(part.filter(alive(part)) if live_only else part)
 
             partitions = partition_count(self.live_rows("score"))
             verdicts = duplicate_verdicts(signatures(), kinds, c.phash_distance, partitions,
@@ -332,16 +322,15 @@ class LocalRun:
         def body() -> dict[str, Any]:
             c, target = self.config, self.checkpoint("select")
             target.reset()
+            judge = plan.bound("select", c, RunFacts(c.scores))
             for index, part in enumerate(self.checkpoint("dedup").iter_parts()):
-                target.write_part(index, select.select(with_verdict_columns(part), c.min_size, c.threshold,
-                                                       c.max_watermark, c.max_unsafe, c.min_clip_score))
+                target.write_part(index, judge(part))
             lost = self.not_reconsidered()
             if lost:
                 log.warning("%d rows that these thresholds would keep were dropped on their metadata before the "
                             "download (%s) and are not brought back; a new `curate run` into another --output with "
                             "these thresholds fetches them", sum(lost.values()), lost)
-            judged_by = {"threshold": c.threshold, "min_size": c.min_size, "max_watermark": c.max_watermark,
-                         "max_unsafe": c.max_unsafe, "min_clip_score": c.min_clip_score}
+            judged_by = plan.select_arguments(c)
             return {**judged_by, "judged_by": judged_by, "not_reconsidered": lost}
 
         return self._timed("select", body, force=force)
@@ -375,15 +364,6 @@ def embedding_map(checkpoint: io.Checkpoint, folder: Path) -> tuple[np.ndarray, 
     return vectors, has_vector
 
 
-def prefilter_thresholds(config: Config, scores: str) -> dict[str, Any]:
-    """The prefilter's arguments: metadata scores are judged before download only when they are the scores."""
-    on_metadata = scores == "metadata"
-    return {"min_size": config.min_size, "max_watermark": config.max_watermark if on_metadata else None,
-            "max_unsafe": config.max_unsafe, "aesthetic_threshold": config.threshold if on_metadata else None,
-            "min_caption_words": config.min_caption_words, "max_caption_tokens": config.max_caption_tokens,
-            "junk_captions": config.junk_captions, "languages": list(config.languages or [])}
-
-
 def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]]:
     """Consecutive parts joined until a job holds about `rows` live rows: with few live rows spread over many parts
     (a 10M-row file with 1,000 survivors), a job still keeps every download thread busy."""
@@ -396,13 +376,6 @@ def job_groups(indices: list[int], live: list[int], rows: int) -> list[list[int]
         groups[-1].append(index)
         count += alive_rows
     return groups
-
-
-def _scored(part: pa.Table, scorer: Any) -> pa.Table:
-    """A slice of a download part with the model scores, without its image bytes."""
-    from curate.stages.score import score_images
-
-    return score_images(image_bytes_last(part), scorer).drop_columns([JPG])
 
 
 def _load_scorer(config: Config) -> Any:

@@ -24,25 +24,20 @@ from curate.schema import (
     DROP_REASON,
     DROP_STAGE,
     KEY,
-    LOCATION_COLUMNS,
     ROW,
     SHARD,
     URL,
     table_schema,
 )
 from curate.stages import shard as shard_stage
-from curate.stages.buckets import BUCKET_COLUMNS, CROP_LEFT, CROP_TOP, add_buckets, bucket_counts
+from curate.stages.buckets import add_buckets, bucket_counts
 from curate.stages.verdict import alive, with_reason
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
-from curate.wds.writer import scatter, shard_path, write_shard
+from curate.wds.index import index_document, sizes_document
+from curate.wds.writer import CARRIED_SKIP, scatter, shard_path, write_shard
 
 log = logging.getLogger(__name__)
-CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
-                "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
-                "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard",
-                *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS}
-
 
 def plan(run: LocalRun, table: pa.Table) -> tuple[pa.Table, shard_stage.ShardPlan]:
     """Shuffle the survivors, plan the shards, assign each survivor a shard or the remainder."""
@@ -99,7 +94,7 @@ def shard(run: LocalRun) -> dict[str, Any]:
         shutil.rmtree(buckets)
         per_bucket = bucket_counts(assignment)
         entries = [{**entry, "buckets": per_bucket.get(index, {})} for index, entry in enumerate(entries)]
-        io.write_json(index_document(run, shard_plan, entries), shard_dir / "index.json")
+        io.write_json(index_document(run.config, shard_plan, entries), shard_dir / "index.json")
         io.write_json(sizes_document(entries), shard_dir / "sizes.json")
         run.checkpoint("shard").write_part(0, table)
         return {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
@@ -115,23 +110,6 @@ def row_groups(paths: list[storage.Location]) -> Iterator[pa.Table]:
         reader = storage.parquet_file(path)
         for group in range(reader.num_row_groups):
             yield reader.read_row_group(group)
-
-
-def index_document(run: LocalRun, plan: shard_stage.ShardPlan, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """webdataset's wids shard index, plus the training facts a 256-GPU job needs."""
-    c = run.config
-    return {
-        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": c.shard_name, "shardlist": entries,
-        "world_size": c.world_size, "workers_per_rank": c.workers_per_rank,
-        "samples_per_shard": plan.samples_per_shard, "samples_per_rank": plan.samples_per_rank,
-        "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch, "seed": c.seed,
-        "buckets": c.buckets,
-    }
-
-
-def sizes_document(entries: list[dict[str, Any]]) -> dict[str, int]:
-    """shards/sizes.json as open_clip's get_dataset_size reads it: shard file name -> samples."""
-    return {entry["url"].rsplit("/", 1)[-1]: entry["nsamples"] for entry in entries}
 
 
 LEDGER_SOURCE = [KEY, ROW, URL, DROP_STAGE, DROP_REASON, DROP_DETAIL]

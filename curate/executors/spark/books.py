@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from curate.executors.local.engine import LocalRun
-from curate.executors.local.shard import index_document, sizes_document
 from curate.executors.spark.frames import arrow_schema, map_stage
 from curate.pipeline import accounting
 from curate.pipeline.plan import STAGE_NAMES
 from curate.schema import POSITION, ROW, SHARD, table_schema
 from curate.storage import files as storage
+from curate.wds.index import index_document, sizes_document
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -70,7 +69,7 @@ def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list
     """index.json, ledger.parquet, samples.parquet and stats.json; raises AccountingError if a row went missing."""
     started = time.perf_counter()
     config = run.config
-    write_json(run, "shards/index.json", index_document(LocalRun(".", config), shard_plan, entries))
+    write_json(run, "shards/index.json", index_document(config, shard_plan, entries))
     write_json(run, "shards/sizes.json", sizes_document(entries))
     placed_schema = arrow_schema(placed)
     samples_schema = accounting.samples_table(placed_schema.empty_table()).schema

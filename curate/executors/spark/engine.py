@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.executors.local.engine import LocalRun, prefilter_thresholds
 from curate.executors.spark import dedup as spark_dedup
 from curate.executors.spark import shard as spark_shard
 from curate.executors.spark.books import write_books, write_ledger
@@ -30,13 +29,12 @@ from curate.executors.spark.frames import (
     output_schema,
     read_parquet_files,
 )
-from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS
-from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, JPG, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
-from curate.stages import prefilter, select
-from curate.stages.download import download, image_bytes_last
+from curate.pipeline import plan
+from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS, RunFacts
+from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
+from curate.stages import prefilter
 from curate.stages.ingest import canonical_names, normalize
 from curate.stages.shard import ShardPlanError
-from curate.stages.stored import decode_stored
 from curate.stages.verdict import with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
@@ -141,31 +139,28 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     return ingested.withColumn(GLOBAL_ROW, ingested[ROW]), rows
 
 
-def _prefilter(config: Config, scores: str, url_dedup: bool, stored: bool = False) -> Callable[[pa.Table], pa.Table]:
-    judged_by = prefilter_thresholds(config, scores)
+def _prefilter(config: Config, facts: RunFacts, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
+    judge = plan.bound("prefilter", config, facts)
 
     def run(table: pa.Table) -> pa.Table:
         url_flags = None
-        if url_dedup:  # the first rows were joined on by a Spark aggregation; the rule is the local engine's
+        if url_dedup:  # the first rows were joined on by a Spark aggregation; the rule is the shared one
             url_flags = prefilter.url_verdicts(table[ROW], table[prefilter.FIRST_ROW_OF_PAIR],
                                                table[prefilter.FIRST_ROW])
         table = table.drop_columns([c for c in (PAIR, *FIRSTS) if c in table.column_names])
-        return prefilter.prefilter(table, url_flags, **judged_by, check_urls=not stored)
+        return judge(table, url_flags)
     return run
 
 
 def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
-    def run(table: pa.Table) -> pa.Table:
-        table = image_bytes_last(table)
-        if scores == "model":
-            from curate.stages.score import score_images
+    score = plan.bound("score", config, RunFacts(scores), scorer=lambda: worker_scorer(config))
 
-            table = score_images(table, worker_scorer(config))
-            float_list = pc.cast(table[EMBEDDING], pa.list_(pa.float32()))  # Spark has no float16 and no fixed lists
+    def run(table: pa.Table) -> pa.Table:
+        table = score(table)
+        if EMBEDDING in table.column_names:  # Spark has no float16 and no fixed-size lists
+            float_list = pc.cast(table[EMBEDDING], pa.list_(pa.float32()))
             table = table.set_column(table.column_names.index(EMBEDDING), EMBEDDING, float_list)
-        else:
-            table = select.scores_from_metadata(table)
-        return table.drop_columns([JPG])
+        return table
     return run
 
 
@@ -257,20 +252,19 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
         rows = ingested.join(pairs.join(per_key, KEY), [KEY, PAIR]).select(*ingested.columns, *FIRSTS)
     kept = [f for f in arrow_schema(rows) if f.name not in (PAIR, *FIRSTS)]
     schema = with_verdict_columns(pa.schema(kept).empty_table()).schema  # prefilter only adds the verdict columns
-    judged = map_stage(rows, _prefilter(c, scores, url_dedup, stored), schema)
-    options = LocalRun(".", c).download_options()
+    facts = RunFacts(scores, stored)
+    judged = map_stage(rows, _prefilter(c, facts, url_dedup), schema)
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
-    fetched = map_stage(spread, lambda table: decode_stored(table, options) if stored else download(table, options))
+    fetched = map_stage(spread, plan.bound("download", c, facts))
     return run.checkpoint("download", fetched)
 
 
 def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
     c, kinds = run.config, run.config.dedup
     # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-    judged = map_stage(scored, lambda t: select.with_threshold_pass(
-        t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe, c.min_clip_score),
-        arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
+    judged = map_stage(scored, plan.bound("dedup", c, RunFacts(c.scores)),
+                       arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
     if "phash" in kinds:
@@ -319,10 +313,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     scored = run.timed("score", lambda: run.checkpoint(
         "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
-    c = config
-    selected = map_stage(judged, lambda t: select.select(t, c.min_size, c.threshold, c.max_watermark, c.max_unsafe,
-                                                         c.min_clip_score),
-                         arrow_schema(judged))
+    selected = map_stage(judged, plan.bound("select", config, RunFacts(scores)), arrow_schema(judged))
     selected = run.timed("select", lambda: run.checkpoint("select", selected))
 
     def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:

@@ -15,13 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import Config
-from curate.executors.local.shard import CARRIED_SKIP
 from curate.executors.spark.frames import INDEX, global_index, map_stage
 from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
 from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, add_buckets, bucket_name
 from curate.storage import files as storage
-from curate.wds.writer import TarSink, sample_document
+from curate.wds.writer import CARRIED_SKIP, TarSink, sample_document
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

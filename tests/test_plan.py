@@ -1,0 +1,86 @@
+"""The stage declarations: what each stage's per-batch function reads of Config is what the stage declares (the rerun
+and resume rules are computed from the declarations), and the executors hold no option mapping of their own."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+import curate
+from curate.config import Config
+from curate.pipeline import plan
+from curate.pipeline.plan import STAGES, RunFacts
+from curate.schema import CLIP_SCORE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH
+from curate.stages.ingest import normalize
+from curate.stages.select import scores_from_metadata
+from curate.stages.verdict import with_verdict_columns
+
+FIELDS = {field.name for field in dataclasses.fields(Config)}
+
+
+class Recording:
+    """A Config that notes every field read."""
+
+    def __init__(self, config: Config) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FIELDS:
+            self.read.add(name)
+        return getattr(self._config, name)
+
+
+def rows(downloaded: bool = False) -> pa.Table:
+    table = pa.table({"URL": ["http://127.0.0.1:9/a.jpg", "http://127.0.0.1:9/b.jpg"], "TEXT": ["a cat", "a dog"],
+                      "WIDTH": [512.0, 64.0], "HEIGHT": [512.0, 64.0], "AESTHETIC_SCORE": [6.1, 4.0],
+                      "pwatermark": [0.1, 0.9], "punsafe": [0.1, 0.7]})
+    table = with_verdict_columns(normalize(table, 0))
+    if downloaded:  # what the download stage measured, and the scores
+        table = table.append_column(ORIGINAL_WIDTH, pa.array([512, 64], pa.int32()))
+        table = table.append_column(ORIGINAL_HEIGHT, pa.array([512, 64], pa.int32()))
+        table = scores_from_metadata(table).append_column(CLIP_SCORE, pa.array([0.3, 0.1], pa.float32()))
+    return table
+
+
+@pytest.mark.parametrize("stage", [s.name for s in STAGES if s.bind is not None and s.name != "download"])
+@pytest.mark.parametrize("scores", ["metadata", "model"])
+def test_a_stage_reads_only_the_options_it_declares(stage: str, scores: str) -> None:
+    config = Recording(Config(scores=scores, min_caption_words=1, languages=["en"], max_caption_tokens=77,
+                              junk_captions=True, min_clip_score=0.2, max_unsafe=0.5))
+    apply = plan.bound(stage, config, RunFacts(scores))  # type: ignore[arg-type]
+    if stage == "prefilter":
+        apply(rows(), None)
+    elif stage != "score":  # score's model half needs weights (load_scorer reads the model options, lazily)
+        apply(rows(downloaded=True))
+    assert config.read or stage == "score", f"{stage} read no option"
+    assert config.read <= plan.spec(stage).options, config.read - plan.spec(stage).options
+
+
+def test_download_options_read_only_download_options() -> None:
+    config = Recording(Config())
+    plan.bound("download", config, RunFacts("metadata"))  # type: ignore[arg-type]
+    assert config.read and config.read <= plan.spec("download").options, config.read - plan.spec("download").options
+
+
+def test_a_stage_without_a_batch_function_says_so() -> None:
+    with pytest.raises(ValueError, match="shard has no per-batch function"):
+        plan.bound("shard", Config(), RunFacts("metadata"))
+
+
+def test_the_executors_map_no_threshold_themselves() -> None:
+    """No executor reads a threshold off Config: the thresholds reach the stages only through the plan's bindings."""
+    thresholds = plan.METADATA_THRESHOLDS | plan.MODEL_THRESHOLDS
+    root = Path(curate.__file__).parent / "executors"
+    reads = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in thresholds and isinstance(node.value, ast.Name) \
+                    and node.value.id in {"c", "config", "cfg"}:
+                reads.append(f"{path.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert reads == []
