@@ -23,13 +23,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 TMP_SUFFIX = ".tmp"
 
@@ -213,6 +215,7 @@ def parquet_file(target: str | Location) -> pq.ParquetFile:
 
 def parquet_dataset(target: str | Location) -> ds.Dataset:
     """A parquet file or a folder of parts (the Spark engine's ledger) as one dataset."""
+    import pyarrow.dataset as ds  # imports pandas (~0.3 s): only when a folder-shaped table is read
     name, options = _arrow_args(location(target))
     return ds.dataset(name, format="parquet", **options)
 
