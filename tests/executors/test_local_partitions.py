@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
-from curate.executors.local.partitions import VerdictRouter, key_partitions, spill
+from curate.executors.local.partitions import VerdictRouter, key_partitions, semantic_verdicts, spill
 from curate.stages.ingest import format_key
 from curate.stages.prefilter import group_url_duplicates
-from curate.stages.verdict import verdict_schema
+from curate.stages.semantic import flag_semantic_duplicates
+from curate.stages.verdict import verdict_schema, verdicts_of
 
 
 def _signatures(n: int, seed: int = 0) -> pa.Table:
@@ -86,3 +89,31 @@ def test_partitioned_exact_and_phash_dedup_flags_what_the_whole_table_flags(tmp_
         assert not (tmp_path / f"work{partitions}").exists()
     exact_only = duplicate_verdicts(iter(parts), ["exact"], 4, 5, tmp_path / "exact")
     assert exact_only.equals(verdicts_of(flag_exact_duplicates(table)).sort_by("row"))
+
+
+@pytest.mark.parametrize(("clusters", "partitions"), [(1, 1), (12, 5)])
+def test_semantic_by_cluster_partitions_equals_the_whole_table(tmp_path, clusters, partitions):
+    """Semantic dedup with signatures spilled by cluster and each partition grouped alone gives the verdicts of
+    flag_semantic_duplicates on the whole table: planted copies, boundary rows, ties on score broken by size and key,
+    rows without an embedding and rows an earlier step dropped."""
+    from tests.stages.test_semantic import DIM, _table, planted_corpus
+
+    vectors, truth = planted_corpus(1500, 120, 40, seed=3)
+    n = len(vectors)
+    rng = np.random.default_rng(4)
+    has_vector = rng.random(n) > 0.03
+    reason = [("duplicate_phash" if r < 0.05 else None) for r in rng.random(n)]
+    table = _table(np.array([v if ok else None for v, ok in zip(vectors, has_vector, strict=True)], dtype=object),
+                   aesthetic=list(np.round(rng.choice([5.0, 5.5, 6.0], n), 1)), width=list(rng.choice([512, 640], n)),
+                   reason=reason, stage=[r and "dedup" for r in reason])
+    table = table.append_column("row", pa.array(np.arange(100, 100 + n), pa.int64()))
+    whole = verdicts_of(flag_semantic_duplicates(table, 0.95, clusters, seed=2)).filter(
+        pc.equal(pc.field("drop_reason"), "duplicate_semantic"))
+    assert whole.num_rows > len(truth) // 2
+    memmap = np.lib.format.open_memmap(tmp_path / "e.npy", mode="w+", dtype=np.float16, shape=(n, DIM))
+    memmap[has_vector] = vectors[has_vector]
+    parts = [pa.Table.from_batches([b]) for b in table.drop_columns(["embedding"]).to_batches(max_chunksize=137)]
+    found = semantic_verdicts(lambda: iter(parts), memmap, has_vector, 0.95, clusters, 2, tmp_path / "clusters",
+                              partitions)
+    assert found.equals(whole.sort_by("row").cast(verdict_schema()))
+    assert not (tmp_path / "clusters").exists()

@@ -22,6 +22,7 @@ from curate.executors.local.partitions import (
     key_partitions,
     partition_count,
     rows_between,
+    semantic_verdicts,
     spill,
 )
 from curate.pipeline import plan
@@ -48,7 +49,7 @@ from curate.schema import (
 from curate.stages import prefilter
 from curate.stages.download import JPG_BYTES
 from curate.stages.ingest import check_input_schema, normalize
-from curate.stages.verdict import alive, apply_verdicts, verdict_schema, verdicts_of, with_verdict_columns
+from curate.stages.verdict import alive, apply_verdicts, verdict_schema, with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
 from curate.wds.reader import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
@@ -295,20 +296,22 @@ class LocalRun:
             partitions = partition_count(self.live_rows("score"))
             verdicts = duplicate_verdicts(signatures(), kinds, c.phash_distance, partitions,
                                           storage.scratch(self.out, "dedup-work"))
-            if semantic:  # on the rows exact and pHash left, embeddings from a memory map; ranks are O(rows)
-                from curate.stages.semantic import flag_semantic_duplicates
+            if semantic:  # on the rows exact and pHash left: clusters spilled to disk, embeddings from a memory map
+                exact_rows = verdicts[ROW].to_numpy()
 
-                # every row, in checkpoint order: row i of the table is row i of the memory map
-                table = pa.concat_tables(list(signatures(live_only=False)), promote_options="permissive")
-                table = apply_verdicts(table, verdicts)
+                def judged_parts() -> Iterator[pa.Table]:  # every row, in checkpoint order: row i is vector row i
+                    for part in signatures(live_only=False):
+                        low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
+                        yield apply_verdicts(part, rows_between(verdicts, exact_rows, low, high))
+
                 folder = storage.scratch(self.out, "dedup-embeddings")
                 try:
                     vectors, has_vector = embedding_map(source, folder)
-                    table = flag_semantic_duplicates(table, c.semdedup_threshold, c.semdedup_clusters, c.seed,
-                                                     vectors, has_vector)
+                    found = semantic_verdicts(judged_parts, vectors, has_vector, c.semdedup_threshold,
+                                              c.semdedup_clusters, c.seed, folder / "clusters")
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
-                verdicts = verdicts_of(table).sort_by(ROW)
+                verdicts = pa.concat_tables([verdicts, found]).sort_by(ROW)
             rows = verdicts[ROW].to_numpy()
             for index, part in enumerate(source.iter_parts()):
                 low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)

@@ -7,19 +7,35 @@ buckets of consecutive input parts, so applying them reads one bucket at a time.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.schema import PHASH, ROW, SHA256
+from curate.schema import (
+    AESTHETIC_SCORE,
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
+    KEY,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PASSES_THRESHOLDS,
+    PHASH,
+    ROW,
+    SHA256,
+)
 from curate.stages import dedup
-from curate.stages.verdict import alive, verdict_schema, verdicts_of
+from curate.stages.verdict import alive, survivor_ranks, verdict_schema, verdicts_of
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_PARTITION = 2_000_000  # ~100 MB of signatures, a few hundred MB while grouped
 
@@ -162,3 +178,93 @@ def duplicate_verdicts(signatures: Iterable[pa.Table], kinds: list[str], max_dis
             pass
     shutil.rmtree(folder, ignore_errors=True)
     return pa.concat_tables(verdicts).sort_by(ROW)
+
+
+CLUSTER, VECTOR_ROW = "_cluster", "_vector_row"
+
+
+def semantic_verdicts(parts: Callable[[], Iterator[pa.Table]], vectors: Any, has_vector: np.ndarray,
+                      threshold: float, clusters: int | None, seed: int, folder: Path,
+                      partitions: int | None = None) -> pa.Table:
+    """Semantic duplicate verdicts as signature -> cluster partitions on disk -> group, the local form of Spark's
+    groupBy("cluster").applyInArrow: the same steps (semantic.train_centroids, assign_clusters, dedup_cluster per
+    cluster, resolve_survivors), so the verdicts equal semantic.flag_semantic_duplicates' on the whole table.
+
+    parts() yields every row of the checkpoint in order (row i of them is row i of vectors, a memory map), with the
+    survivor-rule columns and the verdicts so far; it is read twice. Memory: 8 bytes per candidate row (its vector
+    row), one partition's signatures, one cluster's vectors, and the duplicate pairs."""
+    from curate.stages import semantic
+
+    candidates = np.concatenate([np.zeros(0, np.int64), *(_vector_rows(part, offset, has_vector)
+                                                          for part, offset in _with_offsets(parts()))])
+    n = len(candidates)
+    if n < 2:
+        return verdict_schema().empty_table()
+    k = max(1, min(clusters or semantic.default_cluster_count(n), n))
+    source = semantic.RowSubset(vectors, candidates)
+    centroids = (semantic.train_centroids(semantic.training_sample(source, k, seed), k, seed) if k > 1
+                 else np.ones((1, 1), np.float32))
+    del candidates, source
+    partitions = partitions or partition_count(n)
+
+    def assigned() -> Iterator[pa.Table]:
+        for part, offset in _with_offsets(parts()):
+            rows = _vector_rows(part, offset, has_vector)
+            if len(rows) == 0:
+                continue
+            keep = [name for name in SURVIVOR_COLUMNS if name in part.column_names]
+            table = part.take(pa.array(rows - offset)).select(keep).append_column(VECTOR_ROW, pa.array(rows))
+            nearest, second = semantic.assign_clusters(semantic.RowSubset(vectors, rows), centroids)
+            yield table.append_column(CLUSTER, pa.array(nearest))
+            visitors = np.flatnonzero(second >= 0)  # rows near a boundary are searched in both clusters
+            if len(visitors):
+                yield table.take(pa.array(visitors)).append_column(CLUSTER, pa.array(second[visitors]))
+
+    files = spill(assigned(), lambda t: t[CLUSTER].to_numpy() % partitions, partitions, folder)
+    pairs: list[pa.Table] = []
+    named: list[pa.Table] = []
+    for path in files:
+        table = pq.read_table(path).sort_by([(CLUSTER, "ascending"), (VECTOR_ROW, "ascending")])
+        ids = table[CLUSTER].to_numpy()
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]])
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            if end - start < 2:
+                continue
+            members = table.slice(start, end - start)
+            found = semantic.dedup_cluster(np.asarray(vectors[members[VECTOR_ROW].to_numpy()]),
+                                           survivor_ranks(members), threshold, seed)
+            moved = np.flatnonzero(found != np.arange(len(found)))
+            if len(moved):
+                keys = members[KEY]
+                pairs.append(pa.table({KEY: keys.take(pa.array(moved)),
+                                       "survivor_key": keys.take(pa.array(found[moved]))}))
+                named.append(members.take(pa.array(np.union1d(moved, found[moved]))).drop_columns([CLUSTER]))
+    shutil.rmtree(folder, ignore_errors=True)
+    if not pairs:
+        return verdict_schema().empty_table()
+    rows = pa.concat_tables(named)
+    _, first = np.unique(rows[KEY].to_numpy(zero_copy_only=False).astype(str), return_index=True)
+    rows = rows.take(pa.array(first))  # each named key once (a boundary row may be named by two clusters)
+    survivors = semantic.resolve_survivors(pa.concat_tables(pairs), rows)
+    row_of = rows[ROW].take(pc.index_in(survivors[KEY], rows[KEY]))
+    count = survivors.num_rows
+    log.info("semantic dedup: %d rows, %d clusters, %d duplicates", n, k, count)
+    return pa.table({ROW: row_of, DROP_STAGE: pa.array([semantic.STAGE] * count, pa.string()),
+                     DROP_REASON: pa.array([semantic.REASON] * count, pa.string()),
+                     DROP_DETAIL: survivors["survivor_key"]}).cast(verdict_schema()).sort_by(ROW)
+
+
+SURVIVOR_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS]
+
+
+def _with_offsets(parts: Iterator[pa.Table]) -> Iterator[tuple[pa.Table, int]]:
+    offset = 0
+    for part in parts:
+        yield part, offset
+        offset += part.num_rows
+
+
+def _vector_rows(part: pa.Table, offset: int, has_vector: np.ndarray) -> np.ndarray:
+    """Vector rows of the part's alive rows that have an embedding."""
+    live = alive(part).to_numpy(zero_copy_only=False) & has_vector[offset:offset + part.num_rows]
+    return offset + np.flatnonzero(live)
