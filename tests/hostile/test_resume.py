@@ -82,13 +82,49 @@ def run_until(cmd: list[str], out: Path, condition: Condition, limit: float = 12
     started = time.monotonic()
     while process.poll() is None and time.monotonic() - started < limit:
         if condition(out):
+            children = descendants(process.pid)
             process.send_signal(signal.SIGKILL)
             process.wait()
+            assert_exit(children)
             return True
         time.sleep(0.005)
     _, stderr = process.communicate(timeout=limit)
     assert process.returncode == 0, stderr.decode()[-3000:]
     return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under pid (download workers), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while listed
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_exit(pids: set[int], limit: float = 20.0) -> None:
+    """A killed run's worker processes exit by themselves: none is left waiting on its queue."""
+    deadline = time.monotonic() + limit
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if running(pid)]
+    for pid in left:  # do not leak them into the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} worker processes outlived the killed run"
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +28,7 @@ from curate.storage import files as storage
 Span = tuple[float, float]  # wall-clock start and end of a worker's work (time.time(), comparable across processes)
 _tasks: Any = None  # the worker processes' queues, set by _initialize
 _reports: Any = None
+PARENT_POLL = 0.5  # seconds between a worker's checks that the run that started it is alive
 
 
 def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, stored: bool, processes: int,
@@ -41,7 +44,7 @@ def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, 
     tasks, reports = context.Queue(), context.Queue()
     _fill(tasks, groups, processes)
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_initialize,
-                             initargs=(tasks, reports)) as pool:
+                             initargs=(tasks, reports, os.getpid())) as pool:
         futures = [pool.submit(_worker, out, options, stored) for _ in range(processes)]
         while not all(future.done() for future in futures):
             try:
@@ -69,9 +72,18 @@ def _seconds(spans: list[Span | None]) -> float:
     return max(end for _, end in found) - min(start for start, _ in found) if found else 0.0
 
 
-def _initialize(tasks: Any, reports: Any) -> None:
+def _initialize(tasks: Any, reports: Any, parent: int) -> None:
     global _tasks, _reports
     _tasks, _reports = tasks, reports
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="curate-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A run killed with SIGKILL runs no cleanup, and its workers would wait on their queues forever (each holding
+    its fetch session and a few hundred MB): a worker whose parent is gone exits."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os._exit(1)
 
 
 def _worker(out: str, options: DownloadOptions, stored: bool) -> Span | None:
