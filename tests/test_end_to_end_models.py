@@ -34,6 +34,8 @@ def test_model_scores_drive_select_and_reach_the_sample_json(tmp_path, corpus_fa
     alive = scored[scored["drop_reason"].isna()]
     assert alive["aesthetic_score"].notna().all() and alive["watermark_prob"].between(0, 1).all()
     assert alive["embedding"].map(len).eq(768).all()
+    for later in ("dedup", "select", "shard"):  # no later stage reads them: 1.5 KB a row left behind
+        assert all("embedding" not in pq.read_schema(p).names for p in (out / "stages" / later).glob("*.parquet"))
     samples = pq.read_table(out / "samples.parquet").to_pandas()
     assert set(samples["scores_source"]) == {"model"}
     assert verify(out) == []

@@ -313,7 +313,11 @@ class LocalRun:
                     shutil.rmtree(folder, ignore_errors=True)
                 verdicts = pa.concat_tables([verdicts, found]).sort_by(ROW)
             rows = verdicts[ROW].to_numpy()
-            for index, part in enumerate(source.iter_parts()):
+            # No later stage reads the embeddings (1.5 KB a row; a rerun's dedup reads them from score's checkpoint):
+            # they stay out of dedup's and select's checkpoints and out of the shard stage's memory.
+            carried = (storage.read_table(path, columns=[n for n in storage.read_schema(path).names if n != EMBEDDING])
+                       for path in source.parts())
+            for index, part in enumerate(carried):
                 low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
                 part = apply_verdicts(part, rows_between(verdicts, rows, low, high))
                 target.write_split(index, part, alive(part))
