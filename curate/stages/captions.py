@@ -8,6 +8,7 @@ alive. Word counts and the junk patterns are Arrow kernels; token counts and lan
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import importlib.util
 from functools import cache, lru_cache
@@ -24,6 +25,10 @@ STAGE = "prefilter"
 CLIP_CONTEXT = 77  # CLIP's text context, start and end tokens included: SD/SDXL training truncates past it
 LANGUAGE_MIN_CONFIDENCE = 0.5  # py3langid's normalized probability; below it a short caption's language is unknown
 REPAIR_MARGIN = 8  # tokens: a count this far under the limit without ftfy's repairs stays under it with them
+LONG_CAPTION_EXACT_TOKENS = 1024  # a long_caption's detail is exact up to max(this, 4 x max_tokens) tokens; past
+# that the counting stops and the detail reads ">N" (more than N), so a hostile megabyte costs what N tokens cost
+_CACHED_WORD_CHARS = 64  # longer pre-tokens are rare and counted uncached: a cache of them could hold gigabytes
+_WHOLE_TEXT_CHARS = 4096  # a caption this short is counted whole, its cost bounded anyway, before any cap is checked
 REPEATS_FOR_JUNK = 3  # "Bora Bora" and "bye bye" are captions; "shoes shoes shoes" is keyword stuffing
 
 # Whole captions that are camera or upload file names, bare URLs (Arrow's RE2 syntax, matched case-insensitively).
@@ -108,56 +113,106 @@ def _pre_tokens() -> Any:
     return regex.compile("|".join((*_SPECIAL_TOKENS, words)), regex.IGNORECASE)
 
 
-@lru_cache(maxsize=1 << 18)
+@cache
+def _longest_token_bytes() -> int:
+    """The most bytes one BPE token covers (32 in CLIP's vocabulary): a pre-token of b bytes makes at least
+    b / this many tokens, whatever its merges."""
+    return max(1, *(len((first + second).removesuffix("</w>")) for first, second in _bpe_ranks()))
+
+
 def _bpe_length(word: str) -> int:
     """How many BPE tokens CLIP's tokenizer makes of one pre-token (open_clip's SimpleTokenizer.bpe)."""
+    return _cached_bpe_length(word) if len(word) <= _CACHED_WORD_CHARS else _bpe_merge(word)
+
+
+@lru_cache(maxsize=1 << 18)
+def _cached_bpe_length(word: str) -> int:
+    return _bpe_merge(word)
+
+
+def _bpe_merge(word: str) -> int:
+    """open_clip's merge loop in O(n log n) instead of its O(n^2) (a pass over the whole word per merge): each pass
+    merges every occurrence of the lowest-ranked pair left to right; pairs the pass creates wait for the next one."""
     if word in _SPECIAL_TOKENS:
         return 1
     encoder, ranks = _byte_encoder(), _bpe_ranks()
-    symbols = [encoder[b] for b in word.encode("utf-8")]
+    symbols = [encoder[b] for b in word.encode("utf-8")]  # "" once merged into its left neighbour
     symbols[-1] += "</w>"
-    while len(symbols) > 1:
-        pairs = {(symbols[i], symbols[i + 1]) for i in range(len(symbols) - 1)}
-        best = min(pairs, key=lambda pair: ranks.get(pair, 1 << 30))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return len(symbols)
+    size = len(symbols)
+    after, before = [*range(1, size), -1], list(range(-1, size - 1))  # a linked list over the live symbols
+    heap = [(rank, i) for i in range(size - 1) if (rank := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap and size > 1:
+        rank, merged = heap[0][0], []
+        while heap and heap[0][0] == rank:  # one rank is one pair; its occurrences pop left to right
+            i = heapq.heappop(heap)[1]
+            j = after[i]
+            if not symbols[i] or j < 0 or ranks.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: merged away, or its pair has grown since it was pushed
+            symbols[i], symbols[j], after[i] = symbols[i] + symbols[j], "", after[j]
+            if after[i] >= 0:
+                before[after[i]] = i
+            merged.append(i)
+            size -= 1
+        for i in merged:
+            for left, right in ((before[i], i), (i, after[i])):
+                if left >= 0 and right >= 0 and (new := ranks.get((symbols[left], symbols[right]))) is not None:
+                    heapq.heappush(heap, (new, left))
+    return size
 
 
-def clip_token_count(caption: str, repair: bool = True) -> int:
+def _plain(caption: str) -> bool:
+    """Printable ASCII without '&': what ftfy and html.unescape leave as it is."""
+    return caption.isascii() and "&" not in caption and caption.isprintable()
+
+
+def _count_tokens(text: str, cap: int | None) -> int:
+    """Tokens of text's (lowercased) pre-tokens; with a cap, stops once past it and answers cap + 1. A pre-token
+    longer than the tokens left before the cap times _longest_token_bytes() surely passes it: it is never merged."""
+    if cap is None or len(text) <= _WHOLE_TEXT_CHARS:
+        total = sum(map(_bpe_length, _pre_tokens().findall(text)))
+        return total if cap is None or total <= cap else cap + 1
+    longest, total = _longest_token_bytes(), 0
+    for match in _pre_tokens().finditer(text):
+        word = match.group()
+        if len(word) > (cap - total) * longest:  # len counts characters, at most as many as bytes
+            return cap + 1
+        total += _bpe_length(word)
+        if total > cap:
+            return cap + 1
+    return total
+
+
+def clip_token_count(caption: str, repair: bool = True, cap: int | None = None) -> int:
     """Tokens open_clip's tokenizer gives the caption (lowercased, cleaned), start and end tokens not counted.
-    repair=False skips ftfy's repairs (4x faster on non-ASCII text, off by a token or two on mojibake)."""
-    if not caption.isascii() or "&" in caption or not caption.isprintable():  # what ftfy/html would change
-        if repair:
-            import ftfy
+    repair=False skips ftfy's repairs (4x faster on non-ASCII text, off by a token or two on mojibake).
+    With a cap the count is exact up to cap, and any count past it is answered cap + 1 (more than cap): counting
+    stops there, and a word too long for the tokens left is never merged, so the BPE's cost is bounded by the cap's.
+    A caption that is not plain ASCII is still cleaned whole first (ftfy and html.unescape, about 0.5 s a megabyte):
+    ftfy judges mojibake over a whole line, so a prefix's repair need not be the caption's, nor its count."""
+    if _plain(caption):  # no cleaning, and no need to collapse spaces: no pre-token holds one
+        return _count_tokens(caption.lower(), cap)
+    if repair:
+        import ftfy
 
-            caption = ftfy.fix_text(caption)
-        caption = html.unescape(html.unescape(caption)).strip()
-    text = " ".join(caption.split()).lower()
-    return sum(_bpe_length(word) for word in _pre_tokens().findall(text))
+        caption = ftfy.fix_text(caption)
+    caption = html.unescape(html.unescape(caption)).strip()
+    return _count_tokens(" ".join(caption.split()).lower(), cap)
 
 
-def token_counts(captions: pa.ChunkedArray | pa.Array, limit: int | None = None) -> pa.Array:
-    """CLIP token counts (without start/end) per caption; null for a null caption. With a limit, a count
-    more than REPAIR_MARGIN under it is taken without ftfy's repairs (the verdict is the same, at a quarter of the
-    cost); one near or over it is counted again with them, as mojibake can hold many more tokens than its repair."""
+def token_counts(captions: pa.ChunkedArray | pa.Array, limit: int | None = None, cap: int | None = None) -> pa.Array:
+    """CLIP token counts (without start/end) per caption; null for a null caption; with a cap, cap + 1 for any
+    count past it (clip_token_count). With a limit, a count more than REPAIR_MARGIN under it is taken without
+    ftfy's repairs (the verdict is the same, at a quarter of the cost); one near or over it is counted again with
+    them when ftfy would change the caption, as mojibake can hold many more tokens than its repair."""
     counts: list[int | None] = []
     for caption in captions.to_pylist():
         if caption is None:
             counts.append(None)
             continue
-        count = clip_token_count(caption, repair=limit is None)
-        if limit is not None and count >= limit - REPAIR_MARGIN and not caption.isascii():
-            count = clip_token_count(caption)
+        count = clip_token_count(caption, repair=limit is None, cap=cap)
+        if limit is not None and count >= limit - REPAIR_MARGIN and not _plain(caption):
+            count = clip_token_count(caption, cap=cap)
         counts.append(count)
     return pa.array(counts, pa.int64())
 
@@ -172,13 +227,18 @@ def may_exceed(captions: pa.ChunkedArray | pa.Array, max_tokens: int) -> pa.Chun
 
 def flag_long_captions(table: pa.Table, max_tokens: int | None) -> pa.Table:
     """Captions longer than max_tokens CLIP tokens (start and end tokens included, as the context of 77 counts);
-    exact counts only for the captions a cheap bound cannot clear."""
+    exact counts only for the captions a cheap bound cannot clear. The detail is the count, start and end included,
+    exact up to max(LONG_CAPTION_EXACT_TOKENS, 4 x max_tokens) = N; a longer caption's is ">N" (more than N tokens),
+    as counting stops there. The verdict is exact either way, N being over max_tokens."""
     if max_tokens is None:
         return table
     captions = table[CAPTION]
     candidates = may_exceed(captions, max_tokens)
-    counts = pc.add(token_counts(pc.if_else(candidates, captions, pa.scalar(None, captions.type)), max_tokens - 2), 2)
-    return with_reason(table, pc.greater(counts, max_tokens), STAGE, "long_caption", pc.cast(counts, pa.string()))
+    exact_up_to = max(LONG_CAPTION_EXACT_TOKENS, 4 * max_tokens)
+    counts = pc.add(token_counts(pc.if_else(candidates, captions, pa.scalar(None, captions.type)), max_tokens - 2,
+                                 exact_up_to - 2), 2)
+    details = pc.if_else(pc.greater(counts, exact_up_to), f">{exact_up_to}", pc.cast(counts, pa.string()))
+    return with_reason(table, pc.greater(counts, max_tokens), STAGE, "long_caption", details)
 
 
 # -- language ---------------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 import random
 import string
+import time
 
 import pyarrow as pa
 import pytest
 
+from curate.stages import captions as captions_module
 from curate.stages.captions import (
+    LONG_CAPTION_EXACT_TOKENS,
     REPAIR_MARGIN,
     clip_token_count,
     flag_captions,
@@ -119,3 +122,113 @@ def test_mojibake_far_over_the_limit_unrepaired_is_judged_on_its_repaired_count(
     assert out["drop_reason"].to_pylist() == [None]
     out = flag_long_captions(_table([caption]), repaired + 1)
     assert out["drop_reason"].to_pylist() == ["long_caption"] and out["drop_detail"][0].as_py() == str(repaired + 2)
+
+
+MEGABYTE = 1_000_000
+
+
+def _random_word(rng, length):
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+
+
+HOSTILE = {  # built when a test asks: a megabyte each
+    "one word": lambda rng: "a" * MEGABYTE,
+    "one random word": lambda rng: _random_word(rng, MEGABYTE),
+    "many words": lambda rng: " ".join(_random_word(rng, rng.randint(1, 12)) for _ in range(MEGABYTE // 7))[:MEGABYTE],
+    "digits": lambda rng: "7" * MEGABYTE,
+    "non-ascii word": lambda rng: "é" * (MEGABYTE // 2),
+    "non-ascii words": lambda rng: ("café crème brûlée " * (MEGABYTE // 18))[:MEGABYTE],
+}
+
+
+@pytest.fixture
+def merged_bytes(monkeypatch):
+    """Bytes that went through CLIP's BPE merges (uncached), per call: the work a caption costs."""
+    calls: list[int] = []
+    merge = captions_module._bpe_merge
+
+    def counting(word):
+        calls.append(len(word.encode("utf-8")))
+        return merge(word)
+
+    captions_module._cached_bpe_length.cache_clear()
+    monkeypatch.setattr(captions_module, "_bpe_merge", counting)
+    yield calls
+    captions_module._cached_bpe_length.cache_clear()
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_megabyte_caption_is_long_at_the_cost_of_the_bound(kind, merged_bytes):
+    """A megabyte caption (the BPE merge loop was quadratic in a word's length: 1-2.5 s for one, minutes for a
+    random one) is long_caption with a bounded detail; the merges stop once the count passes the bound."""
+    caption = HOSTILE[kind](random.Random(3))
+    started = time.perf_counter()
+    out = flag_long_captions(_table([caption]), 77)
+    elapsed = time.perf_counter() - started
+    assert out["drop_reason"].to_pylist() == ["long_caption"]
+    assert out["drop_detail"].to_pylist() == [f">{LONG_CAPTION_EXACT_TOKENS}"]
+    longest = captions_module._longest_token_bytes()
+    assert len(merged_bytes) <= 2 * LONG_CAPTION_EXACT_TOKENS  # pre-tokens merged: unrepaired pass + repaired one
+    assert sum(merged_bytes) <= 2 * 2 * LONG_CAPTION_EXACT_TOKENS * longest
+    if caption.isascii():  # non-ASCII ones still pay ftfy's linear pass (about 0.5 s a megabyte)
+        assert elapsed < 2  # loose: about 0.05 s
+    if kind in ("one word", "one random word", "non-ascii word"):
+        assert merged_bytes == []  # longer than the bound's tokens can cover: never merged
+
+
+def test_counts_up_to_the_cap_are_open_clips_and_past_it_say_so():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    rng = random.Random(1)
+    alphabet = string.ascii_lowercase * 3 + string.digits + string.punctuation + "  éüßÃ©中文😀ﬁ&;"
+    captions = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400))) for _ in range(150)]
+    captions += ["a" * 300, "ab" * 200, "😂" * 70, "<start_of_text>" * 5, "cat " * 40]
+    captions += [" ".join(rng.sample(captions, 40)) for _ in range(6)]  # past _WHOLE_TEXT_CHARS: counted word by word
+    assert max(map(len, captions)) > captions_module._WHOLE_TEXT_CHARS
+    for caption in captions:
+        exact = len(tokenizer.encode(caption))
+        for cap in (0, 1, 5, 17, 60, 150, 1000, 5000):
+            assert clip_token_count(caption, cap=cap) == (exact if exact <= cap else cap + 1), (caption, cap)
+
+
+def test_a_cap_just_at_or_past_the_count_is_exact_for_dense_long_words():
+    """The longest tokens (32 bytes: runs of one emoji) are where a word too long to merge is judged by its bytes."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    captions = ["a " * 2100 + "😂" * 800, "a " * 2100 + "😂" * 799 + " cat", "b " * 2100 + "x" * 900 + " 7"]
+    for caption in captions:
+        exact = len(tokenizer.encode(caption))
+        assert [clip_token_count(caption, cap=cap) for cap in (exact - 1, exact, exact + 1)] == [exact] * 3
+
+
+@pytest.mark.parametrize("max_tokens", [77, 300])
+def test_long_caption_details_are_exact_up_to_the_bound(max_tokens):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    bound = max(LONG_CAPTION_EXACT_TOKENS, 4 * max_tokens)
+    rng = random.Random(max_tokens)
+    words = ["cat", "harbor", "naïve", "CafÃ©", "😀", "x" * 90, "&amp;", "Ｆｕｌｌ"]
+    captions = [" ".join(["cat"] * n) for n in (max_tokens - 3, max_tokens - 2, bound - 3, bound - 2, bound - 1)]
+    captions += [" ".join(rng.choice(words) for _ in range(rng.randint(max_tokens // 4, bound // 2)))
+                 for _ in range(12)]
+    captions += ["y" * (40 * bound)]  # one word: more tokens than the bound, whatever its merges
+    out = flag_long_captions(_table(captions), max_tokens)
+    for caption, reason, detail in zip(captions, out["drop_reason"].to_pylist(), out["drop_detail"].to_pylist(),
+                                       strict=True):
+        total = len(tokenizer.encode(caption)) + 2
+        assert reason == ("long_caption" if total > max_tokens else None)
+        if reason:
+            assert detail == (str(total) if total <= bound else f">{bound}")
+
+
+def test_ascii_control_characters_are_counted_as_ftfy_removes_them():
+    """ftfy drops control characters and terminal escapes: an ASCII caption full of them fits."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    captions = ["a cat " + "\x01" * 80, "a red \x1b[31m cat " * 20]
+    counts = token_counts(pa.array(captions), 75).to_pylist()
+    assert counts == [len(SimpleTokenizer().encode(c)) for c in captions]
+    assert flag_long_captions(_table(captions), 77)["drop_reason"].to_pylist() == [None, None]
