@@ -15,7 +15,7 @@ import curate
 from curate.config import Config
 from curate.pipeline import plan
 from curate.pipeline.plan import STAGES, RunFacts
-from curate.schema import CLIP_SCORE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH
+from curate.schema import AESTHETIC, CLIP_SCORE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, PWATERMARK
 from curate.stages.ingest import normalize
 from curate.stages.select import scores_from_metadata
 from curate.stages.verdict import with_verdict_columns
@@ -84,3 +84,15 @@ def test_the_executors_map_no_threshold_themselves() -> None:
                     and node.value.id in {"c", "config", "cfg"}:
                 reads.append(f"{path.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
     assert reads == []
+
+
+def test_scores_auto_is_decided_once_for_both_executors() -> None:
+    def never() -> dict[str, int]:
+        raise AssertionError("the input was read though the answer did not depend on it")
+
+    assert plan.resolve_scores(Config(scores="metadata"), never) == "metadata"
+    assert plan.resolve_scores(Config(scores="auto", min_clip_score=0.2), never) == "model"
+    every_row = {AESTHETIC: 0, PWATERMARK: 0}
+    assert plan.resolve_scores(Config(scores="auto"), lambda: every_row) == "metadata"
+    assert plan.resolve_scores(Config(scores="auto"), lambda: {**every_row, PWATERMARK: 3}) == "model"
+    assert plan.resolve_scores(Config(scores="auto"), lambda: {AESTHETIC: 0}) == "model"

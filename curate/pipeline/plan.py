@@ -33,6 +33,20 @@ class RunFacts:
     stored: bool = False  # the images lie in WebDataset input tars: read, not fetched
 
 
+def resolve_scores(config: Config, score_column_nulls: Callable[[], dict[str, int]]) -> str:
+    """model or metadata. --scores auto takes the metadata's scores when every row carries LAION's aesthetic and
+    watermark columns (score_column_nulls: the null count of each of them the input has, asked only for auto), the
+    models' otherwise, and always the models' under --min-clip-score (only they give a clip_score)."""
+    from curate.schema import AESTHETIC, PWATERMARK
+
+    if config.scores != "auto":
+        return config.scores
+    if config.min_clip_score is not None:
+        return "model"
+    nulls = score_column_nulls()
+    return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
+
+
 def prefilter_arguments(config: Config, facts: RunFacts) -> dict[str, Any]:
     """The prefilter's thresholds: metadata scores are judged before download only when they are the scores."""
     on_metadata = facts.scores == "metadata"

@@ -154,13 +154,8 @@ class LocalRun:
         return nulls
 
     def resolve_scores(self) -> str:
-        """model/metadata, deciding `auto` from whether every row carries LAION's score columns."""
-        if self.config.scores != "auto":
-            return self.config.scores
-        if self.config.min_clip_score is not None:  # only the models give a clip_score
-            return "model"
-        nulls = self.score_column_nulls()
-        return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
+        """model/metadata by the plan's rule, from the ingested parts' score columns."""
+        return plan.resolve_scores(self.config, self.score_column_nulls)
 
     def require_metadata_scores(self) -> None:
         if AESTHETIC not in self.score_column_nulls():

@@ -224,19 +224,22 @@ class SparkRun:
         return same
 
     def resolve_scores(self, ingested: DataFrame) -> str:
-        """model/metadata, as LocalRun.resolve_scores decides it, from one aggregation."""
+        """model/metadata by the plan's rule; the score columns' null counts in one aggregation."""
         from pyspark.sql import functions as F
 
         names = ingested.columns
         if self.config.scores == "metadata" and AESTHETIC not in names:
             raise ValueError("--scores metadata needs an AESTHETIC_SCORE/aesthetic column and the input has none "
                              f"(columns: {names}); use --scores model to compute scores from the images")
-        if self.config.scores != "auto":
-            return self.config.scores
-        if self.config.min_clip_score is not None or AESTHETIC not in names or PWATERMARK not in names:
-            return "model"
-        nulls = ingested.agg(*[F.sum(F.col(c).isNull().cast("long")).alias(c) for c in (AESTHETIC, PWATERMARK)])
-        return "metadata" if all((v or 0) == 0 for v in nulls.collect()[0]) else "model"
+
+        def nulls() -> dict[str, int]:
+            present = [c for c in (AESTHETIC, PWATERMARK) if c in names]
+            if not present:
+                return {}
+            counts = ingested.agg(*[F.sum(F.col(c).isNull().cast("long")).alias(c) for c in present]).collect()[0]
+            return {c: int(counts[c] or 0) for c in present}
+
+        return plan.resolve_scores(self.config, nulls)
 
 
 def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str, stored: bool) -> DataFrame:
