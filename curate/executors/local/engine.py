@@ -295,9 +295,7 @@ class LocalRun:
                 exact_rows = verdicts[ROW].to_numpy()
 
                 def judged_parts() -> Iterator[pa.Table]:  # every row, in checkpoint order: row i is vector row i
-                    for part in signatures(live_only=False):
-                        low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
-                        yield apply_verdicts(part, rows_between(verdicts, exact_rows, low, high))
+                    return (_with_part_verdicts(part, verdicts, exact_rows) for part in signatures(live_only=False))
 
                 folder = storage.scratch(self.out, "dedup-embeddings")
                 try:
@@ -310,11 +308,11 @@ class LocalRun:
             rows = verdicts[ROW].to_numpy()
             # No later stage reads the embeddings (1.5 KB a row; a rerun's dedup reads them from score's checkpoint):
             # they stay out of dedup's and select's checkpoints and out of the shard stage's memory.
-            carried = (storage.read_table(path, columns=[n for n in storage.read_schema(path).names if n != EMBEDDING])
-                       for path in source.parts())
+            carried = source.iter_parts() if EMBEDDING not in present else (
+                storage.read_table(path, columns=[n for n in storage.read_schema(path).names if n != EMBEDDING])
+                for path in source.parts())
             for index, part in enumerate(carried):
-                low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
-                part = apply_verdicts(part, rows_between(verdicts, rows, low, high))
+                part = _with_part_verdicts(part, verdicts, rows)
                 target.write_split(index, part, alive(part))
             return {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
 
@@ -336,6 +334,12 @@ class LocalRun:
             return {**judged_by, "judged_by": judged_by, "not_reconsidered": lost}
 
         return self._timed("select", body, force=force)
+
+
+def _with_part_verdicts(part: pa.Table, verdicts: pa.Table, rows: np.ndarray) -> pa.Table:
+    """A checkpoint part with the global step's verdicts on its rows (verdicts sorted by ROW; rows its ROW column)."""
+    low, high = (part[ROW][0].as_py(), part[ROW][-1].as_py() + 1) if part.num_rows else (0, 0)
+    return apply_verdicts(part, rows_between(verdicts, rows, low, high))
 
 
 def embedding_map(checkpoint: io.Checkpoint, folder: Path) -> tuple[np.ndarray, np.ndarray]:
