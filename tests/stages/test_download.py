@@ -16,8 +16,10 @@ from curate.stages.download import DownloadOptions, process_body, resizer_for
 from curate.stages.images import decode, planned_size, prepare
 
 # Agreement with img2dataset's Resizer, in 8-bit levels over the decoded outputs: with DCT scaling (target at most
-# half the original), mean |diff| <= 2.5 and max <= 48; without it the same area resize, mean <= 0.5.
+# half the original), mean |diff| <= 2.5 and max <= 48; a factor of at most 2 left after the full decode is bilinear
+# where the Resizer's filter is area, mean <= 4 and max <= 48; a factor past 2 is the same area resize, mean <= 0.5.
 DCT_MEAN, DCT_MAX, PLAIN_MEAN = 2.5, 48, 0.5
+BILINEAR_MEAN, BILINEAR_MAX = 4.0, 48
 
 
 def jpeg_of(image: Image.Image, **options: object) -> bytes:
@@ -36,19 +38,49 @@ def pixels(data: bytes) -> np.ndarray:
     (1200, 800, 512, "center_crop", False), (1000, 760, 600, "keep_ratio", False),
 ])
 def test_outputs_agree_with_img2dataset_resizer(width: int, height: int, size: int, mode: str, scaled: bool) -> None:
-    body = jpeg_of(photo_like(width, height, seed=width + height), quality=85)
-    options = DownloadOptions(image_size=size, resize_mode=mode)
+    difference = difference_from_resizer(jpeg_of(photo_like(width, height, seed=width + height), quality=85),
+                                         DownloadOptions(image_size=size, resize_mode=mode), (width, height))
+    if scaled:
+        assert difference.mean() <= DCT_MEAN and difference.max() <= DCT_MAX, (difference.mean(), difference.max())
+    else:  # 1.56 and 1.27 left after a full decode: bilinear
+        assert difference.mean() <= BILINEAR_MEAN and difference.max() <= BILINEAR_MAX, (difference.mean(),
+                                                                                         difference.max())
+
+
+def difference_from_resizer(body: bytes, options: DownloadOptions, original: tuple[int, int]) -> np.ndarray:
+    """|ours - img2dataset's Resizer| per pixel and channel, both stored images decoded; sizes checked equal."""
     ours = process_body(body, options)
     jpeg, stored_width, stored_height, original_width, original_height, problem = resizer_for(options)(
         io.BytesIO(prepare(body).body))
     assert problem is None and ours["status"] == "success"
     assert (ours["stored_width"], ours["stored_height"]) == (stored_width, stored_height)
-    assert (ours["original_width"], ours["original_height"]) == (original_width, original_height) == (width, height)
-    difference = np.abs(pixels(ours["jpg"]) - pixels(jpeg))
-    if scaled:
-        assert difference.mean() <= DCT_MEAN and difference.max() <= DCT_MAX, (difference.mean(), difference.max())
-    else:
-        assert difference.mean() <= PLAIN_MEAN, difference.mean()
+    assert (ours["original_width"], ours["original_height"]) == (original_width, original_height) == original
+    return np.abs(pixels(ours["jpg"]) - pixels(jpeg))
+
+
+@pytest.mark.parametrize(("width", "height", "size"), [
+    (700, 530, 512), (1500, 1200, 1024), (1000, 760, 600), (1839, 1386, 1024), (2000, 1638, 1024), (1200, 640, 330),
+])
+@pytest.mark.parametrize("quality", [75, 95])
+def test_the_bilinear_downscale_agrees_with_img2dataset_resizer(width: int, height: int, size: int,
+                                                                quality: int) -> None:
+    """Factors 1.04 to 1.94 left after a full decode (no DCT scale covers the target): OpenCV's bilinear where the
+    Resizer's filter is area (~3 ms against ~25 ms at 1.5-2 MP). On these grainy photo-like JPEGs (the worst case
+    for an interpolation; the fine grain is where the two filters part) measured with OpenCV 4.14 and Pillow 13:
+    mean |diff| 0.8-3.4 levels (growing with the factor), max 11-35, 99.9th percentile <= 18; held to mean <= 4
+    and max <= 48 (the DCT path's max). A factor past 2 stays area: the next test."""
+    body = jpeg_of(photo_like(width, height, seed=width + quality), quality=quality)
+    difference = difference_from_resizer(body, DownloadOptions(image_size=size), (width, height))
+    assert difference.mean() <= BILINEAR_MEAN and difference.max() <= BILINEAR_MAX, (difference.mean(),
+                                                                                     difference.max())
+
+
+def test_a_factor_past_two_is_the_resizers_own_area_resize() -> None:
+    """A PNG (no DCT scaling) shrunk 3.5 times: OpenCV's INTER_AREA as in the Resizer (measured: identical)."""
+    buffer = io.BytesIO()
+    photo_like(1200, 900, seed=5).save(buffer, "PNG")
+    difference = difference_from_resizer(buffer.getvalue(), DownloadOptions(image_size=256), (1200, 900))
+    assert difference.mean() <= PLAIN_MEAN, difference.mean()
 
 
 def test_the_jpeg_is_decoded_at_the_smallest_dct_scale_that_covers_the_target() -> None:
