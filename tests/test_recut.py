@@ -14,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate.cli import app
-from curate.pipeline.run import NothingKept, TooFewRows, load_run_config, rerun_stage, run_local
+from curate.pipeline.accounting import NothingKept
+from curate.pipeline.run import TooFewRows, load_run_config, rerun_stage, run_local
 from curate.stages.ingest import key_of
 from curate.testing.server import ImageServer, Response
 from tests.conftest import make_jpeg

@@ -18,6 +18,16 @@ class AccountingError(RuntimeError):
     pass
 
 
+class NothingKept(ValueError):
+    """Every input row was dropped: the books and the report were written and say why."""
+
+
+def check_kept(stats: dict[str, Any], report: Any) -> None:
+    if stats["kept"] == 0:
+        raise NothingKept(f"no sample was kept: all {stats['input_rows']} input rows were dropped. The ledger, "
+                          f"stats.json and the report say why: {report}")
+
+
 def ledger_table(table: pa.Table) -> pa.Table:
     """One row per dropped input row: key, row, url, stage, reason, detail."""
     dropped = table.filter(pc.is_valid(table[DROP_REASON]))

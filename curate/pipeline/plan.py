@@ -11,7 +11,7 @@ Spark executor through mapInArrow, so neither maps options to arguments itself.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from curate.config import Config
 
 if TYPE_CHECKING:
     from curate.stages.download import DownloadOptions
+    from curate.stages.shard import ShardPlan
 
 Batch = Callable[[pa.Table], pa.Table]
 
@@ -29,7 +30,7 @@ Batch = Callable[[pa.Table], pa.Table]
 class RunFacts:
     """What a run knows before its first judging stage."""
 
-    scores: str  # "model" or "metadata" (--scores auto resolved from the input)
+    scores: str = "auto"  # "model" or "metadata": --scores auto resolved from the ingested input (ingest: unknown)
     stored: bool = False  # the images lie in WebDataset input tars: read, not fetched
 
 
@@ -45,6 +46,36 @@ def resolve_scores(config: Config, score_column_nulls: Callable[[], dict[str, in
         return "model"
     nulls = score_column_nulls()
     return "metadata" if all(nulls.get(c) == 0 for c in (AESTHETIC, PWATERMARK)) else "model"
+
+
+def bind_ingest(config: Config, facts: RunFacts) -> Callable[[str, int, list[dict[str, Any]]], Iterator[pa.Table]]:
+    """ingest as a reader: (input file, its first row number, a list that collects damaged tar members) -> the
+    file's rows in the canonical table, batch_size_rows at a time, numbered on from the first row. The local
+    executor reads every input with it, Spark the WebDataset tars (its own parquet reader applies
+    stages.ingest.normalize the same way)."""
+    from curate.stages.ingest import normalize
+    from curate.storage.checkpoint import read_parquet_batches
+    from curate.wds.reader import normalize_rows, read_tar_rows
+
+    batch_rows, caption_field = config.batch_size_rows, config.caption_field
+
+    def read(path: str, first_row: int, damage: list[dict[str, Any]]) -> Iterator[pa.Table]:
+        row = first_row
+        if facts.stored:
+            batches = (normalize_rows(batch, row) for batch in read_tar_rows(path, batch_rows, caption_field, damage))
+        else:
+            batches = (normalize(batch, row) for batch in read_parquet_batches(path, batch_rows))
+        for batch in batches:  # each batch is numbered when the one before it has been counted
+            row += batch.num_rows
+            yield batch
+    return read
+
+
+def stored_input(config: Config, inputs: list[str]) -> bool:
+    """Whether the input is WebDataset tars (images read from them, not fetched): RunFacts.stored."""
+    from curate.wds.reader import is_webdataset
+
+    return is_webdataset(inputs, config.input_format)
 
 
 def prefilter_arguments(config: Config, facts: RunFacts) -> dict[str, Any]:
@@ -142,14 +173,50 @@ def bind_select(config: Config, facts: RunFacts) -> Batch:
     return lambda table: select.select(with_verdict_columns(table), **arguments)
 
 
+def shard_plan(config: Config, survivors: int, total_bytes: int) -> ShardPlan:
+    """The shard plan from the survivors' count and bytes (ShardPlanError when fewer survive than there are loader
+    workers). None surviving is a result, not an error: no shard, and books that say why."""
+    from curate.stages import shard
+
+    c = config
+    if survivors == 0:
+        return shard.ShardPlan(0, 0, 0, c.world_size, c.workers_per_rank, c.global_batch_size)
+    return shard.plan_shards(survivors, total_bytes, c.world_size, c.workers_per_rank, c.target_shard_size,
+                             c.global_batch_size)
+
+
+def bind_shard(config: Config, facts: RunFacts, plan: ShardPlan) -> Batch:
+    """shard's apply step: a batch with each row's shuffle position (from the executor's global order; -1 for a row
+    dropped before) -> its shard (-1 and a shard_remainder verdict for the samples that do not fill every shard
+    equally) and its aspect bucket."""
+    import pyarrow.compute as pc
+
+    from curate.schema import POSITION, SHARD
+    from curate.stages import shard
+    from curate.stages.buckets import add_buckets
+    from curate.stages.verdict import alive, with_reason
+
+    base = config.buckets
+    detail = f"{plan.remainder} samples do not fill {plan.num_shards} equal shards"
+
+    def apply(table: pa.Table) -> pa.Table:
+        positions = table[POSITION].to_numpy()
+        table = shard.assign_shards(table.drop_columns([c for c in (POSITION, SHARD) if c in table.column_names]),
+                                    plan, positions)
+        table = add_buckets(table, base)
+        return with_reason(table, pc.and_(alive(table), pc.equal(table[SHARD], -1)), "shard", "shard_remainder",
+                           detail)
+    return apply
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     kind: str  # "map" or "global"
     adds: tuple[str, ...]  # schema files (curate/schemas/NAME.arrow.json) of the columns it adds
     options: frozenset[str]  # the Config fields it reads
+    bind: Callable[..., Callable[..., Any]]  # Config, RunFacts -> what runs on each batch (ingest: on each file)
     drops_rows: bool = True  # passes only live rows on (the local engine keeps the others in dropped parts)
-    bind: Callable[..., Callable[..., pa.Table]] | None = None  # Config, RunFacts -> what runs on each batch
 
 
 # The metadata thresholds: prefilter applies them before the download (with --scores metadata, and --min-size on the
@@ -168,7 +235,7 @@ _SHARD = frozenset({"world_size", "workers_per_rank", "target_shard_size", "glob
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "map", ("metadata",), frozenset({"batch_size_rows", "input_format", "caption_field"}),
-              drops_rows=False),
+              drops_rows=False, bind=bind_ingest),
     StageSpec("prefilter", "global", ("verdict",), METADATA_THRESHOLDS | _CAPTIONS | {"scores", "dedup"},
               bind=bind_prefilter),
     StageSpec("download", "map", ("download",), _DOWNLOAD, bind=bind_download),
@@ -178,7 +245,7 @@ STAGES: tuple[StageSpec, ...] = (
                                                         "semdedup_clusters", "seed"}, bind=bind_survivor_rule),
     StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False,
               bind=bind_select),
-    StageSpec("shard", "global", ("samples",), _SHARD, drops_rows=False),
+    StageSpec("shard", "global", ("samples",), _SHARD | {"buckets"}, drops_rows=False, bind=bind_shard),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]
 # Stages whose dropped rows leave the run there (select's and shard's verdicts stay in their checkpoints).
@@ -189,12 +256,10 @@ def spec(name: str) -> StageSpec:
     return STAGES[STAGE_NAMES.index(name)]
 
 
-def bound(name: str, config: Config, facts: RunFacts, **extra: Any) -> Callable[..., pa.Table]:
-    """The function stage `name` applies to each batch under this config."""
-    stage = spec(name)
-    if stage.bind is None:
-        raise ValueError(f"stage {name} has no per-batch function (the executor runs it as a whole)")
-    return stage.bind(config, facts, **extra)
+def bound(name: str, config: Config, facts: RunFacts, **extra: Any) -> Callable[..., Any]:
+    """The function stage `name` applies to each batch under this config (a global step: its apply step, given the
+    grouping's result in `extra` or as its arguments)."""
+    return spec(name).bind(config, facts, **extra)
 
 
 def options_read_by(*names: str) -> frozenset[str]:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from curate.config import Config
 from curate.executors.local.engine import LocalRun, Progress
 from curate.executors.local.shard import finish, shard
-from curate.pipeline import plan
+from curate.pipeline import accounting, plan
 from curate.pipeline.plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, options_read_by
 from curate.schema import ROW
 from curate.stages.download import retry_transient
@@ -33,10 +33,7 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     from curate.report.build import build_report
 
     stats = finish(run, started)
-    report = build_report(run.out)
-    if stats["kept"] == 0:
-        raise NothingKept(f"no sample was kept: all {stats['input_rows']} input rows were dropped. The ledger, "
-                          f"stats.json and the report say why: {report}")
+    accounting.check_kept(stats, build_report(run.out))
     return stats
 
 
@@ -56,10 +53,6 @@ def check_same_run(out: Location, config: Config, inputs: list[str]) -> set[str]
                              "or `curate select`/`curate shard` to re-cut it")
     io.write_json({"inputs": inputs, "config": settings}, path)
     return changed
-
-
-class NothingKept(ValueError):
-    """Every input row was dropped: the books and the report are written, the command still fails."""
 
 
 def check_shard_plan_fits(run: LocalRun, stage: str) -> None:

@@ -73,13 +73,29 @@ def plan_shards(num_samples: int, total_bytes: int, world_size: int, workers_per
                      global_batch_size)
 
 
+def shuffle_draws(keys: list[str], seed: int) -> np.ndarray:
+    """Each key's seeded draw (mmh3 64-bit): the shuffle orders by (draw, key)."""
+    return np.array([mmh3.hash64(f"{seed}:{key}", signed=False)[0] for key in keys], dtype=np.uint64)
+
+
+def shuffle_order(keys: list[str] | np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Indices of keys in the shuffled order: by draw, ties by key, then by their order here."""
+    return np.lexsort((np.asarray(keys, dtype=object).astype(str), draws))
+
+
 def shuffle_positions(keys: list[str], seed: int) -> np.ndarray:
     """Position of each key in a seeded order that depends only on (seed, key): same on any engine or partitioning."""
-    draws = np.array([mmh3.hash64(f"{seed}:{key}", signed=False)[0] for key in keys], dtype=np.uint64)
-    order = np.lexsort((np.asarray(keys, dtype=object).astype(str), draws))
+    order = shuffle_order(keys, shuffle_draws(keys, seed))
     positions = np.empty(len(keys), dtype=np.int64)
     positions[order] = np.arange(len(keys))
     return positions
+
+
+def draw_ranges(draws: np.ndarray, partitions: int) -> np.ndarray:
+    """Partition of each draw by its range, in draw order: partition p holds draws below those of partition p + 1,
+    so positions are the counts of the lower partitions plus the ranks inside one."""
+    return ((np.asarray(draws, dtype=np.uint64) >> np.uint64(32)) * np.uint64(partitions) >> np.uint64(32)).astype(
+        np.int64)
 
 
 def assign_shards(table: pa.Table, plan: ShardPlan, positions: np.ndarray) -> pa.Table:

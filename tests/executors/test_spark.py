@@ -112,6 +112,23 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert_same_dataset(served["folder"] / "local-seed-8", out)
 
 
+def test_a_spark_run_that_keeps_nothing_writes_the_local_engines_books(spark: Any, served: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    """None kept is a result on both engines (one shard plan rule): books and report that say why, then the error."""
+    from curate.executors.spark.engine import run_spark
+    from curate.pipeline.accounting import NothingKept
+
+    config = Config(**{**OPTIONS, "threshold": 9.9}).validate()
+    with pytest.raises(NothingKept):
+        run_local(served["inputs"], tmp_path / "local", config)
+    with pytest.raises(NothingKept, match="report.html"):
+        run_spark(spark, served["inputs"], str(tmp_path / "spark"), config)
+    assert_same_dataset(tmp_path / "local", tmp_path / "spark")
+    stats = json.loads((tmp_path / "spark" / "stats.json").read_text())
+    assert stats["kept"] == 0 and stats["dropped"] == stats["input_rows"] > 0
+    assert (tmp_path / "spark" / "report.html").exists()
+
+
 def mixed_release_files(folder: Path, server: ImageServer, rows: int = 24) -> None:
     """Two LAION files as releases spell them: A with int64 sizes and float64 scores; B (laion2B-en-aesthetic) with
     int32 sizes, float32 scores and a hash column. B also repeats A's first row and holds one URL that is gone."""

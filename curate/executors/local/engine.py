@@ -48,11 +48,11 @@ from curate.schema import (
 )
 from curate.stages import prefilter
 from curate.stages.download import JPG_BYTES
-from curate.stages.ingest import check_input_schema, normalize
+from curate.stages.ingest import check_input_schema
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
-from curate.wds.reader import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
+from curate.wds.reader import check_tar, expand_tars
 
 log = logging.getLogger(__name__)
 SCORE_SLICE_ROWS = 1024  # download rows read and scored at a time
@@ -96,7 +96,7 @@ class LocalRun:
     # -- ingest -----------------------------------------------------------------------------------------
     def check_inputs(self, inputs: list[str]) -> list[str]:
         """The input files, each one's schema checked before any work starts; raises naming the file."""
-        if is_webdataset(inputs, self.config.input_format):
+        if plan.stored_input(self.config, inputs):
             tars = expand_tars(inputs)
             for path in tars:
                 check_tar(path)
@@ -120,20 +120,15 @@ class LocalRun:
         """Every input row to the canonical table; `files` are check_inputs' result when the caller has it."""
         files = files if files is not None else self.check_inputs(inputs)
 
-        tars = is_webdataset(inputs, self.config.input_format)
+        tars = plan.stored_input(self.config, inputs)
+        read = plan.bound("ingest", self.config, RunFacts(stored=tars))
 
         def body() -> dict[str, Any]:
             checkpoint, rows, part = self.checkpoint("ingest"), 0, 0
             checkpoint.reset()
             damage: list[dict[str, Any]] = []
             for path in files:
-                if tars:
-                    batches = (normalize_rows(batch, rows) for batch in
-                               read_tar_rows(path, self.config.batch_size_rows, self.config.caption_field, damage))
-                else:
-                    batches = (normalize(batch, rows) for batch in
-                               io.read_parquet_batches(path, self.config.batch_size_rows))
-                for batch in batches:  # rows counts up as each batch is numbered
+                for batch in read(path, rows, damage):
                     checkpoint.write_part(part, batch)
                     rows, part = rows + batch.num_rows, part + 1
             if rows == 0:

@@ -29,7 +29,7 @@ from curate.executors.spark.frames import (
     output_schema,
     read_parquet_files,
 )
-from curate.pipeline import plan
+from curate.pipeline import accounting, plan
 from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS, RunFacts
 from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
 from curate.stages import prefilter
@@ -38,7 +38,7 @@ from curate.stages.shard import ShardPlanError
 from curate.stages.verdict import with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
-from curate.wds.reader import check_tar, expand_tars, is_webdataset, normalize_rows, read_tar_rows
+from curate.wds.reader import check_tar, expand_tars
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -127,9 +127,9 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     folder, rows, part = run.path("stages", "ingest"), 0, 0
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
+    read = plan.bound("ingest", run.config, RunFacts(stored=True))
     for path in files:
-        for batch in read_tar_rows(path, run.config.batch_size_rows, run.config.caption_field, damage):
-            table = normalize_rows(batch, rows)
+        for table in read(path, rows, damage):
             storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
             rows, part = rows + table.num_rows, part + 1
     if rows == 0:
@@ -291,7 +291,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     # local mode's default 1 GB heap (a 20k-row run with 1,000 live images failed so); 256 rows stay ~100 MB.
     spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "256")
     resume = run.resumable(inputs)
-    stored = is_webdataset(inputs, config.input_format)  # images already downloaded, in tars
+    stored = plan.stored_input(config, inputs)  # images already downloaded, in tars
     if stored:
         raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
         ingested = map_stage(raw, _pair_hashes)
@@ -321,23 +321,26 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
 
     def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
         try:
-            placed, shard_plan = spark_shard.plan(spark, selected, config, run.path("stages", "order"))
+            placed, shard_plan = spark_shard.plan(spark, selected, config, RunFacts(scores, stored),
+                                                  run.path("stages", "order"))
         except ShardPlanError as error:  # still show why rows went: the ledger of everything dropped so far
             write_ledger(run, selected)
             raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
         placed = run.checkpoint("shard", placed)
         storage.remove(run.path("shards"))
+        if not shard_plan.num_shards:  # nothing kept: no tar, and books that say why
+            return placed, shard_plan, []
         return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
 
     placed, shard_plan, entries = run.timed("shard", shard)
     facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started}
     stats = write_books(run, placed, shard_plan, entries, facts)
-    write_report(run)
+    accounting.check_kept(stats, write_report(run))
     return stats
 
 
-def write_report(run: SparkRun) -> None:
+def write_report(run: SparkRun) -> Any:
     """OUT/report.html, by the one report builder both engines share (it reads either engine's folder)."""
     from curate.report.build import build_report
 
-    build_report(run.out)  # through the storage layer: a local folder or any fsspec URL (s3a://, gs://, …)
+    return build_report(run.out)  # through the storage layer: a local folder or any fsspec URL (s3a://, gs://, …)

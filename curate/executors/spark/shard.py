@@ -1,4 +1,4 @@
-"""Spark sharding: the seeded global order as a sort, shard = position // samples_per_shard, one task per tar.
+"""Spark sharding: the seeded global order as a sort, then the pipeline's shard apply step, one task per tar.
 
 The driver holds counts, byte totals, the shard plan and one index entry per shard; never rows.
 """
@@ -10,15 +10,16 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import mmh3
 import numpy as np
 import pyarrow as pa
 
 from curate.config import Config
 from curate.executors.spark.frames import INDEX, global_index, map_stage
-from curate.schema import CAPTION, DROP_DETAIL, DROP_REASON, DROP_STAGE, JPG, KEY, POSITION, ROW, SHARD
+from curate.pipeline import plan as pipeline_plan
+from curate.pipeline.plan import RunFacts
+from curate.schema import CAPTION, DROP_REASON, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
-from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, add_buckets, bucket_name
+from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, bucket_name
 from curate.storage import files as storage
 from curate.wds.writer import CARRIED_SKIP, TarSink, sample_document
 
@@ -37,16 +38,18 @@ def _draws(seed: int) -> Any:
     """shuffle_positions' sort key as a signed long (x ^ 2^63 keeps the unsigned order under signed compare)."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            keys = batch.column(KEY).to_pylist()
-            draws = np.array([mmh3.hash64(f"{seed}:{key}", signed=False)[0] for key in keys], dtype=np.uint64)
+            draws = shard_stage.shuffle_draws(batch.column(KEY).to_pylist(), seed)
             signed = (draws ^ np.uint64(1 << 63)).view(np.int64)
             yield pa.RecordBatch.from_arrays([batch.column(ROW), batch.column(KEY), pa.array(signed)],
                                              [ROW, KEY, DRAW])
     return run
 
 
-def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -> tuple[DataFrame, Any]:
-    """judged with position, shard and aspect bucket added, the remainder flagged; and the ShardPlan (from counts)."""
+def plan(spark: SparkSession, judged: DataFrame, config: Config, facts: RunFacts,
+         scratch: str) -> tuple[DataFrame, Any]:
+    """judged with position, shard and aspect bucket added, the remainder flagged; and the ShardPlan (from counts).
+    The global order is a Spark sort here; the plan and the apply step are the pipeline's (plan.shard_plan,
+    plan.bound("shard"))."""
     from pyspark.sql import functions as F
 
     survivors = judged.filter(F.col(DROP_REASON).isNull())
@@ -54,21 +57,12 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, scratch: str) -
                            F.sum(F.octet_length(F.coalesce(CAPTION, F.lit("")))).alias("text")).collect()[0]
     n = int(totals["n"])
     total = int(totals["jpg"] or 0) + int(totals["text"] or 0) + n * shard_stage.estimated_sample_bytes(0, 0)
-    shard_plan = shard_stage.plan_shards(n, total, config.world_size, config.workers_per_rank,
-                                         config.target_shard_size, config.global_batch_size)
+    shard_plan = pipeline_plan.shard_plan(config, n, total)
     drawn = survivors.select(ROW, KEY).mapInArrow(_draws(config.seed), f"{ROW} long, {KEY} string, {DRAW} long")
     order = global_index(spark, drawn, [DRAW, KEY], scratch).select(ROW, F.col(INDEX).alias(POSITION))
-    position = F.coalesce(F.col(POSITION), F.lit(-1)).cast("long")
-    shard = F.when((position >= 0) & (position < shard_plan.kept),
-                   F.floor(position / max(shard_plan.samples_per_shard, 1))).otherwise(-1).cast("long")
-    placed = judged.drop(POSITION, SHARD).join(order, ROW, "left").withColumn(POSITION, position) \
-        .withColumn(SHARD, shard)
-    remainder = F.col(DROP_REASON).isNull() & (F.col(SHARD) == -1)
-    detail = f"{shard_plan.remainder} samples do not fill {shard_plan.num_shards} equal shards"
-    for column, value in ((DROP_STAGE, "shard"), (DROP_DETAIL, detail), (DROP_REASON, "shard_remainder")):
-        placed = placed.withColumn(column, F.when(remainder, F.lit(value)).otherwise(F.col(column)))
-    base = config.buckets
-    return map_stage(placed, lambda table: add_buckets(table, base)), shard_plan
+    placed = judged.drop(POSITION, SHARD).join(order, ROW, "left") \
+        .withColumn(POSITION, F.coalesce(F.col(POSITION), F.lit(-1)).cast("long"))
+    return map_stage(placed, pipeline_plan.bound("shard", config, facts, plan=shard_plan)), shard_plan
 
 
 def _fail_once(folder: str | None, tar: TarSink) -> None:
