@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard lint clean
+.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard bench-books lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-reshard: install
 
 bench-scale: install
 	$(PY) -m bench.bench_scale
+
+bench-books: install
+	$(PY) -m bench.bench_books
 
 bench-dedup: install
 	$(PY) -m bench.bench_dedup --n 100000

@@ -5,7 +5,8 @@ of which a fixed 1,000 pass the metadata prefilter and point at JPEGs served fro
 aesthetic, small or watermarked rows on a port nothing listens on, and 5 % url+caption repeats of earlier rows.
 Every run is a fresh child process (`curate run --scores metadata --world-size 4 --workers-per-rank 1
 --allow-loopback`; the Spark job as `python jobs/aesthetics_filter.py --master local[2]` with the same options), so
-its wall time includes interpreter (and JVM) start-up and its peak RSS is os.wait4's ru_maxrss: the largest of the
+its wall time includes interpreter (and JVM) start-up and its peak RSS is os.wait4's ru_maxrss (through a small
+launcher: a child spawned from this process would count this process's memory too): the largest of the
 process and the children it waited for (the Spark job's JVM is not waited for: no RSS is reported for Spark).
 Exponent: log(t2 / t1) / log(n2 / n1) of wall time between the two largest sizes (1.0 is linear); also printed for
 the total less the download stage, which at small N hides the rest. One run a size: at 100k-300k rows the download
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, WORK, merge_results
+from bench.common import ROOT, WORK, measured_command, merge_results
 from bench.corpus import PinnedCorpusServer, ensure_images_at, live_images, write_scale_corpus
 
 OPTIONS = ["--scores", "metadata", "--world-size", "4", "--workers-per-rank", "1", "--allow-loopback"]
@@ -76,14 +77,12 @@ def child(command: list[str], log: Path) -> tuple[float, float]:
            "PYTHONPATH": path, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     started = time.perf_counter()
     with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
+        done = subprocess.run(measured_command(command), stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{log.read_text()[-4000:]}")
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{log.read_text()[-4000:]}")
     per_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return seconds, usage.ru_maxrss * per_unit / 1e9
+    return seconds, int(log.read_text().split()[-1]) * per_unit / 1e9
 
 
 def run_engine(engine: str, corpus: Path, rows: int) -> Run:

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,25 @@ def wall(command: Sequence[str], **kwargs: Any) -> float:
         output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{output}")
     return seconds
+
+
+# Runs a command as its own fork and reports the child's peak RSS (ru_maxrss, KiB) on stderr's last line. A child
+# spawned straight from a large process reports at least that process's memory at the spawn (Linux keeps the
+# pre-exec high-water mark in ru_maxrss), so a benchmark that built a corpus in-process would measure itself.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def measured_command(command: Sequence[str]) -> list[str]:
+    """command run through the small launcher: its peak RSS in KiB is the last line it writes to stderr."""
+    return [sys.executable, "-c", _LAUNCHER, *command]
 
 
 def machine() -> str:

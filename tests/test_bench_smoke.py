@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_download, bench_e2e, bench_reshard, bench_scale, bench_shard, common, corpus
+from bench import bench_books, bench_download, bench_e2e, bench_reshard, bench_scale, bench_shard, common, corpus
 from bench.bench_download import Settings
 
 SMALL = Settings(processes=1, threads=4, rows_per_part=20, world_size=2)
@@ -18,7 +18,7 @@ SMALL = Settings(processes=1, threads=4, rows_per_part=20, world_size=2)
 def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Images, corpora and outputs under tmp_path instead of bench/work."""
     monkeypatch.setattr(corpus, "IMAGES", tmp_path / "images")
-    for module in (bench_download, bench_e2e, bench_shard):
+    for module in (bench_download, bench_e2e, bench_shard, bench_books):
         monkeypatch.setattr(module, "WORK", tmp_path)
     return tmp_path
 
@@ -99,3 +99,13 @@ def test_gpu_bench_starts_on_cpu(tmp_path: Path) -> None:
     assert all(figures[key] > 0 for key in ("gpu_score_images_per_s", "gpu_models_images_per_s",
                                             "gpu_pil_path_images_per_s", "gpu_reference_images_per_s"))
     assert json.loads((tmp_path / "gpu.json").read_text())["gpu_ratio_vs_reference"] > 0
+
+
+def test_books_bench_inflates_a_run_and_runs_both_codes(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row of the inflated folders is accounted for by this checkout's code and by a reference commit's."""
+    monkeypatch.setattr(bench_books, "TEMPLATE_ROWS", 60)
+    monkeypatch.setattr(bench_books, "PART_ROWS", 700)
+    figures = bench_books.measure([1500, 3000], reference="HEAD")
+    assert [run["kept"] + run["dropped"] for run in figures["books_runs"]] == [1500, 3000]
+    assert [run["rows"] for run in figures["books_reference"]["runs"]] == [1500, 3000]
+    assert figures["books_peak_rss_gb_largest"] > 0 and isinstance(figures["books_exponent"], float)
