@@ -92,6 +92,23 @@ def funnel(input_rows: int, counts: dict[str, dict[str, int]]) -> list[dict[str,
     return steps
 
 
+def stats_document(*, input_rows: int, kept: int, counts: dict[str, dict[str, int]], judged_by: dict[str, Any],
+                   not_reconsidered: dict[str, int], scores: str | None, dedup: dict[str, Any],
+                   shards: dict[str, Any], timings: dict[str, float], config: dict[str, Any],
+                   engine: str) -> dict[str, Any]:
+    """stats.json, one shape for both engines. judged_by: the thresholds each row was judged by (prefilter's on the
+    metadata before the download, select's after); not_reconsidered: rows prefilter dropped on metadata that select's
+    thresholds would keep (a re-cut does not bring them back)."""
+    dropped = sum(sum(reasons.values()) for reasons in counts.values())
+    return {
+        "input_rows": input_rows, "kept": kept, "dropped": dropped, "judged_by": judged_by,
+        "not_reconsidered": not_reconsidered, "dropped_by_stage": counts, "funnel": funnel(input_rows, counts),
+        "scores_source": scores, "dedup": dedup,
+        "shards": {name: shards.get(name) for name in ("num_shards", "samples_per_shard", "remainder", "seconds")},
+        "timings": timings, "config": config, "versions": versions(), "engine": engine,
+    }
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("curate", "pyarrow", "img2dataset", "webdataset", "pyspark", "torch", "open_clip_torch", "timm",

@@ -102,6 +102,13 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     assert len(local["dropped_by_stage"]["download"]) >= 2
     assert local["shards"]["num_shards"] >= 8
     assert_same_dataset(served["local"], out)
+    # one stats.json: the same keys, and the same values for all but the timings, versions and engine
+    assert set(stats) == set(local) and stats["engine"] == "spark" and local["engine"] == "local"
+    for name in ("kept", "dropped", "judged_by", "not_reconsidered", "funnel", "scores_source", "config", "shards"):
+        same = (lambda d: {k: v for k, v in d.items() if k != "seconds"}) if name == "shards" else (lambda d: d)
+        assert same(stats[name]) == same(local[name]), name
+    assert {k: v for k, v in stats["dedup"].items() if k != "seconds"} == {
+        k: v for k, v in local["dedup"].items() if k != "seconds"}
     from curate.wds.verify import verify
 
     assert (out / "report.html").stat().st_size > 10_000 and verify(out) == []  # one report, one verify
@@ -109,6 +116,15 @@ def test_spark_engine_builds_the_local_engines_dataset(spark: Any, served: dict[
     reseeded = Config(**{**OPTIONS, "seed": 8}).validate()
     run_local(served["inputs"], served["folder"] / "local-seed-8", reseeded)
     assert run_spark(spark, served["inputs"], str(out), reseeded)["timings"].get("download") is None
+    assert_same_dataset(served["folder"] / "local-seed-8", out)
+    # A lower threshold on a resume: both engines say how many rows prefilter dropped that it would keep.
+    lower = Config(**{**OPTIONS, "seed": 8, "threshold": 4.5}).validate()
+    local_lower = run_local(served["inputs"], served["folder"] / "local-seed-8", lower)
+    spark_lower = run_spark(spark, served["inputs"], str(out), lower)
+    assert local_lower["not_reconsidered"].get("metadata_low_aesthetic", 0) > 0
+    assert spark_lower["not_reconsidered"] == local_lower["not_reconsidered"]
+    assert spark_lower["judged_by"] == local_lower["judged_by"]
+    assert spark_lower["judged_by"]["prefilter"]["aesthetic_threshold"] == 5.0  # the run that downloaded
     assert_same_dataset(served["folder"] / "local-seed-8", out)
 
 

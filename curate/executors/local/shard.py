@@ -324,17 +324,12 @@ def finish(run: LocalRun, started: float) -> dict[str, Any]:
         raise accounting.AccountingError(f"accounting failed: {input_rows} input rows, {kept} kept + "
                                          f"{dropped} dropped")
     select_meta = run.checkpoint("select").meta()
-    stats = {
-        "input_rows": input_rows, "kept": kept, "dropped": dropped,
-        # the thresholds each row was judged by: metadata ones before the download, the rest in select
-        "judged_by": {"prefilter": run.checkpoint("prefilter").meta().get("judged_by"),
-                      "select": select_meta.get("judged_by")},
-        "not_reconsidered": select_meta.get("not_reconsidered", {}),
-        "dropped_by_stage": counts, "funnel": accounting.funnel(input_rows, counts),
-        "scores_source": run.checkpoint("score").meta().get("scores"),
-        "dedup": run.checkpoint("dedup").meta(), "shards": shard_meta,
-        "timings": {**run.timings, "total": time.perf_counter() - started},
-        "config": run.config.to_dict(), "versions": accounting.versions(),
-    }
+    stats = accounting.stats_document(
+        input_rows=input_rows, kept=kept, counts=counts,
+        judged_by={"prefilter": run.checkpoint("prefilter").meta().get("judged_by"),
+                   "select": select_meta.get("judged_by")},
+        not_reconsidered=select_meta.get("not_reconsidered", {}), scores=run.checkpoint("score").meta().get("scores"),
+        dedup=run.checkpoint("dedup").meta(), shards=shard_meta,
+        timings={**run.timings, "total": time.perf_counter() - started}, config=run.config.to_dict(), engine="local")
     io.write_json(stats, run.out / "stats.json")
     return stats

@@ -81,16 +81,14 @@ def write_books(run: SparkRun, placed: DataFrame, shard_plan: Any, entries: list
     check_accounting(input_rows, samples, ledger)
     counts = drop_counts(ledger)
     run.timings["books"] = time.perf_counter() - started
-    kept = samples.count()
-    stats = {
-        "input_rows": input_rows, "kept": kept, "dropped": input_rows - kept,
-        "dropped_by_stage": counts, "funnel": accounting.funnel(input_rows, counts),
-        "scores_source": facts["scores"], "dedup": {**facts["dedup"], "seconds": run.timings.get("dedup", 0.0)},
-        "shards": {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
-                   "remainder": shard_plan.remainder, "seconds": run.timings.get("shard", 0.0)},
-        "timings": {**run.timings, "total": time.perf_counter() - facts["started"]},
-        "config": config.to_dict(), "versions": accounting.versions(), "engine": "spark",
-    }
+    shards = {"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
+              "remainder": shard_plan.remainder, "seconds": run.timings.get("shard", 0.0)}
+    stats = accounting.stats_document(
+        input_rows=input_rows, kept=samples.count(), counts=counts, judged_by=facts["judged_by"],
+        not_reconsidered=facts["not_reconsidered"], scores=facts["scores"],
+        dedup={**facts["dedup"], "seconds": run.timings.get("dedup", 0.0)}, shards=shards,
+        timings={**run.timings, "total": time.perf_counter() - facts["started"]}, config=config.to_dict(),
+        engine="spark")
     write_json(run, "stats.json", stats)
     return stats
 

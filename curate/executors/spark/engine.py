@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -31,7 +31,17 @@ from curate.executors.spark.frames import (
 )
 from curate.pipeline import accounting, plan
 from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS, RunFacts
-from curate.schema import AESTHETIC, CLIP_SCORE, EMBEDDING, KEY, PASSES_THRESHOLDS, PUNSAFE, PWATERMARK, ROW
+from curate.schema import (
+    AESTHETIC,
+    CLIP_SCORE,
+    DROP_STAGE,
+    EMBEDDING,
+    KEY,
+    PASSES_THRESHOLDS,
+    PUNSAFE,
+    PWATERMARK,
+    ROW,
+)
 from curate.stages import prefilter
 from curate.stages.ingest import canonical_names, normalize
 from curate.stages.shard import ShardPlanError
@@ -282,6 +292,31 @@ def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str,
     return judged.drop(PASSES_THRESHOLDS), meta
 
 
+def not_reconsidered(downloaded: DataFrame, config: Config) -> dict[str, int]:
+    """Rows prefilter dropped on metadata that this run's thresholds would keep (after a resume that changed them):
+    prefilter.recoverable per batch over the prefilter-dropped rows' few columns, summed."""
+    from pyspark.sql import functions as F
+
+    thresholds = plan.metadata_thresholds(config)
+    schema = pa.schema([("reason", pa.string()), ("rows", pa.int64())])
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            found = prefilter.recoverable(pa.Table.from_batches([batch]), **thresholds)
+            if found:
+                yield pa.RecordBatch.from_pydict({"reason": list(found), "rows": list(found.values())}, schema)
+
+    names = [c for c in prefilter.RECOVERABLE_COLUMNS if c in downloaded.columns]
+    dropped = downloaded.filter(F.col(DROP_STAGE) == prefilter.STAGE).select(*names)
+    rows = dropped.mapInArrow(count, "reason string, rows long").groupBy("reason").agg(F.sum("rows").alias("rows"))
+    lost = {row["reason"]: int(row["rows"]) for row in rows.collect()}
+    if lost:
+        log.warning("%d rows that these thresholds would keep were dropped on their metadata before the download "
+                    "(%s) and are not brought back; a new run into another output with these thresholds fetches them",
+                    sum(lost.values()), lost)
+    return dict(sorted(lost.items()))
+
+
 def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Config) -> dict[str, Any]:
     """Every stage on Spark; returns stats.json's content (same shape as curate.pipeline.run.run_local's)."""
     started = time.perf_counter()
@@ -299,11 +334,14 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs))
         ingested = map_stage(raw, _ingest)
     scores = run.resolve_scores(ingested)
+    prefiltered_by = run.path("stages", "prefilter-judged-by.json")  # the thresholds of the run that downloaded
     if resume:
         log.info("download: done in an earlier run, resuming after it")
         downloaded = spark.read.parquet(run.path("stages", "download"))
     else:
         downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
+        storage.write_json(plan.prefilter_arguments(config, RunFacts(scores, stored)), prefiltered_by)
+    lost = not_reconsidered(downloaded, config)
     scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
     if scores == "model":
         scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
@@ -333,7 +371,10 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
 
     placed, shard_plan, entries = run.timed("shard", shard)
-    facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started}
+    judged_by = {"prefilter": storage.read_json(prefiltered_by) if storage.exists(prefiltered_by) else None,
+                 "select": plan.select_arguments(config)}
+    facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started,
+             "judged_by": judged_by, "not_reconsidered": lost}
     stats = write_books(run, placed, shard_plan, entries, facts)
     accounting.check_kept(stats, write_report(run))
     return stats
