@@ -148,10 +148,15 @@ class Checkpoint:
         for part in storage.glob(self.path, "*"):
             part.unlink()
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
+    def required_parts(self) -> list[storage.Location]:
+        """parts(), or FileNotFoundError (an input problem, said in one line) when there are none."""
         parts = self.parts()
         if not parts:
             raise FileNotFoundError(f"{self.path}: no checkpoint; run the earlier stages first")
+        return parts
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        parts = self.required_parts()
         tables = [storage.read_table(p, columns=None if columns is None else
                                      [c for c in columns if c in storage.read_schema(p).names]) for p in parts]
         return pa.concat_tables(tables, promote_options="permissive")

@@ -130,9 +130,9 @@ def shard(run: LocalRun) -> dict[str, Any]:
     """Write equal tars and index.json; a rerun after a crash rebuilds buckets and skips finished tars."""
     def body() -> dict[str, Any]:
         c, select, target = run.config, run.checkpoint("select"), run.checkpoint("shard")
-        downloads = run.checkpoint("download").parts()
-        if len(downloads) != len(select.parts()):
-            raise RuntimeError(f"shard: {len(select.parts())} select parts but {len(downloads)} download parts")
+        selected, downloads = select.required_parts(), run.checkpoint("download").required_parts()
+        if len(downloads) != len(selected):
+            raise RuntimeError(f"shard: {len(selected)} select parts but {len(downloads)} download parts")
         work = storage.scratch(run.out, "shard-work")
         shutil.rmtree(work, ignore_errors=True)
         survivors = Survivors(select, c.seed, run.checkpoint("ingest").meta()["input_rows"], work)
