@@ -28,6 +28,10 @@ def check_kept(stats: dict[str, Any], report: Any) -> None:
                           f"stats.json and the report say why: {report}")
 
 
+# The columns ledger_table reads.
+LEDGER_SOURCE = [KEY, ROW, URL, DROP_STAGE, DROP_REASON, DROP_DETAIL]
+
+
 def ledger_table(table: pa.Table) -> pa.Table:
     """One row per dropped input row: key, row, url, stage, reason, detail."""
     dropped = table.filter(pc.is_valid(table[DROP_REASON]))

@@ -146,6 +146,10 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
     return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False)
 
 
+# What the survivor rule reads of a row (with its row number): both engines carry these through a dedup group.
+SURVIVOR_COLUMNS = (ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS)
+
+
 def survivor_ranks(table: pa.Table) -> np.ndarray:
     """Survivor-rule ranks from passes_thresholds (when present), aesthetic_score, original area and key."""
     area = float_column(table, ORIGINAL_WIDTH) * float_column(table, ORIGINAL_HEIGHT)

@@ -28,6 +28,10 @@ CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embed
                 *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS}
 
 
+# What the tar writer takes of each placed sample besides its downloaded row (both engines' scatter/join).
+PLACEMENT_COLUMNS = (ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source", *BUCKET_COLUMNS)
+
+
 def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[str, Any]:
     """The KEY.json document of one sample, with SDXL's conditioning: original size, crop, aspect bucket."""
     from curate.stages.shard import json_value
@@ -55,8 +59,7 @@ def scatter(parts: Iterable[pa.Table], assignment: pa.Table, bucket_dir: Path, m
     bucket_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     # Match on the input row number: keys repeat among dropped rows (url+caption duplicates).
-    wanted = assignment.select([ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source",
-                                *BUCKET_COLUMNS])
+    wanted = assignment.select(list(PLACEMENT_COLUMNS))
     for part in parts:
         part = part.drop_columns([c for c in wanted.column_names if c != ROW and c in part.column_names])
         match = pc.index_in(part[ROW], value_set=wanted[ROW]).to_numpy(zero_copy_only=False)

@@ -20,20 +20,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import (
-    AESTHETIC_SCORE,
     DROP_DETAIL,
     DROP_REASON,
     DROP_STAGE,
     KEY,
-    ORIGINAL_HEIGHT,
-    ORIGINAL_WIDTH,
-    PASSES_THRESHOLDS,
     PHASH,
     ROW,
     SHA256,
 )
 from curate.stages import dedup
-from curate.stages.verdict import alive, survivor_ranks, verdict_schema, verdicts_of
+from curate.stages.verdict import SURVIVOR_COLUMNS, alive, survivor_ranks, verdict_schema, verdicts_of
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +249,6 @@ def semantic_verdicts(parts: Callable[[], Iterator[pa.Table]], vectors: Any, has
                      DROP_REASON: pa.array([semantic.REASON] * count, pa.string()),
                      DROP_DETAIL: survivors["survivor_key"]}).cast(verdict_schema()).sort_by(ROW)
 
-
-SURVIVOR_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS]
 
 
 def _with_offsets(parts: Iterator[pa.Table]) -> Iterator[tuple[pa.Table, int]]:

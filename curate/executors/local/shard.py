@@ -196,7 +196,6 @@ def row_groups(paths: list[storage.Location]) -> Iterator[pa.Table]:
             yield reader.read_row_group(group)
 
 
-LEDGER_SOURCE = [KEY, ROW, URL, DROP_STAGE, DROP_REASON, DROP_DETAIL]
 KEPT = "_kept"
 SOURCE_SCHEMA = pa.schema([(KEY, pa.string()), (ROW, pa.int64()), (URL, pa.string()), (DROP_STAGE, pa.string()),
                            (DROP_REASON, pa.string()), (DROP_DETAIL, pa.string()), (KEPT, pa.bool_())])
@@ -206,7 +205,8 @@ def _ledger_source(part: pa.Table) -> pa.Table:
     """A late part reduced to what the books need of it: the ledger's columns and whether the row is kept."""
     kept = (pc.and_(pc.is_null(part[DROP_REASON]), pc.greater_equal(part[SHARD], 0)) if SHARD in part.column_names
             else pa.array(np.zeros(part.num_rows, bool)))
-    return part.select(LEDGER_SOURCE).append_column(KEPT, pc.fill_null(kept, False)).cast(SOURCE_SCHEMA).sort_by(ROW)
+    source = part.select(accounting.LEDGER_SOURCE).append_column(KEPT, pc.fill_null(kept, False))
+    return source.cast(SOURCE_SCHEMA).sort_by(ROW)
 
 
 def _between(tables: Iterator[pa.Table], ends: list[int]) -> Iterator[pa.Table]:
@@ -235,7 +235,7 @@ def ledger_chunks(run: LocalRun, late: Iterator[pa.Table]) -> Iterator[tuple[int
     starts = run.part_starts()
     ends = np.r_[starts[1:], run.checkpoint("ingest").meta()["input_rows"]].tolist()
     for index, (low, high, rows) in enumerate(zip(starts.tolist(), ends, _between(late, ends), strict=True)):
-        pieces = [accounting.ledger_table(storage.read_table(path, columns=LEDGER_SOURCE))
+        pieces = [accounting.ledger_table(storage.read_table(path, columns=accounting.LEDGER_SOURCE))
                   for stage in DROPPING_STAGES if (path := run.checkpoint(stage).dropped_path(index)).exists()]
         pieces.append(accounting.ledger_table(rows.drop_columns([KEPT])))
         kept = rows.filter(rows[KEPT])[ROW].to_numpy()

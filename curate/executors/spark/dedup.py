@@ -37,13 +37,12 @@ from curate.schema import (
     SHA256,
 )
 from curate.stages import dedup, semantic
-from curate.stages.verdict import with_verdict_columns
+from curate.stages.verdict import SURVIVOR_COLUMNS, with_verdict_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
-RANK_COLUMNS = [ROW, KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS]
 
 
 def _alive_with(df: DataFrame, column: str) -> DataFrame:
@@ -71,7 +70,7 @@ def _flag_phash_group(table: pa.Table) -> pa.Table:
 
 def exact_flags(df: DataFrame) -> DataFrame:
     """Rows whose downloaded bytes repeat a better row's (dedup.flag_exact_duplicates per sha256 group)."""
-    candidates = _alive_with(df, SHA256).select(*RANK_COLUMNS, SHA256)
+    candidates = _alive_with(df, SHA256).select(*SURVIVOR_COLUMNS, SHA256)
     return _groups_of_two_or_more(candidates, SHA256).groupBy(SHA256).applyInArrow(_flag_exact_group, VERDICT_DDL)
 
 
@@ -104,7 +103,7 @@ def phash_flags(spark: SparkSession, df: DataFrame, max_distance: int) -> DataFr
     """Rows within max_distance bits of a better row's pHash, chained (dedup.flag_phash_duplicates' components)."""
     from pyspark.sql import functions as F
 
-    candidates = _alive_with(df, PHASH).select(*RANK_COLUMNS, PHASH)
+    candidates = _alive_with(df, PHASH).select(*SURVIVOR_COLUMNS, PHASH)
     mapping = components(_near_pairs(candidates.select(PHASH).distinct(), max_distance)) if max_distance else None
     log.info("phash: %d hashes in near pairs", 0 if mapping is None else mapping.num_rows)
     if mapping is not None and mapping.num_rows:
@@ -159,7 +158,7 @@ def semantic_flags(spark: SparkSession, df: DataFrame, threshold: float, cluster
     """Rows with CLIP cosine >= threshold to a better row's (semantic.flag_semantic_duplicates' result)."""
     from pyspark.sql import functions as F
 
-    candidates = _alive_with(df, EMBEDDING).select(*RANK_COLUMNS, EMBEDDING)
+    candidates = _alive_with(df, EMBEDDING).select(*SURVIVOR_COLUMNS, EMBEDDING)
     n = candidates.count()
     if n < 2:
         return None

@@ -19,9 +19,9 @@ from curate.pipeline import plan as pipeline_plan
 from curate.pipeline.plan import RunFacts
 from curate.schema import CAPTION, DROP_REASON, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
-from curate.stages.buckets import BUCKET_COLUMNS, BUCKET_HEIGHT, BUCKET_WIDTH, bucket_name
+from curate.stages.buckets import BUCKET_HEIGHT, BUCKET_WIDTH, bucket_name
 from curate.storage import files as storage
-from curate.wds.writer import CARRIED_SKIP, TarSink, sample_document
+from curate.wds.writer import CARRIED_SKIP, PLACEMENT_COLUMNS, TarSink, sample_document
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -31,7 +31,6 @@ DRAW = "_draw"
 # Set to a folder: the first shard-writing task to get there fails once, after writing part of its tar (tests).
 FAIL_ONCE_ENV = "CURATE_SPARK_FAIL_SHARD_ONCE"
 ENTRY_DDL = "shard long, url string, nsamples long, filesize long, sha256 string"
-SCORE_COLUMNS = ["aesthetic_score", "watermark_prob", "scores_source"]
 
 
 def _draws(seed: int) -> Any:
@@ -114,7 +113,7 @@ def write_shards(placed: DataFrame, downloaded: DataFrame, shard_plan: Any, conf
     from pyspark.sql import functions as F
 
     metadata_columns = [name for name in placed.columns if name not in CARRIED_SKIP]
-    assignment = placed.filter(F.col(SHARD) >= 0).select(ROW, SHARD, POSITION, *SCORE_COLUMNS, *BUCKET_COLUMNS)
+    assignment = placed.filter(F.col(SHARD) >= 0).select(*PLACEMENT_COLUMNS)
     images = downloaded.drop(*[c for c in assignment.columns if c != ROW]).join(assignment, ROW)
     ordered = images.repartition(shard_plan.num_shards, SHARD).sortWithinPartitions(SHARD, POSITION)
     storage.makedirs(shard_dir)
