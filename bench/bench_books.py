@@ -8,7 +8,7 @@ JPEG (the stage's cost here is per sample, not per byte: bench-shard measures th
 With --reference COMMIT the same folders are also run by that commit's code (a git worktree), for the memory and
 time of the code before a change. Figures merge into latest.json as books_*.
 
-    .venv/bin/python -m bench.bench_books [--sizes 250000,1000000] [--reference COMMIT] [--no-write]
+    .venv/bin/python -m bench.bench_books [--sizes 1000000,3000000] [--reference COMMIT] [--no-write]
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def measure(row_counts: list[int], reference: str | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=sizes, default=[250_000, 1_000_000], help="input rows, all surviving")
+    parser.add_argument("--sizes", type=sizes, default=[1_000_000, 3_000_000], help="input rows, all surviving")
     parser.add_argument("--reference", help="also run this commit's code on the same folders")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/results/latest.json")
     args = parser.parse_args(argv)
