@@ -338,9 +338,9 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     if resume:
         log.info("download: done in an earlier run, resuming after it")
         downloaded = spark.read.parquet(run.path("stages", "download"))
-    else:
-        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
+    else:  # the thresholds first: a download killed after its checkpoint is whole still finds them on resume
         storage.write_json(plan.prefilter_arguments(config, RunFacts(scores, stored)), prefiltered_by)
+        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
     lost = not_reconsidered(downloaded, config)
     scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
     if scores == "model":
