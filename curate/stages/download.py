@@ -124,7 +124,7 @@ def warm_up() -> None:
     """Load what the first image would load lazily (OpenCV; scipy's DCT, which imagehash imports on its first pHash),
     once per process before the threads start: ~0.3 s of start-up, else paid mid-stream with every thread queued on
     the import lock."""
-    downscale(Image.new("RGB", (4, 4)), (2, 2))
+    decode(encode_jpeg(downscale(np.zeros((16, 16, 3), np.uint8), (8, 8))), lambda width, height: None)
     phash_of(Image.new("L", (32, 32)))
 
 
@@ -176,9 +176,9 @@ def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, in
     decoded = decode(body, lambda width, height: planned_size(width, height, options.image_size, options.resize_mode))
     original = (decoded.original_width, decoded.original_height)
     if decoded.size is None and decoded.clean_jpeg:  # nothing to change: no generation loss, no encode
-        return body, *original, *original, hash_copy(decoded.image)
-    image = resized(decoded, options.image_size, options.resize_mode)
-    return encode_jpeg(image), image.width, image.height, *original, hash_copy(image)
+        return body, *original, *original, hash_copy(decoded.pixels)
+    pixels = resized(decoded, options.image_size, options.resize_mode)
+    return encode_jpeg(pixels), pixels.shape[1], pixels.shape[0], *original, hash_copy(pixels)
 
 
 def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
