@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bench.common import WORK, Series, bench_main, cores, interleaved, tool, wall
+from bench.common import WORK, CpuTrace, Series, bench_main, cores, interleaved, tool, wall
 from bench.corpus import (
     CorpusServer,
     LaionlikeServer,
@@ -75,23 +75,29 @@ def prepare_ours(corpus: Path, out: Path, settings: Settings, defaults: bool = F
     run.prefilter("model")  # no metadata thresholds: the same URLs img2dataset gets
 
 
-def _ours(work: Path, counts: dict[str, int], inner: dict[str, list[float]]) -> Callable[[], float]:
+def _ours(work: Path, counts: dict[str, int], inner: dict[str, list[float]],
+          cpu: dict[str, list[float]]) -> Callable[[], float]:
     def body() -> float:
-        seconds = wall([tool("curate"), "download", str(work / "ours")])
+        trace = CpuTrace()
+        seconds = wall([tool("curate"), "download", str(work / "ours")], cpu=trace)
         counts["ours"] = ours_successes(work / "ours")
         inner.setdefault("ours", []).append(counts["ours"] / ours_seconds(work / "ours"))
+        cpu.setdefault("ours", []).append(1000 * trace.between(*ours_span(work / "ours")) / counts["ours"])
         return counts["ours"] / seconds
 
     return body
 
 
-def _theirs(work: Path, corpus: Path, settings: Settings, counts: dict[str, int],
-            inner: dict[str, list[float]]) -> Callable[[], float]:
+def _theirs(work: Path, corpus: Path, settings: Settings, counts: dict[str, int], inner: dict[str, list[float]],
+            cpu: dict[str, list[float]]) -> Callable[[], float]:
     def body() -> float:
         shutil.rmtree(work / "img2dataset", ignore_errors=True)
-        seconds = wall(settings.img2dataset_command(corpus, work / "img2dataset"))
+        trace = CpuTrace()
+        seconds = wall(settings.img2dataset_command(corpus, work / "img2dataset"), cpu=trace)
         counts["img2dataset"] = theirs_successes(work / "img2dataset")
         inner.setdefault("img2dataset", []).append(counts["img2dataset"] / theirs_seconds(work / "img2dataset"))
+        cpu.setdefault("img2dataset", []).append(
+            1000 * trace.between(*theirs_span(work / "img2dataset")) / counts["img2dataset"])
         return counts["img2dataset"] / seconds
 
     return body
@@ -113,25 +119,39 @@ def ours_seconds(out: Path) -> float:
     return meta.get("work_seconds") or meta["seconds"]
 
 
+def ours_span(out: Path) -> tuple[float, float]:
+    """curate's own span as (start, end) in time.time()."""
+    start, end = Checkpoint(out, "download").meta()["work_span"]
+    return start, end
+
+
 def theirs_seconds(output: Path) -> float:
     """img2dataset's own span: first shard's start to last shard's end (its workers' start-up excluded)."""
+    start, end = theirs_span(output)
+    return end - start
+
+
+def theirs_span(output: Path) -> tuple[float, float]:
     shards = [json.loads(p.read_text()) for p in output.glob("*_stats.json")]
-    return max(s["end_time"] for s in shards) - min(s["start_time"] for s in shards)
+    return min(s["start_time"] for s in shards), max(s["end_time"] for s in shards)
 
 
 def compare(corpus_of: Callable[[int, Path], Path], rows: int, repeats: int, warmup_rows: int, settings: Settings,
             name: str) -> dict[str, Any]:
     """Interleaved runs of both commands after a small warm-up round of each; images/s are successful images per
     second of the command's wall time (interpreter start-up and worker spawning included, as a user sees it) and of
-    each tool's own span (start-up excluded)."""
+    each tool's own span (start-up excluded); CPU per image is the tool's process tree's CPU inside its own span over
+    its successes (neither the server's CPU nor the machine's other load counts)."""
     counts: dict[str, int] = {}
     inner: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     runs: dict[str, list[float]] = {}
     for size, rounds in ([(warmup_rows, 0)] if warmup_rows else []) + [(rows, repeats)]:
         work = WORK / f"download-{name}-{size}"
         corpus = corpus_of(size, work / "corpus.parquet")
         prepare_ours(corpus, work / "ours", settings, defaults=True)
-        bodies = {"ours": _ours(work, counts, inner), "img2dataset": _theirs(work, corpus, settings, counts, inner)}
+        bodies = {"ours": _ours(work, counts, inner, cpu),
+                  "img2dataset": _theirs(work, corpus, settings, counts, inner, cpu)}
         runs = interleaved(bodies, rounds, warmup=1 if rounds == 0 else 0)
     ours_series = Series("curate download", "images/s", runs["ours"])
     theirs_series = Series("img2dataset", "images/s", runs["img2dataset"])
@@ -140,16 +160,21 @@ def compare(corpus_of: Callable[[int, Path], Path], rows: int, repeats: int, war
     in_stage = Series("ratio inside the tools (start-up excluded)", "", [
         a / b for a, b in zip(inner["ours"][-repeats:], inner["img2dataset"][-repeats:], strict=True)])
     inner_ours = Series("curate inside", "images/s", inner["ours"][-repeats:])
+    cpu_ours = Series("curate CPU per image inside its span", "ms", cpu["ours"][-repeats:])
+    cpu_theirs = Series("img2dataset CPU per image inside its span", "ms", cpu["img2dataset"][-repeats:])
+    cpu_ratios = Series("CPU ratio img2dataset/ours", "", [
+        b / a for a, b in zip(cpu["ours"][-repeats:], cpu["img2dataset"][-repeats:], strict=True)])
     print(f"download, {name}: {rows} URLs, curate run's defaults vs img2dataset {settings.processes} processes x "
           f"{settings.threads} threads, {settings.image_size} px {settings.resize_mode}, jpg q95; successes: ours "
           f"{counts['ours']}, img2dataset {counts['img2dataset']}; load average {os.getloadavg()[0]:.1f}")
-    for series in (ours_series, theirs_series, ratios, in_stage):
+    for series in (ours_series, theirs_series, ratios, in_stage, cpu_ours, cpu_theirs, cpu_ratios):
         print("  " + series.describe())
     per_core = inner_ours.median / cores()
     print(f"  in-tool ratio {in_stage.median:.3f} (target >= 1.5); {per_core:.1f} images/s per core inside the "
           f"tool ({cores()} cores)")
     return {"ratio": ours_series.median / theirs_series.median, "ratios": ratios.values, "ours": ours_series,
-            "theirs": theirs_series, "in_stage": in_stage, "per_core": per_core}
+            "theirs": theirs_series, "in_stage": in_stage, "per_core": per_core, "cpu_ours": cpu_ours,
+            "cpu_theirs": cpu_theirs, "cpu_ratio": cpu_ratios}
 
 
 def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings = Settings()) -> dict[str, Any]:
@@ -185,6 +210,10 @@ def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings 
         "download_images_per_s_per_core_laionlike": round(laion[1024]["per_core"], 2),
         "download_ratio_in_stage_laionlike_256": round(laion[256]["in_stage"].median, 3),
         "download_images_per_s_per_core_laionlike_256": round(laion[256]["per_core"], 2),
+        **{f"download_cpu_ms_per_image{suffix}": [round(r["cpu_ours"].median, 2), round(r["cpu_theirs"].median, 2)]
+           for suffix, r in (("", bench), ("_laionlike", laion[1024]), ("_laionlike_256", laion[256]))},
+        **{f"download_cpu_ratio_in_stage{suffix}": round(r["cpu_ratio"].median, 3)
+           for suffix, r in (("", bench), ("_laionlike", laion[1024]), ("_laionlike_256", laion[256]))},
         "download_bench_urls": rows,
         "download_bench_load_average": round(os.getloadavg()[0], 2),
     }

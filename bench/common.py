@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
 import datetime
 import json
 import os
@@ -10,8 +12,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,16 +61,89 @@ def interleaved(bodies: dict[str, Callable[[], float]], repeats: int, warmup: in
     return results
 
 
-def wall(command: Sequence[str], **kwargs: Any) -> float:
-    """Seconds a command takes; raises with its output when it fails."""
+def wall(command: Sequence[str], cpu: CpuTrace | None = None, **kwargs: Any) -> float:
+    """Seconds a command takes; raises with its output when it fails. With a CpuTrace, its process tree's CPU is
+    sampled while it runs."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations (img2dataset) phones home on import
     started = time.perf_counter()
-    done = subprocess.run(list(command), capture_output=True, text=True, env=env, **kwargs)
+    with subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          **kwargs) as process:
+        with cpu.sampling(process.pid) if cpu is not None else contextlib.nullcontext():
+            stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{output}")
+    if process.returncode != 0:
+        output = f"{stdout[-2000:]}\n{stderr[-4000:]}"
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{output}")
     return seconds
+
+
+class CpuTrace:
+    """The CPU time (user + system, all threads) of a command's process tree, sampled every `every` seconds from
+    /proc while it runs, so that between(start, end) is the CPU its processes spent inside a span of wall-clock time:
+    what a tool costs per item with its start-up left out, whatever the other processes on the machine did (the
+    server, the load). A process that ends keeps the CPU last seen (at most one interval of it is missed)."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, every: float = 0.1) -> None:
+        self.every = every
+        self.samples: list[tuple[float, float]] = []  # (time.time(), CPU seconds so far)
+
+    @contextlib.contextmanager
+    def sampling(self, root: int) -> Iterator[None]:
+        self.samples.clear()
+        seen: dict[int, float] = {}
+        done = threading.Event()
+
+        def sample() -> None:
+            while True:
+                self._add(root, seen)
+                if done.wait(self.every):
+                    return
+
+        sampler = threading.Thread(target=sample, name="cpu-trace", daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
+
+    def _add(self, root: int, seen: dict[int, float]) -> None:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+            pid = int(entry.name)
+            parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / self.TICK
+        tree, frontier = {root}, [root]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+            tree.update(children)
+            frontier.extend(children)
+        seen.update({pid: cpu[pid] for pid in tree if pid in cpu})
+        self.samples.append((time.time(), sum(seen.values())))
+
+    def at(self, when: float) -> float:
+        """CPU seconds spent by `when`, interpolated between the samples around it."""
+        times = [t for t, _ in self.samples]
+        i = bisect.bisect_left(times, when)
+        if i == 0:
+            return self.samples[0][1]
+        if i == len(times):
+            return self.samples[-1][1]
+        (t0, c0), (t1, c1) = self.samples[i - 1], self.samples[i]
+        return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+
+    def between(self, start: float, end: float) -> float:
+        return self.at(end) - self.at(start)
 
 
 # Runs a command as its own fork and reports the child's peak RSS (ru_maxrss, KiB) on stderr's last line. A child

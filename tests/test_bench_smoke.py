@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,12 @@ def test_download_command_and_img2dataset_flags(work: Path) -> None:
     corpus.ensure_images(20, processes=1)
     counts: dict[str, int] = {}
     inner: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     with corpus.CorpusServer() as server:
         path = corpus.write_corpus(20, server.base_url, work / "corpus.parquet")
         bench_download.prepare_ours(path, work / "ours", SMALL)
-        rate = bench_download._ours(work, counts, inner)()
-    assert rate > 0 and 0 < counts["ours"] <= 20 and inner["ours"][0] > 0
+        rate = bench_download._ours(work, counts, inner, cpu)()
+    assert rate > 0 and 0 < counts["ours"] <= 20 and inner["ours"][0] > 0 and cpu["ours"][0] > 0
     flags = {arg[2:] for arg in SMALL.img2dataset_command(path, work / "out") if arg.startswith("--")}
     assert flags <= set(inspect.signature(img2dataset.download).parameters)
 
@@ -109,3 +111,31 @@ def test_books_bench_inflates_a_run_and_runs_both_codes(work: Path, monkeypatch:
     assert [run["kept"] + run["dropped"] for run in figures["books_runs"]] == [1500, 3000]
     assert [run["rows"] for run in figures["books_reference"]["runs"]] == [1500, 3000]
     assert figures["books_peak_rss_gb_largest"] > 0 and isinstance(figures["books_exponent"], float)
+
+
+_BURN = """
+import multiprocessing, time
+
+def burn(seconds):
+    started = time.process_time()
+    while time.process_time() - started < seconds:
+        pass
+
+if __name__ == "__main__":
+    time.sleep(0.5)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(burn, [1.0, 1.0])
+    time.sleep(0.5)
+"""
+
+
+def test_cpu_trace_counts_a_commands_process_tree_inside_a_span(tmp_path: Path) -> None:
+    """Two spawned workers burn 1 s of CPU each between two idle half-seconds: the trace sees the children's CPU,
+    and none of it in the first idle half-second."""
+    script = tmp_path / "burn.py"
+    script.write_text(_BURN)
+    trace = common.CpuTrace(every=0.05)
+    common.wall([sys.executable, str(script)], cpu=trace)
+    start, end = trace.samples[0][0], trace.samples[-1][0]
+    assert 1.9 <= trace.between(start, end) <= 2.0 + 1.0  # the burns, and at most ~1 s of interpreters' start-up
+    assert trace.between(start, start + 0.3) < 0.3

@@ -121,11 +121,14 @@ def resizer_for(options: DownloadOptions) -> Any:
 
 
 def warm_up() -> None:
-    """Load what the first image would load lazily (OpenCV; scipy's DCT, which imagehash imports on its first pHash),
-    once per process before the threads start: ~0.3 s of start-up, else paid mid-stream with every thread queued on
-    the import lock."""
+    """Load what the first image, connection or slice would load lazily (OpenCV; scipy's DCT, which imagehash imports
+    on its first pHash; the idna codec of the first connection; pandas, which pyarrow imports on its first pa.array of
+    Python values, ~0.4 s), once per process before the threads start: start-up, else paid mid-stream with every
+    thread queued on the import lock (tests/stages/test_download_stream.py)."""
     decode(encode_jpeg(downscale(np.zeros((16, 16, 3), np.uint8), (8, 8))), lambda width, height: None)
     phash_of(Image.new("L", (32, 32)))
+    "localhost".encode("idna")
+    pa.array([0])
 
 
 def phash_of(gray: Image.Image) -> int:

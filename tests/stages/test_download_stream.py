@@ -3,12 +3,15 @@ leaves the other threads idle; the local engine's workers report their span with
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from curate.config import Config
 from curate.executors.local.engine import LocalRun
@@ -75,3 +78,40 @@ def test_the_local_workers_write_every_part_and_report_their_span(tmp_path: Path
     assert len(target.parts()) == 4 and statuses == ["success"] * 40
     assert seen[-1] == 4  # every written part was reported to the parent
     assert 0 < meta["work_seconds"] <= meta["seconds"]  # the workers' span leaves out their start-up
+    start, end = meta["work_span"]  # where it lies in time (time.time()): the bench measures the tool's CPU there
+    assert end - start == pytest.approx(meta["work_seconds"]) and end <= time.time()
+    assert Checkpoint(tmp_path / "out", "download").meta()["work_span"] == [start, end]
+
+
+
+# A fresh worker's view: the table is read as the workers read their parts (pq.read_table or any pa.array of Python
+# values would load pandas before the measurement, and hide it).
+_NOTHING_LOADED_MID_STREAM = """
+import sys
+import pyarrow.parquet as pq
+from curate.net.fetch import FetchPolicy
+from curate.stages.download import DownloadOptions, download_stream, warm_up
+
+table = pq.ParquetFile(sys.argv[1]).read()
+options = DownloadOptions(image_size=64, threads=2, policy=FetchPolicy(allow_loopback=True, timeout=30))
+warm_up()
+before = set(sys.modules)
+statuses = [s for _, chunk in download_stream([table], options) for s in chunk["status"].to_pylist()]
+assert statuses.count("success") == 3, statuses
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_a_warmed_up_worker_loads_no_module_mid_stream(tmp_path: Path) -> None:
+    """warm_up is the download workers' start-up: what a first image or first slice would load lazily (OpenCV,
+    scipy's DCT, pandas under pyarrow) is loaded there, not mid-stream with every thread queued on the import lock
+    and inside the span the bench measures."""
+    with ImageServer() as server:
+        for i in range(3):
+            server.routes[f"/{i}.jpg"] = Response(make_jpeg(96, 64, seed=i))
+        urls = [server.url(f"/{i}.jpg") for i in range(3)] + [server.url("/missing.jpg")]
+        pq.write_table(pa.table({"url": urls, "row": list(range(4))}), tmp_path / "part.parquet")
+        done = subprocess.run([sys.executable, "-c", _NOTHING_LOADED_MID_STREAM, str(tmp_path / "part.parquet")],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -32,14 +32,14 @@ PARENT_POLL = 0.5  # seconds between a worker's checks that the run that started
 
 
 def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, stored: bool, processes: int,
-                   progress: Callable[[int], None]) -> float:
+                   progress: Callable[[int], None]) -> Span | None:
     """Prefilter parts to download parts, `groups` of them at a time; progress(parts) as parts are written. Returns
-    the seconds from the first part's start to the last part's end (worker start-up excluded)."""
+    the span from the first part's start to the last part's end (worker start-up excluded); None with no parts."""
     if processes <= 1:
         tasks: Any = queue.SimpleQueue()
         _fill(tasks, groups, 1)
         warm_up()  # start-up, as in a worker process
-        return _seconds([_work(out, options, stored, tasks, progress)])
+        return _span([_work(out, options, stored, tasks, progress)])
     # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
     context = multiprocessing.get_context("spawn")
     tasks, reports = context.Queue(), context.Queue()
@@ -58,7 +58,7 @@ def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, 
             progress(reports.get_nowait())
         except queue.Empty:
             break
-    return _seconds(spans)
+    return _span(spans)
 
 
 def _fill(tasks: Any, groups: list[list[int]], workers: int) -> None:
@@ -68,9 +68,9 @@ def _fill(tasks: Any, groups: list[list[int]], workers: int) -> None:
         tasks.put(None)  # one end marker per worker call
 
 
-def _seconds(spans: list[Span | None]) -> float:
+def _span(spans: list[Span | None]) -> Span | None:
     found = [span for span in spans if span is not None]
-    return max(end for _, end in found) - min(start for start, _ in found) if found else 0.0
+    return (min(start for start, _ in found), max(end for _, end in found)) if found else None
 
 
 def _initialize(tasks: Any, reports: Any, parent: int) -> None:
