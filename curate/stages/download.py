@@ -19,7 +19,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import imagehash
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,8 +120,8 @@ def resizer_for(options: DownloadOptions) -> Any:
 
 
 def warm_up() -> None:
-    """Load what the first image, connection or slice would load lazily (OpenCV; scipy's DCT, which imagehash imports
-    on its first pHash; the idna codec of the first connection; pandas, which pyarrow imports on its first pa.array of
+    """Load what the first image, connection or slice would load lazily (OpenCV; scipy's DCT, which phash_of imports
+    on its first call; the idna codec of the first connection; pandas, which pyarrow imports on its first pa.array of
     Python values, ~0.4 s), once per process before the threads start: start-up, else paid mid-stream with every
     thread queued on the import lock (tests/stages/test_download_stream.py)."""
     decode(encode_jpeg(downscale(np.zeros((16, 16, 3), np.uint8), (8, 8))), lambda width, height: None)
@@ -132,8 +131,14 @@ def warm_up() -> None:
 
 
 def phash_of(gray: Image.Image) -> int:
-    """64-bit pHash as signed int64, from the small grayscale copy of the one decode (pHash looks at 32x32)."""
-    value = int(str(imagehash.phash(gray)), 16)
+    """64-bit pHash as signed int64, from the small grayscale copy of the one decode: imagehash.phash's bits exactly
+    (its 32x32 Lanczos, scipy's DCT-II down and across, the 8x8 low band above its median, first bit highest), without
+    its ImageHash object and hex string, which cost as much again (tests/stages/test_download.py compares the two)."""
+    import scipy.fftpack  # here, not at import: `import curate` stays light; warm_up loads it before the threads
+
+    pixels = np.asarray(gray.convert("L").resize((32, 32), Image.Resampling.LANCZOS))
+    low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+    value = int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")
     return value - (1 << 64) if value >= 1 << 63 else value
 
 

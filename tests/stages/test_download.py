@@ -166,3 +166,24 @@ def test_a_jpeg_libjpeg_turbo_only_warns_about_is_kept_as_pillow_keeps_it() -> N
         assert row["status"] == clean["status"] == "success"
         assert (row["stored_width"], row["stored_height"]) == (clean["stored_width"], clean["stored_height"])
         assert np.abs(pixels(row["jpg"]) - pixels(clean["jpg"])).max() <= 2
+
+
+def _gray_copies() -> list[Image.Image]:
+    """Grayscale copies of the kinds the download hashes: photo-like, noise, gradients, flat (every DCT term but one
+    zero, so the median ties), tiny and odd-sized."""
+    rng = np.random.default_rng(7)
+    copies = [photo_like(w, h, seed).convert("L") for seed, (w, h) in enumerate([(256, 171), (140, 200), (255, 255)])]
+    copies += [Image.fromarray(rng.integers(0, 256, (h, w), np.uint8)) for w, h in [(128, 128), (200, 131), (33, 9)]]
+    copies += [Image.fromarray(np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))) for w, h in [(160, 90)]]
+    copies += [Image.new("L", (128, 128), 200), Image.new("L", (1, 1), 0), Image.new("L", (32, 32), 255)]
+    return copies
+
+
+def test_phash_of_is_imagehash_phash_bit_for_bit() -> None:
+    import imagehash  # a dev dependency: the reference
+
+    from curate.stages.download import phash_of
+
+    for gray in _gray_copies():
+        value = int(str(imagehash.phash(gray)), 16)
+        assert phash_of(gray) == (value - (1 << 64) if value >= 1 << 63 else value), gray.size
