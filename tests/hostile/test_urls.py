@@ -118,6 +118,35 @@ def test_huge_body_is_streamed_and_abandoned_at_the_cap(endless_server: tuple[st
     assert sent[0] < 64 << 20  # the client hung up long before the server ran out of bytes
 
 
+def _short_body_server(announced: int, body: bytes, then_wait: float) -> tuple[str, socket.socket]:
+    """Answers 200 announcing `announced` bytes, sends `body`, then waits `then_wait` s before hanging up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                               + f"Content-Length: {announced}\r\n\r\n".encode() + body)
+            time.sleep(then_wait)
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/short.jpg", listener
+
+
+@pytest.mark.parametrize(("then_wait", "reason"), [(0.0, "connection_failed"), (30.0, "timeout")])
+def test_a_body_shorter_than_its_content_length_is_never_an_image(then_wait: float, reason: str) -> None:
+    """The server announces 5,000 bytes and sends 1,000 of a real JPEG: hanging up is a failed connection (never a
+    truncated image to decode), holding the rest back past the deadline a timeout."""
+    url, listener = _short_body_server(5000, jpeg(11)[:1000], then_wait)
+    started = time.monotonic()
+    with listener, pytest.raises(FetchError) as error:
+        fetch(url, FetchPolicy(timeout=2.0, allow_private_network=True))
+    assert error.value.reason == reason, error.value
+    assert reason != "connection_failed" or "after 1000 of 5000 bytes" in str(error.value)
+    assert time.monotonic() - started < 10  # the deadline holds (a wide bound for a loaded machine)
+
+
 @pytest.mark.parametrize(("headers", "disallowed"), [
     (["noai"], True), (["NoIndex"], True), (["noai, max-image-preview:large"], True),
     (["max-image-preview:large, noai"], True), (["img2dataset: noai"], True), (["otherbot: noai"], False),
