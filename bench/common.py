@@ -83,7 +83,7 @@ class CpuTrace:
     what a tool costs per item with its start-up left out, whatever the other processes on the machine did (the
     server, the load). A process that ends keeps the CPU last seen (at most one interval of it is missed)."""
 
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    TICK = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
 
     def __init__(self, every: float = 0.1) -> None:
         self.every = every
@@ -110,7 +110,7 @@ class CpuTrace:
             sampler.join()
 
     def _add(self, root: int, seen: dict[int, float]) -> None:
-        parents: dict[int, int] = {}
+        children: dict[int, list[int]] = {}
         cpu: dict[int, float] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -121,13 +121,13 @@ class CpuTrace:
                 continue
             fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
             pid = int(entry.name)
-            parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / self.TICK
+            children.setdefault(int(fields[1]), []).append(pid)
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / self.TICK
         tree, frontier = {root}, [root]
         while frontier:
-            parent = frontier.pop()
-            children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-            tree.update(children)
-            frontier.extend(children)
+            below = children.get(frontier.pop(), [])
+            tree.update(below)
+            frontier.extend(below)
         seen.update({pid: cpu[pid] for pid in tree if pid in cpu})
         self.samples.append((time.time(), sum(seen.values())))
 
