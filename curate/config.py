@@ -13,6 +13,10 @@ from typing import Any
 
 from curate.pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
 
+# The AI crawlers' robots.txt tokens honoured by default besides --user-agent-token: a site that shuts these out says
+# it wants its content kept out of training sets (Common Crawl's, OpenAI's, Google's training token, Anthropic's).
+AI_CRAWLER_TOKENS = ("CCBot", "GPTBot", "Google-Extended", "ClaudeBot", "anthropic-ai")
+
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no", "bucket")  # img2dataset's + bucket
@@ -59,9 +63,14 @@ class Config:
     allow_private_network: bool = False
     allow_link_local: bool = False
     disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex", "noml"]
     )
     user_agent_token: str = "img2dataset"
+    respect_robots: bool = True
+    robots_agents: list[str] = field(default_factory=lambda: list(AI_CRAWLER_TOKENS))
+    respect_tdm: bool = True
+    blur_faces: bool = False
+    bbox_column: str | None = None
     batch_size_rows: int = 10_000
     # models
     device: str = "auto"
@@ -203,7 +212,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
     recipe = values.get("recipe", DEFAULT_RECIPE)
     if isinstance(recipe, str):  # anything else fails validate's type check, naming --recipe
         values = {**recipe_values(recipe), **values}
-    for name in ("dedup", "disallowed_header_directives", "languages"):  # list options arrive as comma lists
+    # list options arrive as comma lists
+    for name in ("dedup", "disallowed_header_directives", "languages", "robots_agents"):
         if isinstance(values.get(name), str):
             values[name] = [item.strip() for item in values[name].split(",") if item.strip()]
     return Config(**values).validate()
@@ -255,8 +265,19 @@ OPTION_HELP: dict[str, str] = {
     "allow_private_network": "Allow URLs on loopback and private addresses (RFC 1918, ULA fc00::/7); not link-local.",
     "allow_link_local": "Also allow link-local addresses (169.254.0.0/16, fe80::/10) and the cloud metadata service "
                         "(169.254.169.254, fd00:ec2::254, metadata.google.internal). Only on a trusted network.",
-    "disallowed_header_directives": "Comma list of X-Robots-Tag directives that opt an image out.",
-    "user_agent_token": "The agent name X-Robots-Tag directives are matched against.",
+    "disallowed_header_directives": "Comma list of X-Robots-Tag directives that opt an image out (empty: none).",
+    "user_agent_token": "The agent name X-Robots-Tag directives and robots.txt groups are matched against.",
+    "respect_robots": "Fetch each origin's robots.txt once (RFC 9309) and never fetch a URL it disallows for "
+                      "--user-agent-token or any --robots-agents token (a 4xx robots.txt allows all; 5xx, 429 or "
+                      "unreachable disallows all).",
+    "robots_agents": "Comma list of further robots.txt user-agent tokens (AI crawlers) whose exclusion also "
+                     "excludes this run (empty: only --user-agent-token).",
+    "respect_tdm": "Honour W3C TDMRep reservations: the tdm-reservation: 1 response header and each origin's "
+                   "/.well-known/tdmrep.json.",
+    "blur_faces": "Gaussian-blur faces in the stored images before they are sharded (OpenCV's bundled Haar "
+                  "cascade, or the boxes of --bbox-column); the count goes in faces_blurred.",
+    "bbox_column": "Metadata column of face boxes detected elsewhere (img2dataset's bbox_col: a list of "
+                   "normalized [x0, y0, x1, y1]); with --blur-faces these are blurred instead of detecting.",
     "batch_size_rows": "Rows per batch (and per checkpoint part).",
     "device": "Model device: auto, cpu or cuda.",
     "precision": "Model precision: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32), fp32, bf16.",

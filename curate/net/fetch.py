@@ -51,7 +51,9 @@ class FetchPolicy:
     allow_private_network: bool = False  # loopback and private ranges
     allow_loopback: bool = False
     allow_link_local: bool = False  # link-local ranges and the cloud metadata service
-    disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex", "noml")
+    honour_tdm_header: bool = True  # W3C TDMRep: a `tdm-reservation: 1` response header opts the resource out
+    truncate: bool = False  # a body past max_bytes is cut there instead of refused (robots.txt: RFC 9309 2.5)
     user_agent_token: str = "img2dataset"
     user_agent: str = "Mozilla/5.0 (compatible; curate/0.1; +https://github.com/curate; img2dataset)"
     ca_bundle: str | None = None  # PEM of extra certificate authorities, trusted besides the system's
@@ -227,7 +229,7 @@ def _read_body(response: http.client.HTTPResponse, sock: socket.socket, policy: 
                url: str) -> bytes:
     """The body, streamed in chunks and abandoned as soon as it passes the size cap."""
     length = response.getheader("Content-Length", "").strip()
-    if length.isdigit() and int(length) > policy.max_bytes:
+    if length.isdigit() and int(length) > policy.max_bytes and not policy.truncate:
         raise FetchError("too_large", f"Content-Length {length} > {policy.max_bytes}")
     chunks, total = [], 0
     while True:
@@ -236,6 +238,9 @@ def _read_body(response: http.client.HTTPResponse, sock: socket.socket, policy: 
         if not chunk:
             break
         total += len(chunk)
+        if total > policy.max_bytes and policy.truncate:
+            chunks.append(chunk[:len(chunk) - (total - policy.max_bytes)])
+            return b"".join(chunks)  # the rest is never read: the connection is closed, not kept alive
         if total > policy.max_bytes:
             raise FetchError("too_large", f"body exceeds {policy.max_bytes} bytes")
         chunks.append(chunk)
@@ -379,7 +384,8 @@ def _exchange(session: Session, origin: _Origin, address: str, policy: FetchPoli
                                                                "Accept": "image/*,*/*;q=0.8"})
             response = connection.getresponse()
             answer = _answer(response, connection, url, policy, deadline)
-            keep = isinstance(answer, bytes) and not response.will_close
+            cut = policy.truncate and isinstance(answer, bytes) and len(answer) >= policy.max_bytes  # body left unread
+            keep = isinstance(answer, bytes) and not response.will_close and not cut
             if keep:
                 response.close()  # the body is read: the socket stays open for the next request
             return answer
@@ -403,6 +409,8 @@ def _answer(response: http.client.HTTPResponse, connection: PinnedHTTPConnection
     robots = response.headers.get_all("X-Robots-Tag") or []
     if is_disallowed(robots, policy.user_agent_token, policy.disallowed_directives):
         raise FetchError("opted_out", ("X-Robots-Tag: " + ", ".join(robots))[:500])
+    if policy.honour_tdm_header and (response.getheader("tdm-reservation") or "").strip() == "1":
+        raise FetchError("tdm_reserved", "tdm-reservation: 1 (W3C TDMRep response header)")
     assert connection.raw_socket is not None
     return _read_body(response, connection.raw_socket, policy, deadline, url)
 

@@ -108,19 +108,28 @@ def download_options(config: Config) -> DownloadOptions:
                          allow_private_network=c.allow_private_network, allow_loopback=c.allow_loopback,
                          allow_link_local=c.allow_link_local,
                          disallowed_directives=tuple(d.lower() for d in c.disallowed_header_directives),
-                         user_agent_token=c.user_agent_token, ca_bundle=c.ca_bundle)
+                         user_agent_token=c.user_agent_token, ca_bundle=c.ca_bundle,
+                         honour_tdm_header=c.respect_tdm)
     return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
-                           threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy)
+                           threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy,
+                           respect_robots=c.respect_robots, robots_agents=tuple(c.robots_agents),
+                           respect_tdm=c.respect_tdm)
 
 
 def bind_download(config: Config, facts: RunFacts) -> Batch:
     """A batch with the download columns (fetched, or read from the input tars). The local executor streams its
     parts through download_stream with the same options instead, so no part waits for its slowest URL."""
+    import uuid
+
+    from curate.stages.consent import run_cache
     from curate.stages.download import download
     from curate.stages.stored import decode_stored
 
     options = download_options(config)
-    return (lambda table: decode_stored(table, options)) if facts.stored else (lambda table: download(table, options))
+    run = uuid.uuid4().hex  # names this run's opt-out files in each worker process's cache (Spark: across tasks)
+    if facts.stored:
+        return lambda table: decode_stored(table, options)
+    return lambda table: download(table, options, run_cache(run))
 
 
 def bind_score(config: Config, facts: RunFacts, scorer: Callable[[], Any] | None = None) -> Batch:
@@ -227,7 +236,8 @@ METADATA_THRESHOLDS = frozenset({"min_size", "threshold", "max_watermark", "max_
 MODEL_THRESHOLDS = frozenset({"min_clip_score"})
 _DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes",
                        "allow_loopback", "allow_private_network", "allow_link_local", "disallowed_header_directives",
-                       "user_agent_token", "max_per_host", "ca_bundle"})
+                       "user_agent_token", "max_per_host", "ca_bundle", "respect_robots", "robots_agents",
+                       "respect_tdm", "blur_faces", "bbox_column"})
 _MODELS = frozenset({"device", "precision", "batch_size", "model_cache", "clip_weights", "aesthetic_weights",
                      "aesthetic_head", "watermark_weights", "safety_weights"})
 _CAPTIONS = frozenset({"min_caption_words", "max_caption_tokens", "junk_captions", "languages"})

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curate.net.fetch import FetchError, FetchPolicy, Session, fetch, is_transient
+from curate.net.origins import OriginCache
 from curate.schema import (
     DOWNLOAD_BYTES,
     DROP_DETAIL,
@@ -44,6 +45,7 @@ from curate.schema import (
     table_schema,
 )
 from curate.stages.buckets import BucketResizer, crop_columns
+from curate.stages.consent import CONSENT_HEADERS, check_origin, header_consent
 from curate.stages.images import (
     DecodeError,
     decode,
@@ -101,6 +103,9 @@ class DownloadOptions:
     threads: int = 32
     max_per_host: int = 4  # concurrent requests to one host, per download process
     policy: FetchPolicy = FetchPolicy()
+    respect_robots: bool = True  # robots.txt of each origin, for policy.user_agent_token and robots_agents
+    robots_agents: tuple[str, ...] = ()  # further robots.txt tokens whose exclusion also excludes this run
+    respect_tdm: bool = True  # /.well-known/tdmrep.json of each origin (the response header: policy)
 
 
 _resizers: dict[tuple[int, str], Any] = {}
@@ -142,21 +147,26 @@ def phash_of(gray: Image.Image) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def download_one(url: str, options: DownloadOptions, session: Session | None = None) -> dict[str, Any]:
-    """Fetch, resize and measure one URL; failures are values, never exceptions."""
+def download_one(url: str, options: DownloadOptions, session: Session | None = None,
+                 origins: OriginCache | None = None) -> dict[str, Any]:
+    """Check the origin's opt-outs, fetch, resize and measure one URL; failures are values, never exceptions."""
     try:
-        return _download_one(url, options, session)
+        return _download_one(url, options, session, origins if origins is not None else OriginCache())
     except Exception as error:  # a bug on one hostile row must not take its whole part down with it
         log.exception("unexpected error on %s", url[:200])
         return {STATUS: "download_error", "error": f"{type(error).__name__}: {error}"[:1000]}
 
 
-def _download_one(url: str, options: DownloadOptions, session: Session | None) -> dict[str, Any]:
+def _download_one(url: str, options: DownloadOptions, session: Session | None, origins: OriginCache) -> dict[str, Any]:
+    consent = check_origin(url, options, session, origins)
+    if STATUS in consent:  # robots.txt or tdmrep.json says no: the image is never asked for
+        return consent
     try:
         body = fetch(url, options.policy, session)
     except FetchError as error:
-        return {STATUS: error.reason, "error": str(error)}
-    return process_body(body, options)
+        return {**consent, CONSENT_HEADERS: header_consent(error.reason, options), STATUS: error.reason,
+                "error": str(error)}
+    return {**consent, CONSENT_HEADERS: header_consent(None, options), **process_body(body, options)}
 
 
 def process_body(body: bytes, options: DownloadOptions) -> dict[str, Any]:
@@ -189,10 +199,10 @@ def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, in
     return encode_jpeg(pixels), pixels.shape[1], pixels.shape[0], *original, hash_copy(pixels)
 
 
-def download(table: pa.Table, options: DownloadOptions) -> pa.Table:
+def download(table: pa.Table, options: DownloadOptions, origins: OriginCache | None = None) -> pa.Table:
     """Add the download columns; rows already flagged are not fetched, failed ones get the download reason. The
     whole table's images in memory: the local engine streams its parts through download_stream instead."""
-    chunks = [chunk for _, chunk in download_stream([table], options)]
+    chunks = [chunk for _, chunk in download_stream([table], options, origins=origins)]
     return pa.concat_tables(chunks) if chunks else with_download_results(with_verdict_columns(table), [])
 
 
@@ -207,11 +217,12 @@ class _Batch:
         self.start = 0
 
 
-def download_stream(tables: Iterable[pa.Table], options: DownloadOptions,
-                    rows: int = CHUNK_ROWS) -> Iterator[tuple[int, pa.Table]]:
+def download_stream(tables: Iterable[pa.Table], options: DownloadOptions, rows: int = CHUNK_ROWS,
+                    origins: OriginCache | None = None) -> Iterator[tuple[int, pa.Table]]:
     """download_chunks of consecutive tables through one session and one thread pool, as (table number, slice):
     the next table's rows are fetched while the slowest rows of the one before finish, so no table ends with idle
-    threads waiting on its last URLs."""
+    threads waiting on its last URLs. origins: the run's opt-out files fetched so far (a fresh cache by default)."""
+    origins = origins if origins is not None else OriginCache()
     window = max(1, options.threads) * WINDOW_PER_THREAD
     source, batches = enumerate(tables), deque[_Batch]()
     pending: deque[tuple[_Batch, int, Future[dict[str, Any]]]] = deque()
@@ -231,7 +242,7 @@ def download_stream(tables: Iterable[pa.Table], options: DownloadOptions,
                     continue
                 batch = batches[-1]
                 i = batch.todo.popleft()
-                pending.append((batch, i, pool.submit(download_one, batch.urls[i], options, session)))
+                pending.append((batch, i, pool.submit(download_one, batch.urls[i], options, session, origins)))
             if pending:
                 batch, i, future = pending.popleft()
                 batch.results[i] = future.result()

@@ -17,6 +17,7 @@ from curate.schema import (
     TAR_PATH,
     TAR_SIZE,
 )
+from curate.stages.consent import not_checked
 from curate.stages.download import (
     DownloadOptions,
     process_body,
@@ -36,8 +37,9 @@ THREADS = 4
 
 def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
     if body is None:
-        return {STATUS: "truncated", "error": "the image member runs past the end of its tar"}
-    return process_body(body, options)  # a clean JPEG that needs no resize comes back byte for byte
+        return {**not_checked(), STATUS: "truncated", "error": "the image member runs past the end of its tar"}
+    # Stored input was fetched by someone else: no origin file or response header of ours to check.
+    return {**not_checked(), **process_body(body, options)}  # a clean JPEG that needs no resize comes back as is
 
 
 def decode_stored(table: pa.Table, options: DownloadOptions) -> pa.Table:

@@ -22,6 +22,7 @@ from curate.pipeline.run import run_local
 from curate.testing.server import ImageServer, Response
 
 TIMEOUT = 1.5  # seconds per URL: small, so the stalling servers cost little
+ORIGIN_FILES = ["/robots.txt", "/.well-known/tdmrep.json"]  # what a run asks an origin first, once
 
 
 def picture(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:

@@ -14,7 +14,7 @@ import pytest
 from curate.net import fetch as fetch_module
 from curate.net.fetch import FetchError, FetchPolicy, fetch, refusal, resolve
 from curate.testing.server import ImageServer, Response, _Handler
-from tests.hostile.conftest import jpeg, outcomes, row, run_rows, serve
+from tests.hostile.conftest import ORIGIN_FILES, jpeg, outcomes, row, run_rows, serve
 
 BLOCKED_ADDRESSES = ["127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "169.254.169.254",
                      "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1",
@@ -117,7 +117,7 @@ def test_allow_loopback_alone_fetches_from_a_loopback_server_and_nothing_else(
     rows = [row(url, f"case {i}") for i, url in enumerate(urls)]
     result = run_rows(tmp_path, rows, allow_private_network=False, allow_loopback=True, timeout=1.0)
     assert outcomes(result, rows) == {0: "kept", 1: "blocked_address", 2: "blocked_address", 3: "blocked_address"}
-    assert requests_seen == ["/a.jpg"]
+    assert requests_seen == [*ORIGIN_FILES, "/a.jpg"]  # the refused hosts were asked for no robots.txt either
 
 
 def test_a_refused_fetch_says_which_option_would_allow_it(server: ImageServer, requests_seen: list[str]) -> None:
@@ -165,7 +165,7 @@ def test_a_corpus_pointing_at_loopback_is_blocked_and_the_server_sees_nothing(
     assert not wrong, f"{len(urls) - len(wrong)} of {len(urls)} blocked; not blocked: {wrong}"
     assert requests_seen == []
     with_flag = run_rows(tmp_path / "allowed", rows[:1], allow_private_network=True)
-    assert with_flag["stats"]["kept"] == 1 and requests_seen == ["/a.jpg"]  # the flag lifts the check
+    assert with_flag["stats"]["kept"] == 1 and requests_seen == [*ORIGIN_FILES, "/a.jpg"]  # the flag lifts the check
 
 
 def test_a_redirect_hop_is_checked_again(server: ImageServer, requests_seen: list[str],

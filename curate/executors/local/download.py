@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from curate.net.origins import OriginCache
+from curate.stages.consent import origins_table
 from curate.stages.download import DownloadOptions, download, download_stream, warm_up
 from curate.stages.verdict import alive
 from curate.storage import checkpoint as io
@@ -108,6 +110,7 @@ def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
             report(len(group))
         return started, time.time()
     indices: list[int] = []  # the part index of each table in the stream
+    origins = _load_origins(target)
 
     def tables() -> Iterator[pa.Table]:
         for group in groups:
@@ -117,14 +120,31 @@ def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
                     indices.append(index)
                     yield part
                 else:  # no rows to fetch: written at once, with the download columns
-                    empty = download(part, options)
+                    empty = download(part, options, origins)
                     target.write_split(index, empty, alive(empty))
                     report(1)
 
-    for number, pieces in itertools.groupby(download_stream(tables(), options), key=lambda item: item[0]):
+    stream = download_stream(tables(), options, origins=origins)
+    for number, pieces in itertools.groupby(stream, key=lambda item: item[0]):
         target.write_split_pieces(indices[number], (chunk for _, chunk in pieces), alive)
+        _save_origins(target, indices[number], origins)
         report(1)
     return started, time.time()
+
+
+def _load_origins(target: io.Checkpoint) -> OriginCache:
+    """The opt-out files earlier attempts of this run fetched (one origins part per download part that fetched any)."""
+    origins = OriginCache()
+    for path in storage.glob(target.path, "origins-*.parquet"):
+        origins.load(storage.read_table(path).to_pylist())
+    return origins
+
+
+def _save_origins(target: io.Checkpoint, index: int, origins: OriginCache) -> None:
+    """The files fetched since the last part, beside that part (atomically), so a resume never asks for them again."""
+    learned = origins.learned()
+    if learned:
+        io.write_table(origins_table(learned), target.path / f"origins-{index:06d}.parquet")
 
 
 def _decode_stored_group(source: io.Checkpoint, target: io.Checkpoint, group: list[int],
