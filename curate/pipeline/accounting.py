@@ -44,7 +44,9 @@ def samples_table(table: pa.Table) -> pa.Table:
     """One row per kept sample, the samples schema's columns first, then the metadata carried through."""
     kept = table.filter(pc.and_(pc.is_null(table[DROP_REASON]), pc.greater_equal(table[SHARD], 0)))
     schema = table_schema("samples")
-    first = [kept[f.name].cast(f.type) for f in schema]
+    # A column an older checkpoint lacks (the consent record, faces_blurred) is null, not an error.
+    first = [kept[f.name].cast(f.type) if f.name in kept.column_names else pa.nulls(kept.num_rows, f.type)
+             for f in schema]
     skip = set(schema.names) | {DROP_STAGE, DROP_REASON, DROP_DETAIL, "jpg", "embedding", "status", "error"}
     rest = [name for name in kept.column_names if name not in skip]
     return pa.table(first + [kept[name] for name in rest], names=schema.names + rest).sort_by(

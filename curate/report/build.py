@@ -33,7 +33,7 @@ def build_report(output: str | Path | Location) -> Location:
         raise ValueError(f"{out}: no stats.json; run `curate run` (or `curate shard`) on it first")
     stats = json.loads(stats_path.read_text())
     body = [header(out, stats), funnel_section(stats), distributions_section(out, stats),
-            grids_section(out, stats), shard_plan_section(out), facts_section(stats)]
+            grids_section(out, stats), consent_section(out, stats), shard_plan_section(out), facts_section(stats)]
     path = out / "report.html"
     io.write_bytes(html.page(f"curate report: {out.name}", body).encode(), path)
     log.info("report written to %s", path)
@@ -132,6 +132,18 @@ def grids_section(out: Location, stats: dict[str, Any]) -> str:
                      f"<h3>{escape(reason)} <span class=\"muted\">({counts.get(reason, len(rows)):,} rows, "
                      f"{len(rows)} shown)</span></h3>{html.grid(rows, details, thumbs)}</section>")
     return "".join(parts)
+
+
+def consent_section(out: Location, stats: dict[str, Any]) -> str:
+    """Per opt-out signal: the kept samples by outcome (samples.parquet's consent columns) and the rows it dropped."""
+    kept = data.consent_counts(out / "samples.parquet")
+    dropped = stats["dropped_by_stage"].get("download", {})
+    rows = [[signal, value, count, ""] for signal, counts in kept.items() for value, count in counts.items()]
+    rows += [[signal, "dropped", dropped[reason], reason] for signal, reason in data.CONSENT_REASONS.items()
+             if dropped.get(reason)]
+    return ('<h2 id="consent">Consent</h2><p class="muted">Opt-out signals checked per sample (README: Consent); '
+            'kept samples by outcome, and rows each signal dropped.</p>'
+            + html.table(["signal", "outcome", "rows", "ledger reason"], rows, "consent"))
 
 
 def shard_plan_section(out: Location) -> str:

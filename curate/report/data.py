@@ -44,6 +44,26 @@ DETAIL_COLUMNS = [ROW, KEY, URL, CAPTION, DROP_REASON, DROP_DETAIL, AESTHETIC_SC
 BLUR_FRACTION = 0.1
 
 
+# Opt-out signal -> the ledger reason it drops a row with (curate.stages.consent).
+CONSENT_REASONS = {"robots": "robots_disallowed", "tdm": "tdm_reserved", "headers": "opted_out"}
+
+
+def consent_counts(samples: Location) -> dict[str, dict[str, int]]:
+    """{signal: {outcome: kept samples}} from samples.parquet's consent columns, read a batch at a time."""
+    names = [f"consent_{signal}" for signal in CONSENT_REASONS]
+    if not samples.exists():
+        return {}
+    present = [name for name in names if name in storage.read_schema(samples).names]
+    counts: dict[str, dict[str, int]] = {}
+    for batch in storage.parquet_dataset(samples).to_batches(columns=present, batch_size=1 << 20):
+        for name in present:
+            for entry in pc.value_counts(batch[name]).to_pylist():
+                signal = counts.setdefault(name.removeprefix("consent_"), {})
+                value = entry["values"] or "unknown"
+                signal[value] = signal.get(value, 0) + entry["counts"]
+    return {signal: dict(sorted(values.items())) for signal, values in counts.items()}
+
+
 def row_hash(rows: np.ndarray) -> np.ndarray:
     """A fixed pseudo-random 64-bit value per row number (splitmix64): a deterministic sample order."""
     with np.errstate(over="ignore"):

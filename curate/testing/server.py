@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,15 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def serve_robots(self, text: str) -> None:
+        """The origin's robots.txt (RFC 9309)."""
+        self.routes["/robots.txt"] = Response(text.encode(), headers={"Content-Type": "text/plain"})
+
+    def serve_tdmrep(self, rules: list[dict[str, object]]) -> None:
+        """The origin's /.well-known/tdmrep.json (W3C TDMRep): a list of {"location", "tdm-reservation", ...}."""
+        self.routes["/.well-known/tdmrep.json"] = Response(json.dumps(rules).encode(),
+                                                          headers={"Content-Type": "application/json"})
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"

@@ -25,7 +25,8 @@ _RECORD = struct.Struct("<qQ")  # position, length of the member bytes that foll
 CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embedding", "drop_stage", "drop_reason",
                 "drop_detail", "original_width", "original_height", "stored_width", "stored_height", "sha256",
                 "aesthetic_score", "watermark_prob", "scores_source", "jpg_bytes", "position", "shard",
-                *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS}
+                *LOCATION_COLUMNS, CROP_TOP, CROP_LEFT, *BUCKET_COLUMNS, "consent_robots", "consent_tdm",
+                "consent_headers", "faces_blurred"}
 
 
 # What the tar writer takes of each placed sample besides its downloaded row (both engines' scatter/join).
@@ -46,6 +47,9 @@ def sample_document(row: dict[str, Any], metadata_columns: list[str]) -> dict[st
         "crop_top": row.get(CROP_TOP), "crop_left": row.get(CROP_LEFT),
         "bucket_width": row[BUCKET_WIDTH], "bucket_height": row[BUCKET_HEIGHT],
         "smaller_than_bucket": row[SMALLER_THAN_BUCKET],
+        # the opt-out checks this sample passed (curate.stages.consent), for a dataset card
+        "consent": {signal: row.get(f"consent_{signal}") for signal in ("robots", "tdm", "headers")},
+        "faces_blurred": row.get("faces_blurred"),
     }
     document["metadata"] = {name: json_value(row.get(name)) for name in metadata_columns}
     return document
