@@ -20,6 +20,7 @@ AI_CRAWLER_TOKENS = ("CCBot", "GPTBot", "Google-Extended", "ClaudeBot", "anthrop
 DEDUP_KINDS = ("url", "exact", "phash", "semantic")
 SCORE_SOURCES = ("model", "metadata", "auto")
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no", "bucket")  # img2dataset's + bucket
+WHOLE_PICTURE_MODES = ("keep_ratio", "keep_ratio_largest", "no")  # where a normalized box of the original still fits
 INPUT_FORMATS = ("auto", "parquet", "webdataset")
 PRECISIONS = ("auto", "fp32", "bf16")
 AESTHETIC_HEADS = ("v2", "v1")
@@ -130,6 +131,10 @@ class Config:
                              f"{self.max_caption_tokens} (77 is CLIP's context)")
         if self.semdedup_clusters is not None and self.semdedup_clusters < 1:
             raise ValueError(f"--semdedup-clusters must be at least 1, got {self.semdedup_clusters}")
+        if self.bbox_column is not None and (not self.blur_faces or self.resize_mode not in WHOLE_PICTURE_MODES):
+            raise ValueError(f"--bbox-column needs --blur-faces and a resize mode that keeps the whole picture "
+                             f"({', '.join(WHOLE_PICTURE_MODES)}): its boxes are fractions of the original image, "
+                             f"which --resize-mode {self.resize_mode} crops or pads")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.shard_name):
             raise ValueError(f"--shard-name {self.shard_name!r}: use letters, digits, '.', '_' and '-' only")
         return self

@@ -113,7 +113,7 @@ def download_options(config: Config) -> DownloadOptions:
     return DownloadOptions(image_size=c.image_size, resize_mode=c.resize_mode, buckets=c.buckets,
                            threads=download_workers(c)[1], max_per_host=c.max_per_host, policy=policy,
                            respect_robots=c.respect_robots, robots_agents=tuple(c.robots_agents),
-                           respect_tdm=c.respect_tdm)
+                           respect_tdm=c.respect_tdm, blur_faces=c.blur_faces, bbox_column=c.bbox_column)
 
 
 def bind_download(config: Config, facts: RunFacts) -> Batch:

@@ -44,6 +44,8 @@ from curate.schema import (
     VERDICT_COLUMNS,
     table_schema,
 )
+from curate.stages import blur
+from curate.stages.blur import FACES_BLURRED
 from curate.stages.buckets import BucketResizer, crop_columns
 from curate.stages.consent import CONSENT_HEADERS, check_origin, header_consent
 from curate.stages.images import (
@@ -106,6 +108,8 @@ class DownloadOptions:
     respect_robots: bool = True  # robots.txt of each origin, for policy.user_agent_token and robots_agents
     robots_agents: tuple[str, ...] = ()  # further robots.txt tokens whose exclusion also excludes this run
     respect_tdm: bool = True  # /.well-known/tdmrep.json of each origin (the response header: policy)
+    blur_faces: bool = False  # faces blurred in the stored image (curate.stages.blur)
+    bbox_column: str | None = None  # with blur_faces: the metadata column of face boxes, instead of detecting
 
 
 _resizers: dict[tuple[int, str], Any] = {}
@@ -148,16 +152,18 @@ def phash_of(gray: Image.Image) -> int:
 
 
 def download_one(url: str, options: DownloadOptions, session: Session | None = None,
-                 origins: OriginCache | None = None) -> dict[str, Any]:
-    """Check the origin's opt-outs, fetch, resize and measure one URL; failures are values, never exceptions."""
+                 origins: OriginCache | None = None, boxes: Any = None) -> dict[str, Any]:
+    """Check the origin's opt-outs, fetch, resize and measure one URL; failures are values, never exceptions.
+    boxes: the row's --bbox-column value."""
     try:
-        return _download_one(url, options, session, origins if origins is not None else OriginCache())
+        return _download_one(url, options, session, origins if origins is not None else OriginCache(), boxes)
     except Exception as error:  # a bug on one hostile row must not take its whole part down with it
         log.exception("unexpected error on %s", url[:200])
         return {STATUS: "download_error", "error": f"{type(error).__name__}: {error}"[:1000]}
 
 
-def _download_one(url: str, options: DownloadOptions, session: Session | None, origins: OriginCache) -> dict[str, Any]:
+def _download_one(url: str, options: DownloadOptions, session: Session | None, origins: OriginCache,
+                  boxes: Any) -> dict[str, Any]:
     consent = check_origin(url, options, session, origins)
     if STATUS in consent:  # robots.txt or tdmrep.json says no: the image is never asked for
         return consent
@@ -166,16 +172,21 @@ def _download_one(url: str, options: DownloadOptions, session: Session | None, o
     except FetchError as error:
         return {**consent, CONSENT_HEADERS: header_consent(error.reason, options), STATUS: error.reason,
                 "error": str(error)}
-    return {**consent, CONSENT_HEADERS: header_consent(None, options), **process_body(body, options)}
+    return {**consent, CONSENT_HEADERS: header_consent(None, options), **process_body(body, options, boxes)}
 
 
-def process_body(body: bytes, options: DownloadOptions) -> dict[str, Any]:
-    """Check, resize and measure fetched (or already stored) image bytes: the download columns of one row."""
+def process_body(body: bytes, options: DownloadOptions, boxes: Any = None) -> dict[str, Any]:
+    """Check, resize and measure fetched (or already stored) image bytes: the download columns of one row; with
+    blur_faces, the stored image's faces blurred (hashes stay those of the image as published)."""
     row: dict[str, Any] = {DOWNLOAD_BYTES: len(body), SHA256: hashlib.sha256(body).hexdigest() if body else None}
     try:
         jpeg, width, height, original_width, original_height, gray = _stored_image(body, options)
+        if options.blur_faces:
+            jpeg, row[FACES_BLURRED] = blur.blur_faces(jpeg, blur.parse_boxes(boxes) if options.bbox_column else None)
     except DecodeError as decode_error:
         return {**row, STATUS: decode_error.reason, "error": str(decode_error)}
+    except blur.BoxError as box_error:
+        return {**row, STATUS: "invalid_bbox", "error": f"--bbox-column {options.bbox_column}: {box_error}"}
     row[PHASH] = phash_of(gray)
     return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
             STORED_WIDTH: width, STORED_HEIGHT: height,
@@ -206,12 +217,23 @@ def download(table: pa.Table, options: DownloadOptions, origins: OriginCache | N
     return pa.concat_tables(chunks) if chunks else with_download_results(with_verdict_columns(table), [])
 
 
+def bbox_values(table: pa.Table, options: DownloadOptions) -> list[Any]:
+    """Each row's --bbox-column value (None for every row when blurring does not read one)."""
+    if not (options.blur_faces and options.bbox_column):
+        return [None] * table.num_rows
+    if options.bbox_column not in table.column_names:
+        raise ValueError(f"--bbox-column {options.bbox_column!r}: no such column in the input (it has "
+                         f"{', '.join(table.column_names)[:300]})")
+    return table[options.bbox_column].to_pylist()
+
+
 class _Batch:
     """One table of a download stream: its rows still to submit, the results not yet yielded, the next row to yield."""
 
-    def __init__(self, number: int, table: pa.Table) -> None:
+    def __init__(self, number: int, table: pa.Table, options: DownloadOptions) -> None:
         self.number, self.table = number, with_verdict_columns(table)
         self.urls = self.table[URL].to_pylist()
+        self.boxes = bbox_values(self.table, options)
         self.todo = deque(i for i, go in enumerate(alive(self.table).to_pylist()) if go)
         self.results: dict[int, dict[str, Any]] = {}
         self.start = 0
@@ -236,13 +258,14 @@ def download_stream(tables: Iterable[pa.Table], options: DownloadOptions, rows: 
                     if table is None:
                         more = False
                         continue
-                    batches.append(_Batch(number, table))
+                    batches.append(_Batch(number, table, options))
                     if options.resize_mode == "bucket" and batches[-1].todo:
                         resizer_for(options)  # load the resizer here, once, before the threads need it
                     continue
                 batch = batches[-1]
                 i = batch.todo.popleft()
-                pending.append((batch, i, pool.submit(download_one, batch.urls[i], options, session, origins)))
+                pending.append((batch, i, pool.submit(download_one, batch.urls[i], options, session, origins,
+                                                         batch.boxes[i])))
             if pending:
                 batch, i, future = pending.popleft()
                 batch.results[i] = future.result()
