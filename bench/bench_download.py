@@ -4,9 +4,11 @@ Both run as commands a user would type (`curate download OUT` on a folder whose 
 curate run's default processes and threads; `img2dataset --url_list corpus.parquet ...` with its tuned 2 processes
 x 16 threads), interleaved, on two corpora bench.corpus serves from 127.0.0.1: the bench corpus (noise-like
 quality-100 JPEGs, one origin, 256 px) and a LAION-like one (photo-like JPEGs of 512-2,000 px, quality 75-95, 8
-origins) at 1024 px (the SDXL recipe) and 256 px.
+origins) at 1024 px (the SDXL recipe) and 256 px. Then the cost of the consent checks: `curate download` with and
+without --respect-robots/--respect-tdm on the LAION-like corpus (256 px), and the opt-out files fetched per origin.
 
     .venv/bin/python -m bench.bench_download [--rows 2000] [--repeats 3]
+    .venv/bin/python -m bench.bench_download --robots-only [--rows 2000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.common import WORK, CpuTrace, Series, bench_main, cores, interleaved, tool, wall
@@ -104,7 +109,7 @@ def _theirs(work: Path, corpus: Path, settings: Settings, counts: dict[str, int]
 
 
 def ours_successes(out: Path) -> int:
-    parts = sorted((out / "stages" / "download").glob("*.parquet"))
+    parts = sorted((out / "stages" / "download").glob("part-*.parquet"))  # not the origins-N parts
     return sum(pq.read_table(p, columns=["status"])["status"].to_pylist().count("success") for p in parts)
 
 
@@ -177,6 +182,66 @@ def compare(corpus_of: Callable[[int, Path], Path], rows: int, repeats: int, war
             "cpu_theirs": cpu_theirs, "cpu_ratio": cpu_ratios}
 
 
+def origin_files_per_origin(out: Path) -> float:
+    """robots.txt fetches per origin in the last download (one per origin per download process at most)."""
+    parts = sorted((out / "stages" / "download").glob("origins-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+    if table is None:
+        return 0.0
+    robots = table.filter(pc.equal(table["kind"], "robots"))
+    return robots.num_rows / max(1, len(set(robots["origin"].to_pylist())))
+
+
+def measure_robots(rows: int, repeats: int, settings: Settings = Settings()) -> dict[str, Any]:
+    """`curate download` (curate run's default processes and threads) with the consent checks on and off, interleaved,
+    on the LAION-like corpus at 256 px (where the fetch, not the resize, is most of the time); images/s inside the
+    tool, and robots.txt fetches per origin (its robots.txt and tdmrep.json answer 404: the cost is the requests)."""
+    ensure_laionlike_images(rows)
+    on_off = {"robots on": {}, "robots off": {"respect_robots": False, "respect_tdm": False}}
+    inner: dict[str, list[float]] = {}
+    fetches: list[float] = []
+    with LaionlikeServer() as server:
+        work = WORK / f"download-robots-{rows}"
+        corpus = work / "corpus.parquet"
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(laionlike_corpus_table(rows, server.base_urls), corpus)
+
+        def body(name: str, changes: dict[str, Any]) -> Callable[[], float]:
+            out = work / name.replace(" ", "-")
+            config = settings.config(processes=None, threads=None, **changes)
+            shutil.rmtree(out, ignore_errors=True)
+            check_same_run(out, config, [str(corpus)])
+            run = LocalRun(out, config)
+            run.ingest([str(corpus)])
+            run.prefilter("model")
+
+            def once() -> float:
+                seconds = wall([tool("curate"), "download", str(out)])
+                inner.setdefault(name, []).append(ours_successes(out) / ours_seconds(out))
+                if name == "robots on":
+                    fetches.append(origin_files_per_origin(out))
+                return ours_successes(out) / seconds
+            return once
+
+        runs = interleaved({name: body(name, changes) for name, changes in on_off.items()}, repeats)
+    with_robots = Series("with robots.txt + tdmrep.json", "images/s", inner["robots on"][-repeats:])
+    without = Series("without", "images/s", inner["robots off"][-repeats:])
+    ratio = Series("ratio with/without", "", [a / b for a, b in zip(with_robots.values, without.values, strict=True)])
+    print(f"consent checks, LAION-like corpus ({rows} URLs, 256 px), load average {os.getloadavg()[0]:.1f}")
+    for series in (with_robots, without, ratio):
+        print("  " + series.describe())
+    print(f"  robots.txt fetches per origin: {fetches[-1]:.1f} (one per download process at most); command wall "
+          f"images/s with {runs['robots on']} without {runs['robots off']}")
+    return {"download_robots_images_per_s": [round(with_robots.median, 1), round(without.median, 1)],
+            "download_robots_images_per_s_min_max": [[round(min(with_robots.values), 1),
+                                                      round(max(with_robots.values), 1)],
+                                                     [round(min(without.values), 1), round(max(without.values), 1)]],
+            "download_robots_ratio": round(ratio.median, 3),
+            "download_robots_ratio_min_max": [round(min(ratio.values), 3), round(max(ratio.values), 3)],
+            "download_robots_fetches_per_origin": round(fetches[-1], 2),
+            "download_robots_urls": rows, "download_robots_load_average": round(os.getloadavg()[0], 2)}
+
+
 def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings = Settings()) -> dict[str, Any]:
     """The bench corpus at 256 px, then the LAION-like corpus at 1024 and 256 px."""
     ensure_images(rows)
@@ -216,11 +281,16 @@ def measure(rows: int, repeats: int, warmup_rows: int = 100, settings: Settings 
            for suffix, r in (("", bench), ("_laionlike", laion[1024]), ("_laionlike_256", laion[256]))},
         "download_bench_urls": rows,
         "download_bench_load_average": round(os.getloadavg()[0], 2),
+        **measure_robots(rows, repeats, settings),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return bench_main(__doc__, argv, measure, "URLs in the corpus (default 2,000)", repeats=3)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    robots_only = "--robots-only" in argv
+    figures = [a for a in argv if a != "--robots-only"]
+    return bench_main(__doc__, figures, measure_robots if robots_only else measure,
+                      "URLs in the corpus (default 2,000)", repeats=3)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ OPTION_HELP: dict[str, str] = {
     "blur_faces": "Gaussian-blur faces in the stored images before they are sharded (OpenCV's bundled Haar "
                   "cascade, or the boxes of --bbox-column); the count goes in faces_blurred.",
     "bbox_column": "Metadata column of face boxes detected elsewhere (img2dataset's bbox_col: a list of "
-                   "normalized [x0, y0, x1, y1]); with --blur-faces these are blurred instead of detecting.",
+                   "normalized (x0, y0, x1, y1) boxes); with --blur-faces these are blurred instead of detecting.",
     "batch_size_rows": "Rows per batch (and per checkpoint part).",
     "device": "Model device: auto, cpu or cuda.",
     "precision": "Model precision: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32), fp32, bf16.",

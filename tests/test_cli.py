@@ -41,7 +41,8 @@ def test_run_help_shows_the_default_of_every_option():
         if default is None:
             continue
         name = field.name.replace("_", "-")
-        shown = ",".join(default) if isinstance(default, list) else f"no-{name}" if default is False else default
+        shown = (",".join(default) if isinstance(default, list) else f"no-{name}" if default is False else
+                 name if default is True else default)
         assert f"[default: {shown}]" in text, f"--{name}: no default in `curate run --help`"
 
 
