@@ -13,9 +13,10 @@ import dataclasses
 import json
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 from protego import Protego
@@ -29,6 +30,10 @@ MAX_BYTES = 500 * 1024  # RFC 9309 2.5: crawlers parse at least the first 500 Ki
 # a refused redirect); origin_failed (the origin itself is refused or has no address: the image fetch says why).
 READ, ABSENT, UNREACHABLE, ORIGIN_FAILED = "read", "absent", "unreachable", "origin_failed"
 KINDS = {"robots": ROBOTS_PATH, "tdmrep": TDMREP_PATH}
+# Files a process keeps (the least recently used go first): memory stays bounded on a corpus of millions of origins,
+# at the price of asking an origin again when its URLs come further apart than this many other origins.
+MAX_KEPT = 50_000
+PARSED = 4096  # parsed robots.txt and tdmrep.json files kept per process
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,10 @@ class OriginCache:
     once is fetched by the first and waited for by the others. `learned()` hands over what is new since the last
     call, for the download checkpoint; `load` takes back what an earlier attempt of the run fetched."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._known: dict[tuple[str, str], OriginFile] = {}
+    def __init__(self, max_kept: int = MAX_KEPT, track: bool = False) -> None:
+        """track: keep what is fetched for learned() (the caller must drain it: the local engine, per part)."""
+        self._lock, self.max_kept, self.track = threading.Lock(), max_kept, track
+        self._known: OrderedDict[tuple[str, str], OriginFile] = OrderedDict()
         self._pending: dict[tuple[str, str], threading.Event] = {}
         self._new: list[OriginFile] = []
         self.fetched = 0  # files this cache fetched itself (the rest came from load)
@@ -91,6 +97,7 @@ class OriginCache:
         while True:
             with self._lock:
                 if key in self._known:
+                    self._known.move_to_end(key)
                     return self._known[key]
                 waiting = self._pending.get(key)
                 if waiting is None:
@@ -104,8 +111,9 @@ class OriginCache:
             finally:
                 with self._lock:
                     if found is not None:
-                        self._known[key] = found
-                        self._new.append(found)
+                        self._keep(key, found)
+                        if self.track:
+                            self._new.append(found)
                         self.fetched += 1
                     self._pending.pop(key).set()
             return found
@@ -114,7 +122,12 @@ class OriginCache:
         with self._lock:
             for record in records:
                 found = OriginFile(**record)
-                self._known.setdefault((found.origin, found.kind), found)
+                self._keep((found.origin, found.kind), found)
+
+    def _keep(self, key: tuple[str, str], found: OriginFile) -> None:
+        self._known[key] = found
+        while len(self._known) > self.max_kept:
+            self._known.popitem(last=False)
 
     def learned(self) -> list[OriginFile]:
         with self._lock:
@@ -122,7 +135,7 @@ class OriginCache:
         return new
 
 
-@cache
+@lru_cache(maxsize=PARSED)
 def robots_parser(body: str) -> Protego:
     """Protego (Scrapy's RFC 9309 parser: wildcards, `$`, the longest match wins); one parse per distinct file."""
     return Protego.parse(body)
@@ -149,7 +162,7 @@ def _location_pattern(location: str) -> re.Pattern[str]:
     return re.compile(body + ("$" if anchored else ""))
 
 
-@cache
+@lru_cache(maxsize=PARSED)
 def tdm_rules(body: str) -> tuple[tuple[re.Pattern[str], bool], ...] | None:
     """(location pattern, reserved) in file order; None when the file is not TDMRep's JSON array of rules."""
     try:

@@ -53,9 +53,10 @@ def consent_counts(samples: Location) -> dict[str, dict[str, int]]:
     names = [f"consent_{signal}" for signal in CONSENT_REASONS]
     if not samples.exists():
         return {}
-    present = [name for name in names if name in storage.read_schema(samples).names]
+    dataset = storage.parquet_dataset(samples)  # a file (local engine) or a folder of parts (Spark)
+    present = [name for name in names if name in dataset.schema.names]
     counts: dict[str, dict[str, int]] = {}
-    for batch in storage.parquet_dataset(samples).to_batches(columns=present, batch_size=1 << 20):
+    for batch in dataset.to_batches(columns=present, batch_size=1 << 20):
         for name in present:
             for entry in pc.value_counts(batch[name]).to_pylist():
                 signal = counts.setdefault(name.removeprefix("consent_"), {})

@@ -16,7 +16,8 @@ from curate.config import Config
 from curate.pipeline.run import run_local
 from curate.testing.server import ImageServer, Response
 from tests.executors.test_spark import assert_same_dataset
-from tests.stages.test_consent import ROBOTS
+
+ROBOTS = "User-agent: *\nDisallow: /private/\n\nUser-agent: GPTBot\nDisallow: /ai/\n"
 
 
 def _png(pixels: np.ndarray) -> Response:

@@ -166,3 +166,17 @@ def test_a_resumed_run_fetches_no_robots_txt_twice_and_records_consent(tmp_path:
 def test_robots_for_everyone_or_for_the_run_token_excludes(server: ImageServer, text: str) -> None:
     server.serve_robots(text)
     assert statuses(fetch_paths(server, ["/img/a.jpg"])) == ["robots_disallowed"]
+
+
+def test_the_origin_cache_is_bounded_and_hands_over_what_it_fetched() -> None:
+    from curate.net.origins import READ, OriginCache, OriginFile
+
+    cache, asked = OriginCache(max_kept=2, track=True), []
+
+    def fetcher(origin: str) -> Any:
+        return lambda: asked.append(origin) or OriginFile(origin, "robots", READ, "")
+
+    for origin in ("http://a:80", "http://b:80", "http://a:80", "http://c:80", "http://a:80", "http://b:80"):
+        cache.get(origin, "robots", fetcher(origin))
+    assert asked == ["http://a:80", "http://b:80", "http://c:80", "http://b:80"]  # b was evicted by c; a kept (used)
+    assert [found.origin for found in cache.learned()] == asked and cache.learned() == []

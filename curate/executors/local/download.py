@@ -134,7 +134,7 @@ def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
 
 def _load_origins(target: io.Checkpoint) -> OriginCache:
     """The opt-out files earlier attempts of this run fetched (one origins part per download part that fetched any)."""
-    origins = OriginCache()
+    origins = OriginCache(track=True)
     for path in storage.glob(target.path, "origins-*.parquet"):
         origins.load(storage.read_table(path).to_pylist())
     return origins
