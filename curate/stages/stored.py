@@ -20,6 +20,7 @@ from curate.schema import (
 from curate.stages.consent import not_checked
 from curate.stages.download import (
     DownloadOptions,
+    bbox_values,
     process_body,
     resizer_for,
     with_download_results,
@@ -35,11 +36,11 @@ CHUNK_ROWS = 64  # rows per slice of decode_stored_chunks: tens of megabytes of 
 THREADS = 4
 
 
-def decode_one(body: bytes | None, options: DownloadOptions) -> dict[str, Any]:
+def decode_one(body: bytes | None, options: DownloadOptions, boxes: Any = None) -> dict[str, Any]:
     if body is None:
         return {**not_checked(), STATUS: "truncated", "error": "the image member runs past the end of its tar"}
     # Stored input was fetched by someone else: no origin file or response header of ours to check.
-    return {**not_checked(), **process_body(body, options)}  # a clean JPEG that needs no resize comes back as is
+    return {**not_checked(), **process_body(body, options, boxes)}  # a clean JPEG that needs no resize comes back as is
 
 
 def decode_stored(table: pa.Table, options: DownloadOptions) -> pa.Table:
@@ -63,7 +64,9 @@ def decode_stored_chunks(table: pa.Table, options: DownloadOptions, rows: int = 
                 located = piece.take(pa.array(todo, pa.int64()))
                 bodies = read_stored(located[TAR_PATH].to_pylist(), located[TAR_OFFSET].to_pylist(),
                                      located[TAR_SIZE].to_pylist())
-                for i, result in zip(todo, pool.map(lambda body: decode_one(body, options), bodies), strict=True):
+                boxes = bbox_values(located, options)  # --bbox-column's values, with --blur-faces
+                decoded = pool.map(lambda pair: decode_one(pair[0], options, pair[1]), zip(bodies, boxes, strict=True))
+                for i, result in zip(todo, decoded, strict=True):
                     results[i] = result
                 del bodies
             yield _with_results(piece, results)
