@@ -15,6 +15,7 @@ from curate.net.fetch import FetchPolicy
 from curate.stages.blur import BoxError, blur_boxes, blur_faces, detect_faces, grown_boxes, parse_boxes
 from curate.stages.download import DownloadOptions, download
 from curate.stages.images import encode_jpeg
+from curate.stages.stored import decode_stored
 from curate.testing.server import ImageServer, Response
 
 
@@ -115,3 +116,16 @@ def test_download_stores_the_blurred_image_and_counts_faces() -> None:
 def test_blur_faces_without_a_face_returns_the_same_bytes() -> None:
     jpeg = encode_jpeg(noise())
     assert blur_faces(jpeg, []) == (jpeg, 0)
+
+
+def test_stored_input_blurs_the_boxes_of_its_metadata_and_checks_no_consent(tmp_path) -> None:
+    from tests.stages.test_stored import located_table
+
+    table = located_table(tmp_path, 3)
+    table = table.append_column("faces", pa.array([[[0.2, 0.2, 0.6, 0.7]], None, None], pa.list_(pa.list_(
+        pa.float64()))))
+    plain = decode_stored(table, DownloadOptions(image_size=4096, threads=2))
+    blurred = decode_stored(table, DownloadOptions(image_size=4096, threads=2, blur_faces=True, bbox_column="faces"))
+    assert blurred["faces_blurred"].to_pylist() == [1, 0, None]  # the third row's member is cut short
+    assert blurred["jpg"][0] != plain["jpg"][0] and blurred["jpg"][1] == plain["jpg"][1]
+    assert set(blurred["consent_robots"].to_pylist()) == {"not_checked"}
