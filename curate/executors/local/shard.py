@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,9 @@ from curate.stages.download import JPG_BYTES
 from curate.stages.verdict import alive
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
+from curate.wds import placed
 from curate.wds.index import index_document, sizes_document
-from curate.wds.writer import CARRIED_SKIP, scatter, shard_path, write_shard
+from curate.wds.writer import CARRIED_SKIP, shard_path
 
 log = logging.getLogger(__name__)
 
@@ -152,32 +153,33 @@ def shard(run: LocalRun) -> dict[str, Any]:
         place = plan.bound("shard", c, RunFacts(c.scores), plan=shard_plan)
         per_bucket: dict[int, dict[str, int]] = {}
         positions = survivors.positions(work)
-        for index, (part, found) in enumerate(zip(select.iter_parts(), positions, strict=True)):
-            part = conformed(part, schema)
-            part = place(part.append_column(POSITION, pa.array(part_positions(part, found))))
-            assignment = part.filter(pc.greater_equal(part[SHARD], 0))
-            if assignment.num_rows:
-                scatter(row_groups([downloads[index]]), assignment, buckets,
-                        [n for n in part.column_names if n not in CARRIED_SKIP])
-                for number, counts in bucket_counts(assignment).items():
-                    merged = per_bucket.setdefault(number, {})
-                    for name, count in counts.items():
-                        merged[name] = merged.get(name, 0) + count
-            target.write_part(index, part)
+        # Each checkpoint part is written (and fsync'd) by a thread while the next part is placed; one at a time.
+        with ThreadPoolExecutor(1) as checkpoint_writer:
+            pending: Future[None] | None = None
+            for index, (part, found) in enumerate(zip(select.iter_parts(), positions, strict=True)):
+                part = conformed(part, schema)
+                part = place(part.append_column(POSITION, pa.array(part_positions(part, found))))
+                assignment = part.filter(pc.greater_equal(part[SHARD], 0))
+                if assignment.num_rows:
+                    placed.record(placed.metadata_groups(downloads[index]), index, assignment, buckets,
+                                  [n for n in part.column_names if n not in CARRIED_SKIP])
+                    for number, counts in bucket_counts(assignment).items():
+                        merged = per_bucket.setdefault(number, {})
+                        for name, count in counts.items():
+                            merged[name] = merged.get(name, 0) + count
+                if pending is not None:
+                    pending.result()
+                pending = checkpoint_writer.submit(target.write_part, index, part)
+            if pending is not None:
+                pending.result()
         shutil.rmtree(work, ignore_errors=True)
-        for index in range(shard_plan.num_shards):
-            (buckets / f"{index:06d}.bucket").touch()
         shard_dir.mkdir(parents=True, exist_ok=True)
-
-        def write(index: int) -> dict[str, Any]:
-            return write_shard(buckets / f"{index:06d}.bucket", shard_path(shard_dir, c.shard_name, index))
-
-        # One tar per thread, one thread per core: the copy, the sha256 and the fsync all run outside the GIL.
-        entries = []
-        with ThreadPoolExecutor(max(1, min(download_workers(c)[0], shard_plan.num_shards))) as pool:
-            for index, entry in enumerate(pool.map(write, range(shard_plan.num_shards))):
-                entries.append({**entry, "buckets": dict(sorted(per_bucket.get(index, {}).items()))})
-                run.progress("shard", index + 1, shard_plan.num_shards)
+        # Each image goes once from its download part into its tar, at the offset the plan gives it.
+        entries = [{**entry, "buckets": dict(sorted(per_bucket.get(index, {}).items()))}
+                   for index, entry in enumerate(placed.write_tars(
+                       buckets, downloads, shard_plan.num_shards,
+                       lambda index: shard_path(shard_dir, c.shard_name, index), download_workers(c)[0],
+                       lambda done: run.progress("shard", done, shard_plan.num_shards)))]
         shutil.rmtree(buckets)
         io.write_json(index_document(c, shard_plan, entries), shard_dir / "index.json")
         io.write_json(sizes_document(entries), shard_dir / "sizes.json")
@@ -185,15 +187,6 @@ def shard(run: LocalRun) -> dict[str, Any]:
                 "remainder": shard_plan.remainder}
 
     return run._timed("shard", body, force=True)
-
-
-def row_groups(paths: list[storage.Location]) -> Iterator[pa.Table]:
-    """Parquet parts a row group at a time (~16 MiB of images, storage.parquet_options): the memory of one group is
-    reused for the next, where reading whole parts faulted in hundreds of fresh megabytes each."""
-    for path in paths:
-        reader = storage.parquet_file(path)
-        for group in range(reader.num_row_groups):
-            yield reader.read_row_group(group)
 
 
 KEPT = "_kept"
