@@ -16,6 +16,8 @@ Memory: one part's metadata, one shard's frames, one row group of images per wor
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -108,7 +110,7 @@ def lay_out(bucket: Path, shard: int, descriptor: int, routes: Path) -> tuple[in
         records.append((position, part, row, length, at + _RECORD.size, head, tail))
         at += _RECORD.size + head + tail
     records.sort()
-    offset, routed = 0, {}
+    offset, routed = 0, dict[int, list[tuple[int, int, int, int]]]()
     with memoryview(data) as view:
         for _, part, row, length, at, head, tail in records:
             _pwrite(descriptor, view[at:at + head], offset)
@@ -163,6 +165,23 @@ def fill(download: Location, routes: Path, descriptors: dict[int, int]) -> int:
     return len(table)
 
 
+def _sync_file_range() -> Callable[[int], None]:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a file's dirty pages out, without waiting."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return lambda descriptor: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+    def start(descriptor: int) -> None:
+        call(descriptor, 0, 0, 2)  # a failure only leaves the whole write to fsync
+
+    return start
+
+
+start_writeback = _sync_file_range()
+
+
 class _Tar:
     """One tar being written at offsets: a temporary file beside its destination (in scratch for an object store,
     uploaded when sealed)."""
@@ -208,8 +227,9 @@ def write_tars(bucket_dir: Path, downloads: list[Location], shards: int, destina
     """Every shard's tar from the buckets record() filled; their wids index entries in shard order."""
     entries: list[dict[str, Any]] = []
     for first in range(0, shards, FILES_PER_GROUP):
-        entries += _write_group(bucket_dir, downloads, range(first, min(shards, first + FILES_PER_GROUP)),
-                                destination, workers, lambda done, first=first: progress(first + done))
+        numbers = range(first, min(shards, first + FILES_PER_GROUP))
+        entries += _write_group(bucket_dir, downloads, numbers, destination, workers,
+                                functools.partial(lambda offset, done: progress(offset + done), first))
     return entries
 
 
@@ -230,6 +250,8 @@ def _write_group(bucket_dir: Path, downloads: list[Location], numbers: range, de
             routed = [(download, routes / f"{part:06d}.route") for part, download in enumerate(downloads)]
             list(pool.map(lambda job: fill(job[0], job[1], descriptors),
                           [job for job in routed if job[1].exists()]))
+            for descriptor in descriptors.values():  # the disk writes while the tars are hashed; fsync waits for it
+                start_writeback(descriptor)
             entries = []
             for done, entry in enumerate(pool.map(lambda number: tars[number].seal(), numbers), 1):
                 entries.append(entry)

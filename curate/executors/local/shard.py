@@ -12,6 +12,7 @@ Both are global steps done in partitions, so memory is bounded however many rows
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 DRAW = "_draw"
 SAMPLE_ROWS_PER_BUCKET = 500_000  # samples.parquet is ordered through buckets of this many positions
 ROWS_PER_DRAW_PARTITION = 2_000_000  # survivors (row, key, draw): ~100 MB a partition
+SIGNATURE = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), (DRAW, pa.uint64())])
 
 
 class Survivors:
@@ -78,14 +80,21 @@ class Survivors:
                 draws = shard_stage.shuffle_draws(live[KEY].to_pylist(), seed)
                 yield pa.table({ROW: live[ROW], KEY: live[KEY], DRAW: pa.array(draws, pa.uint64())})
 
-        self.files = spill(signatures(), lambda t: shard_stage.draw_ranges(t[DRAW].to_numpy(), self.partitions),
-                           self.partitions, folder / "draws")
+        self.whole: pa.Table | None = None
+        if self.partitions == 1:  # one partition is read whole anyway: it need not go to disk first
+            self.files, self.whole = [], pa.concat_tables([SIGNATURE.empty_table(), *signatures()])
+        else:
+            self.files = spill(signatures(), lambda t: shard_stage.draw_ranges(t[DRAW].to_numpy(), self.partitions),
+                               self.partitions, folder / "draws")
         self.total_bytes += self.count * shard_stage.estimated_sample_bytes(0, 0)
         self.starts = _part_starts(firsts, input_rows)
 
     def positions(self, folder: Path) -> Iterator[pa.Table]:
         """Per select part, its survivors' (row, position), sorted by row: one partition, then one bucket of
         consecutive parts, in memory at a time."""
+        if self.whole is not None:
+            yield from self._per_part(self.whole)
+            return
         router, offset = VerdictRouter(folder / "positions", self.starts, self.partitions), 0
         for path in self.files:
             table = pq.read_table(path)
@@ -93,7 +102,17 @@ class Survivors:
             router.write(pa.table({ROW: table[ROW].take(pa.array(order)),
                                    POSITION: pa.array(np.arange(offset, offset + len(order), dtype=np.int64))}))
             offset += len(order)
-        return router.per_part(pa.schema([(ROW, pa.int64()), (POSITION, pa.int64())]))
+        yield from router.per_part(pa.schema([(ROW, pa.int64()), (POSITION, pa.int64())]))
+
+    def _per_part(self, table: pa.Table) -> Iterator[pa.Table]:
+        """The one partition's (row, position) cut at each part's first row, as VerdictRouter.per_part gives them."""
+        order = shard_stage.shuffle_order(table[KEY].to_numpy(zero_copy_only=False), table[DRAW].to_numpy())
+        found = pa.table({ROW: table[ROW].take(pa.array(order)),
+                          POSITION: pa.array(np.arange(len(order), dtype=np.int64))}).sort_by(ROW)
+        rows = found[ROW].to_numpy()
+        cuts: list[int] = np.asarray(np.searchsorted(rows, np.r_[self.starts, np.iinfo(np.int64).max])).tolist()
+        for low, high in itertools.pairwise(cuts):
+            yield found.slice(low, high - low)
 
 
 def _part_starts(firsts: list[int | None], end: int) -> np.ndarray:
