@@ -4,8 +4,9 @@ Both are global steps done in partitions, so memory is bounded however many rows
 - the shuffle: each survivor's (row, key, seeded draw) is spilled into draw-range partitions; a survivor's position
   is the count of the lower partitions plus its rank inside its own (shuffle_order, as on one table and on Spark);
   the positions go back to the select parts through buckets of consecutive parts (partitions.VerdictRouter);
-- then part by part: shard, aspect bucket and remainder verdict, the part's samples scattered into the tar buckets,
-  and the part written to the shard checkpoint;
+- then part by part: shard, aspect bucket and remainder verdict, the part's samples recorded in their shards'
+  buckets (the bytes around each image and a reference to it, curate.wds.placed), and the part written to the shard
+  checkpoint; then each tar is laid out and every download part read once, its images written into their tars;
 - the books stream the shard checkpoint once: the ledger one input part at a time, with the `input = kept + dropped`
   check per part, and samples.parquet through position-range buckets, in (shard, position) order.
 """
