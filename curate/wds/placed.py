@@ -21,6 +21,7 @@ import functools
 import hashlib
 import mmap
 import os
+import resource
 import shutil
 import struct
 import uuid
@@ -44,7 +45,7 @@ from curate.wds.writer import PLACEMENT_COLUMNS, sample_document
 # position, download part, row in that part, image length, header length, tail length; the frame's bytes follow
 _RECORD = struct.Struct("<6q")
 _ROUTE = 4  # int64s per routed image: row in its part, shard, offset in the tar, length
-FILES_PER_GROUP = 4096  # tars open at once (more shards are written in groups, each reading the parts again)
+FILES_PER_GROUP = 4096  # tars open at once at most (more are written in groups, each reading the parts again)
 
 
 def metadata_groups(path: Location) -> Iterator[tuple[int, pa.Table]]:
@@ -149,7 +150,7 @@ def fill(download: Location, routes: Path, descriptors: dict[int, int]) -> int:
     table = table[np.argsort(table[:, 0], kind="stable")]
     # A local part memory-mapped: its image pages are read in place, not copied into a buffer first.
     reader = pq.ParquetFile(download, memory_map=True) if isinstance(download, Path) else storage.parquet_file(download)
-    start = 0
+    start, written = 0, 0
     for group in range(reader.num_row_groups):
         count = reader.metadata.row_group(group).num_rows
         low, high = np.searchsorted(table[:, 0], [start, start + count])
@@ -161,8 +162,9 @@ def fill(download: Location, routes: Path, descriptors: dict[int, int]) -> int:
                     raise RuntimeError(f"{download}: row {row}'s image is {None if view is None else len(view)} "
                                        f"bytes, its jpg_bytes says {length}")
                 _pwrite(descriptors[shard], view, offset)
+                written += 1
         start += count
-    return len(table)
+    return written
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -226,8 +228,11 @@ def write_tars(bucket_dir: Path, downloads: list[Location], shards: int, destina
                workers: int, progress: Callable[[int], None] = lambda done: None) -> list[dict[str, Any]]:
     """Every shard's tar from the buckets record() filled; their wids index entries in shard order."""
     entries: list[dict[str, Any]] = []
-    for first in range(0, shards, FILES_PER_GROUP):
-        numbers = range(first, min(shards, first + FILES_PER_GROUP))
+    # Half the process's open-file limit at most: the parquet parts, spills and sockets need the rest.
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    group = FILES_PER_GROUP if limit in (resource.RLIM_INFINITY, -1) else max(1, min(FILES_PER_GROUP, limit // 2))
+    for first in range(0, shards, group):
+        numbers = range(first, min(shards, first + group))
         entries += _write_group(bucket_dir, downloads, numbers, destination, workers,
                                 functools.partial(lambda offset, done: progress(offset + done), first))
     return entries
@@ -248,8 +253,11 @@ def _write_group(bucket_dir: Path, downloads: list[Location], numbers: range, de
         # Parts in parallel: reading a row group and writing its images both run outside the GIL.
         with ThreadPoolExecutor(max(1, workers)) as pool:
             routed = [(download, routes / f"{part:06d}.route") for part, download in enumerate(downloads)]
-            list(pool.map(lambda job: fill(job[0], job[1], descriptors),
-                          [job for job in routed if job[1].exists()]))
+            filled = sum(pool.map(lambda job: fill(job[0], job[1], descriptors),
+                                  [job for job in routed if job[1].exists()]))
+            if filled != sum(tar.samples for tar in tars.values()):  # a hole would read as zeros: never leave one
+                raise RuntimeError(f"shard: {filled} images written into tars laid out for "
+                                   f"{sum(tar.samples for tar in tars.values())}")
             for descriptor in descriptors.values():  # the disk writes while the tars are hashed; fsync waits for it
                 start_writeback(descriptor)
             entries = []
