@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
+from curate.stages.buckets import CROP_LEFT, CROP_TOP
 from curate.stages.download import JPG_BYTES
 from curate.stages.shard import sample_frame, tar_end
 from curate.storage import files as storage
@@ -44,6 +45,9 @@ from curate.wds.writer import PLACEMENT_COLUMNS, sample_document
 
 # position, download part, row in that part, image length, header length, tail length; the frame's bytes follow
 _RECORD = struct.Struct("<6q")
+# The downloaded columns sample_document reads besides the metadata ones.
+DOCUMENT_COLUMNS = (KEY, "url", CAPTION, "original_width", "original_height", "stored_width", "stored_height", "sha256",
+                    CROP_TOP, CROP_LEFT)
 _ROUTE = 4  # int64s per routed image: row in its part, shard, offset in the tar, length
 FILES_PER_GROUP = 4096  # tars open at once at most (more are written in groups, each reading the parts again)
 
@@ -76,21 +80,22 @@ def record(groups: Iterable[tuple[int, pa.Table]], part: int, assignment: pa.Tab
         chosen = wanted.take(pa.array(match[hits].astype(np.int64)))
         lengths = (group[JPG_BYTES] if JPG_BYTES in group.column_names else pc.binary_length(group[JPG])).take(
             pa.array(hits)).to_pylist()
-        rows = group.drop_columns([c for c in [JPG] if c in group.column_names]).take(pa.array(hits))
+        needed = {*DOCUMENT_COLUMNS, *metadata_columns}  # only what the json takes goes through Python objects
+        rows = group.select([c for c in group.column_names if c in needed]).take(pa.array(hits))
         for name in chosen.column_names[1:]:
             rows = rows.append_column(name, chosen[name])
-        shards = chosen[SHARD].to_numpy()
-        for shard in np.unique(shards):
-            picked = np.flatnonzero(shards == shard)
-            with open(bucket_dir / f"{int(shard):06d}.bucket", "ab") as bucket:
-                for i, row in zip(picked.tolist(), rows.take(pa.array(picked)).to_pylist(), strict=True):
-                    if lengths[i] is None:  # select keeps only downloaded rows: a kept row without bytes is a bug
-                        raise RuntimeError(f"sample {row[KEY]} was placed in a shard but has no image bytes")
-                    header, tail = sample_frame(row[KEY], lengths[i], row.get(CAPTION) or "",
-                                                sample_document(row, metadata_columns))
-                    bucket.writelines([_RECORD.pack(row[POSITION], part, start + int(hits[i]), lengths[i],
-                                                    len(header), len(tail)), header, tail])
-            written += len(picked)
+        frames: dict[int, list[bytes]] = {}
+        for i, (row, shard) in enumerate(zip(rows.to_pylist(), chosen[SHARD].to_pylist(), strict=True)):
+            if lengths[i] is None:  # select keeps only downloaded rows: a kept row without bytes is a bug
+                raise RuntimeError(f"sample {row[KEY]} was placed in a shard but has no image bytes")
+            header, tail = sample_frame(row[KEY], lengths[i], row.get(CAPTION) or "",
+                                        sample_document(row, metadata_columns))
+            frames.setdefault(shard, []).extend([_RECORD.pack(row[POSITION], part, start + int(hits[i]), lengths[i],
+                                                              len(header), len(tail)), header, tail])
+        for shard, pieces in frames.items():
+            with open(bucket_dir / f"{shard:06d}.bucket", "ab") as bucket:
+                bucket.writelines(pieces)
+        written += len(hits)
     return written
 
 
