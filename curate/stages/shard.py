@@ -149,12 +149,19 @@ def sample_bytes(key: str, jpg: bytes, caption: str, meta: dict[str, Any]) -> by
 
 def sample_pieces(key: str, jpg: bytes | memoryview, caption: str, meta: dict[str, Any]) -> list[bytes | memoryview]:
     """sample_bytes as pieces to write one after another: the image is passed on as it is, never copied."""
+    header, tail = sample_frame(key, len(jpg), caption, meta)
+    return [header, jpg, tail]
+
+
+def sample_frame(key: str, jpg_length: int, caption: str, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The bytes of a sample before its image (the KEY.jpg header) and after it (padding, KEY.txt, KEY.json): all of
+    sample_bytes but the image, which needs only its length here."""
     check_key(key)
     text = (caption or "").encode("utf-8", "surrogatepass")
     document = json.dumps(meta, ensure_ascii=True, sort_keys=True, allow_nan=False).encode()
-    padding = (-len(jpg)) % tarfile.BLOCKSIZE
-    return [_header(f"{key}.jpg", len(jpg)), jpg, b"\0" * padding + _member(f"{key}.txt", text)
-            + _member(f"{key}.json", document)]
+    padding = (-jpg_length) % tarfile.BLOCKSIZE
+    return (_header(f"{key}.jpg", jpg_length), b"\0" * padding + _member(f"{key}.txt", text)
+            + _member(f"{key}.json", document))
 
 
 def tar_end(size_so_far: int) -> bytes:

@@ -4,19 +4,21 @@ Both are global steps done in partitions, so memory is bounded however many rows
 - the shuffle: each survivor's (row, key, seeded draw) is spilled into draw-range partitions; a survivor's position
   is the count of the lower partitions plus its rank inside its own (shuffle_order, as on one table and on Spark);
   the positions go back to the select parts through buckets of consecutive parts (partitions.VerdictRouter);
-- then part by part: shard, aspect bucket and remainder verdict, the part's samples scattered into the tar buckets,
-  and the part written to the shard checkpoint;
+- then part by part: shard, aspect bucket and remainder verdict, the part's samples recorded in their shards'
+  buckets (the bytes around each image and a reference to it, curate.wds.placed), and the part written to the shard
+  checkpoint; then each tar is laid out and every download part read once, its images written into their tars;
 - the books stream the shard checkpoint once: the ledger one input part at a time, with the `input = kept + dropped`
   check per part, and samples.parquet through position-range buckets, in (shard, position) order.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +50,16 @@ from curate.stages.download import JPG_BYTES
 from curate.stages.verdict import alive
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
+from curate.wds import placed
 from curate.wds.index import index_document, sizes_document
-from curate.wds.writer import CARRIED_SKIP, scatter, shard_path, write_shard
+from curate.wds.writer import CARRIED_SKIP, shard_path
 
 log = logging.getLogger(__name__)
 
 DRAW = "_draw"
 SAMPLE_ROWS_PER_BUCKET = 500_000  # samples.parquet is ordered through buckets of this many positions
 ROWS_PER_DRAW_PARTITION = 2_000_000  # survivors (row, key, draw): ~100 MB a partition
+SIGNATURE = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), (DRAW, pa.uint64())])
 
 
 class Survivors:
@@ -77,14 +81,21 @@ class Survivors:
                 draws = shard_stage.shuffle_draws(live[KEY].to_pylist(), seed)
                 yield pa.table({ROW: live[ROW], KEY: live[KEY], DRAW: pa.array(draws, pa.uint64())})
 
-        self.files = spill(signatures(), lambda t: shard_stage.draw_ranges(t[DRAW].to_numpy(), self.partitions),
-                           self.partitions, folder / "draws")
+        self.whole: pa.Table | None = None
+        if self.partitions == 1:  # one partition is read whole anyway: it need not go to disk first
+            self.files, self.whole = [], pa.concat_tables([SIGNATURE.empty_table(), *signatures()])
+        else:
+            self.files = spill(signatures(), lambda t: shard_stage.draw_ranges(t[DRAW].to_numpy(), self.partitions),
+                               self.partitions, folder / "draws")
         self.total_bytes += self.count * shard_stage.estimated_sample_bytes(0, 0)
         self.starts = _part_starts(firsts, input_rows)
 
     def positions(self, folder: Path) -> Iterator[pa.Table]:
         """Per select part, its survivors' (row, position), sorted by row: one partition, then one bucket of
         consecutive parts, in memory at a time."""
+        if self.whole is not None:
+            yield from self._per_part(self.whole)
+            return
         router, offset = VerdictRouter(folder / "positions", self.starts, self.partitions), 0
         for path in self.files:
             table = pq.read_table(path)
@@ -92,7 +103,17 @@ class Survivors:
             router.write(pa.table({ROW: table[ROW].take(pa.array(order)),
                                    POSITION: pa.array(np.arange(offset, offset + len(order), dtype=np.int64))}))
             offset += len(order)
-        return router.per_part(pa.schema([(ROW, pa.int64()), (POSITION, pa.int64())]))
+        yield from router.per_part(pa.schema([(ROW, pa.int64()), (POSITION, pa.int64())]))
+
+    def _per_part(self, table: pa.Table) -> Iterator[pa.Table]:
+        """The one partition's (row, position) cut at each part's first row, as VerdictRouter.per_part gives them."""
+        order = shard_stage.shuffle_order(table[KEY].to_numpy(zero_copy_only=False), table[DRAW].to_numpy())
+        found = pa.table({ROW: table[ROW].take(pa.array(order)),
+                          POSITION: pa.array(np.arange(len(order), dtype=np.int64))}).sort_by(ROW)
+        rows = found[ROW].to_numpy()
+        cuts: list[int] = np.asarray(np.searchsorted(rows, np.r_[self.starts, np.iinfo(np.int64).max])).tolist()
+        for low, high in itertools.pairwise(cuts):
+            yield found.slice(low, high - low)
 
 
 def _part_starts(firsts: list[int | None], end: int) -> np.ndarray:
@@ -152,32 +173,33 @@ def shard(run: LocalRun) -> dict[str, Any]:
         place = plan.bound("shard", c, RunFacts(c.scores), plan=shard_plan)
         per_bucket: dict[int, dict[str, int]] = {}
         positions = survivors.positions(work)
-        for index, (part, found) in enumerate(zip(select.iter_parts(), positions, strict=True)):
-            part = conformed(part, schema)
-            part = place(part.append_column(POSITION, pa.array(part_positions(part, found))))
-            assignment = part.filter(pc.greater_equal(part[SHARD], 0))
-            if assignment.num_rows:
-                scatter(row_groups([downloads[index]]), assignment, buckets,
-                        [n for n in part.column_names if n not in CARRIED_SKIP])
-                for number, counts in bucket_counts(assignment).items():
-                    merged = per_bucket.setdefault(number, {})
-                    for name, count in counts.items():
-                        merged[name] = merged.get(name, 0) + count
-            target.write_part(index, part)
+        # Each checkpoint part is written (and fsync'd) by a thread while the next part is placed; one at a time.
+        with ThreadPoolExecutor(1) as checkpoint_writer:
+            pending: Future[None] | None = None
+            for index, (part, found) in enumerate(zip(select.iter_parts(), positions, strict=True)):
+                part = conformed(part, schema)
+                part = place(part.append_column(POSITION, pa.array(part_positions(part, found))))
+                assignment = part.filter(pc.greater_equal(part[SHARD], 0))
+                if assignment.num_rows:
+                    placed.record(placed.metadata_groups(downloads[index]), index, assignment, buckets,
+                                  [n for n in part.column_names if n not in CARRIED_SKIP])
+                    for number, counts in bucket_counts(assignment).items():
+                        merged = per_bucket.setdefault(number, {})
+                        for name, count in counts.items():
+                            merged[name] = merged.get(name, 0) + count
+                if pending is not None:
+                    pending.result()
+                pending = checkpoint_writer.submit(target.write_part, index, part)
+            if pending is not None:
+                pending.result()
         shutil.rmtree(work, ignore_errors=True)
-        for index in range(shard_plan.num_shards):
-            (buckets / f"{index:06d}.bucket").touch()
         shard_dir.mkdir(parents=True, exist_ok=True)
-
-        def write(index: int) -> dict[str, Any]:
-            return write_shard(buckets / f"{index:06d}.bucket", shard_path(shard_dir, c.shard_name, index))
-
-        # One tar per thread, one thread per core: the copy, the sha256 and the fsync all run outside the GIL.
-        entries = []
-        with ThreadPoolExecutor(max(1, min(download_workers(c)[0], shard_plan.num_shards))) as pool:
-            for index, entry in enumerate(pool.map(write, range(shard_plan.num_shards))):
-                entries.append({**entry, "buckets": dict(sorted(per_bucket.get(index, {}).items()))})
-                run.progress("shard", index + 1, shard_plan.num_shards)
+        # Each image goes once from its download part into its tar, at the offset the plan gives it.
+        entries = [{**entry, "buckets": dict(sorted(per_bucket.get(index, {}).items()))}
+                   for index, entry in enumerate(placed.write_tars(
+                       buckets, downloads, shard_plan.num_shards,
+                       lambda index: shard_path(shard_dir, c.shard_name, index), download_workers(c)[0],
+                       lambda done: run.progress("shard", done, shard_plan.num_shards)))]
         shutil.rmtree(buckets)
         io.write_json(index_document(c, shard_plan, entries), shard_dir / "index.json")
         io.write_json(sizes_document(entries), shard_dir / "sizes.json")
@@ -185,15 +207,6 @@ def shard(run: LocalRun) -> dict[str, Any]:
                 "remainder": shard_plan.remainder}
 
     return run._timed("shard", body, force=True)
-
-
-def row_groups(paths: list[storage.Location]) -> Iterator[pa.Table]:
-    """Parquet parts a row group at a time (~16 MiB of images, storage.parquet_options): the memory of one group is
-    reused for the next, where reading whole parts faulted in hundreds of fresh megabytes each."""
-    for path in paths:
-        reader = storage.parquet_file(path)
-        for group in range(reader.num_row_groups):
-            yield reader.read_row_group(group)
 
 
 KEPT = "_kept"
