@@ -36,18 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import CAPTION, JPG, KEY, POSITION, ROW, SHARD
-from curate.stages.buckets import CROP_LEFT, CROP_TOP
 from curate.stages.download import JPG_BYTES
 from curate.stages.shard import sample_frame, tar_end
 from curate.storage import files as storage
 from curate.storage.files import Location
-from curate.wds.writer import PLACEMENT_COLUMNS, sample_document
+from curate.wds.writer import DOCUMENT_COLUMNS, PLACEMENT_COLUMNS, sample_document
 
 # position, download part, row in that part, image length, header length, tail length; the frame's bytes follow
 _RECORD = struct.Struct("<6q")
-# The downloaded columns sample_document reads besides the metadata ones.
-DOCUMENT_COLUMNS = (KEY, "url", CAPTION, "original_width", "original_height", "stored_width", "stored_height", "sha256",
-                    CROP_TOP, CROP_LEFT)
 _ROUTE = 4  # int64s per routed image: row in its part, shard, offset in the tar, length
 FILES_PER_GROUP = 4096  # tars open at once at most (more are written in groups, each reading the parts again)
 

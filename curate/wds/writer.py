@@ -20,6 +20,10 @@ CARRIED_SKIP = {"key", "row", "url", "caption", "jpg", "status", "error", "embed
                 "consent_headers", "faces_blurred"}
 
 
+# The downloaded columns sample_document reads besides the metadata ones (the local writer reads only these).
+DOCUMENT_COLUMNS = (KEY, "url", CAPTION, "original_width", "original_height", "stored_width", "stored_height", "sha256",
+                    CROP_TOP, CROP_LEFT, "consent_robots", "consent_tdm", "consent_headers", "faces_blurred")
+
 # What the tar writer takes of each placed sample besides its downloaded row (both engines' scatter/join).
 PLACEMENT_COLUMNS = (ROW, SHARD, POSITION, "aesthetic_score", "watermark_prob", "scores_source", *BUCKET_COLUMNS)
 
