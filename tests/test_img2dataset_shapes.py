@@ -31,8 +31,8 @@ SCRIPT = """
 import json, sys
 from img2dataset import download
 job = json.loads(sys.argv[1])
-for output_format, folder in job["outputs"].items():
-    download(url_list=job["list"], input_format="parquet", url_col="URL", caption_col="TEXT",
+for output_format, (folder, url_list) in job["outputs"].items():
+    download(url_list=url_list, input_format="parquet", url_col="URL", caption_col="TEXT",
              save_additional_columns=["WIDTH", "HEIGHT", "AESTHETIC_SCORE", "pwatermark"], output_format=output_format,
              output_folder=folder, processes_count=1, thread_count=4, number_sample_per_shard=job["per_shard"],
              image_size=400, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_quality=95, timeout=5,
@@ -45,27 +45,35 @@ def failing(i: int) -> bool:
 
 
 def img2dataset_outputs(folder: Path) -> dict[str, Path]:
-    """The real img2dataset (its Python API, one process) downloads one LAION-style list from 127.0.0.1 in every
-    output format; shard 1's URLs all fail, and every tenth URL elsewhere."""
+    """The real img2dataset (its Python API, one process) downloads a LAION-style list from 127.0.0.1 in every output
+    format: the same images and captions, each format's URLs under its own path (so one run can read all of them
+    without url duplicates); shard 1's URLs all fail, and every tenth URL elsewhere."""
     rng = np.random.default_rng(5)
-    rows = []
+    sizes = [(int(rng.integers(300, 700)), int(rng.integers(300, 700))) for _ in range(ROWS)]
+    scores = [(float(rng.uniform(4.5, 7.0)), float(rng.uniform(0, 0.5))) for _ in range(ROWS)]
+    outputs = {name: folder / name for name in FORMATS}
     with ImageServer() as server:
-        for i in range(ROWS):
-            width, height = int(rng.integers(300, 700)), int(rng.integers(300, 700))
-            path = f"/s/{i}.jpg"
-            if not failing(i):
-                server.routes[path] = Response(make_jpeg(width, height, 7000 + i))
-            rows.append({"URL": server.url(path), "TEXT": f"a photo of object {i}", "WIDTH": float(width),
-                         "HEIGHT": float(height), "AESTHETIC_SCORE": float(rng.uniform(4.5, 7.0)),
-                         "pwatermark": float(rng.uniform(0, 0.5))})
-        pq.write_table(pa.Table.from_pylist(rows), folder / "list.parquet")
-        outputs = {name: folder / name for name in FORMATS}
-        job = {"list": str(folder / "list.parquet"), "per_shard": PER_SHARD,
-               "outputs": {name: str(path) for name, path in outputs.items()}}
+        lists = {}
+        for name in FORMATS:
+            rows = []
+            for i, ((width, height), (aesthetic, watermark)) in enumerate(zip(sizes, scores, strict=True)):
+                path = f"/{name}/{i}.jpg"
+                if not failing(i):
+                    server.routes[path] = Response(make_jpeg(width, height, 7000 + i))
+                rows.append({"URL": server.url(path), "TEXT": f"a photo of object {i}", "WIDTH": float(width),
+                             "HEIGHT": float(height), "AESTHETIC_SCORE": aesthetic, "pwatermark": watermark})
+            lists[name] = folder / f"{name}-list.parquet"
+            pq.write_table(pa.Table.from_pylist(rows), lists[name])
+        job = {"per_shard": PER_SHARD, "outputs": {name: (str(outputs[name]), str(lists[name])) for name in FORMATS}}
         done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(job)], capture_output=True, text=True,
                               timeout=300, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     return outputs
+
+
+def number(url: str) -> int:
+    """The row number i of a served URL (/FORMAT/i.jpg): the same image and caption in every format."""
+    return int(url.rsplit("/", 1)[-1].split(".")[0])
 
 
 def crashed_copy(webdataset: Path, target: Path) -> Path:
@@ -89,14 +97,13 @@ def caption_field_tar(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return img2dataset_outputs(tmp_path_factory.mktemp("img2dataset"))
-
-
 def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    return tar_samples(sorted((out / "shards").glob("*.tar")))
+
+
+def tar_samples(paths: list[Path]) -> dict[str, dict[str, bytes]]:
     samples: dict[str, dict[str, bytes]] = {}
-    for path in sorted((out / "shards").glob("*.tar")):
+    for path in paths:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 key, _, extension = member.name.partition(".")
@@ -106,12 +113,12 @@ def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def downloaded_images(outputs: dict[str, Path]) -> dict[str, bytes]:
-    """url -> the image bytes img2dataset stored (from its files output)."""
+def downloaded_images(outputs: dict[str, Path]) -> dict[int, bytes]:
+    """Row number -> the image bytes img2dataset stored (from its files output)."""
     images = {}
     for document in outputs["files"].glob("*/*.json"):
         meta = json.loads(document.read_text())
-        images[meta["url"]] = document.with_suffix(".jpg").read_bytes()
+        images[number(meta["url"])] = document.with_suffix(".jpg").read_bytes()
     return images
 
 
@@ -123,7 +130,9 @@ def expected_failures() -> int:
     return sum(failing(i) for i in range(ROWS))
 
 
-def test_a_shard_whose_downloads_all_failed_is_an_empty_tar_and_valid_input(outputs, tmp_path, config_factory):
+def test_a_shard_whose_downloads_all_failed_is_an_empty_tar_and_valid_input(img2dataset_shapes, tmp_path,
+                                                                            config_factory):
+    outputs = img2dataset_shapes
     empty = outputs["webdataset"] / f"{EMPTY_SHARD:05d}.tar"
     with tarfile.open(empty) as tar:
         assert tar.getmembers() == []  # what img2dataset really writes: the end-of-archive blocks only
@@ -134,7 +143,9 @@ def test_a_shard_whose_downloads_all_failed_is_an_empty_tar_and_valid_input(outp
     assert ingest_meta(tmp_path / "out")["damaged_inputs"] == []
 
 
-def test_a_missing_or_empty_tar_is_a_damaged_input_with_every_row_in_the_ledger(outputs, tmp_path, config_factory):
+def test_a_missing_or_empty_tar_is_a_damaged_input_with_every_row_in_the_ledger(img2dataset_shapes, tmp_path,
+                                                                               config_factory):
+    outputs = img2dataset_shapes
     folder = crashed_copy(outputs["webdataset"], tmp_path / "crashed")
     out = tmp_path / "out"
     stats = run_local([str(folder)], out, config_factory(**RUN))
@@ -151,21 +162,23 @@ def test_a_missing_or_empty_tar_is_a_damaged_input_with_every_row_in_the_ledger(
 
 
 @pytest.mark.parametrize("output_format", ["files", "parquet"])
-def test_files_and_parquet_outputs_are_read_as_the_webdataset_one(outputs, tmp_path, config_factory, output_format):
-    config = config_factory(**RUN)
+def test_files_and_parquet_outputs_are_read_as_the_webdataset_one(img2dataset_shapes, tmp_path, config_factory,
+                                                                 output_format):
+    outputs, config = img2dataset_shapes, config_factory(**RUN)
     baseline = run_local([str(outputs["webdataset"])], tmp_path / "wds", config)
     stats = run_local([str(outputs[output_format])], tmp_path / "out", config)
     assert stats["input_rows"] == ROWS == stats["kept"] + stats["dropped"]
     assert stats["dropped_by_stage"] == baseline["dropped_by_stage"]
     assert ingest_meta(tmp_path / "out")["input_format"] == "webdataset"  # stored images: nothing fetched
-    images, wds = downloaded_images(outputs), shard_samples(tmp_path / "wds")
+    images, wds = downloaded_images(outputs), tar_samples(sorted(outputs["webdataset"].glob("*.tar")))
     kept = shard_samples(tmp_path / "out")
     assert len(kept) == stats["kept"] == baseline["kept"] > 0
-    by_url = {json.loads(s["json"])["url"]: s for s in wds.values()}
+    by_number = {number(json.loads(s["json"])["url"]): s for s in wds.values()}
+    assert len(by_number) == len(wds) == len(images)
     for sample in kept.values():
-        url = json.loads(sample["json"])["url"]
-        assert sample["jpg"] == images[url] == by_url[url]["jpg"]  # img2dataset's bytes, as from its tars
-        assert sample["txt"] == by_url[url]["txt"]
+        i = number(json.loads(sample["json"])["url"])
+        assert sample["jpg"] == images[i] == by_number[i]["jpg"]  # img2dataset's bytes, as from its tars
+        assert sample["txt"] == by_number[i]["txt"]
 
 
 def test_caption_field_names_the_json_caption_and_is_not_kept_twice(tmp_path, config_factory):
@@ -181,11 +194,13 @@ def test_caption_field_names_the_json_caption_and_is_not_kept_twice(tmp_path, co
     assert "text" not in names and "source_text" not in names
 
 
-def test_a_folder_of_tars_and_metadata_parquet_is_refused_naming_the_parquet(outputs, tmp_path, config_factory):
+def test_a_folder_of_tars_and_metadata_parquet_is_refused_naming_the_parquet(img2dataset_shapes, tmp_path,
+                                                                             config_factory):
+    outputs = img2dataset_shapes
     mixed = tmp_path / "mix"
     mixed.mkdir()
     shutil.copy(outputs["webdataset"] / "00003.tar", mixed / "a-000.tar")
-    shutil.copy(outputs["webdataset"].parent / "list.parquet", mixed / "meta.parquet")
+    shutil.copy(outputs["webdataset"].parent / "files-list.parquet", mixed / "meta.parquet")
     config = config_factory(**RUN)
     for inputs in ([str(mixed)], [str(mixed / "a-000.tar"), str(mixed / "meta.parquet")]):
         with pytest.raises(ValueError, match=r"meta\.parquet.*--input-format webdataset"):

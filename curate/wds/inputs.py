@@ -11,6 +11,7 @@ a mix of downloaded shards and metadata parquet is refused before any work, nami
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
@@ -79,10 +80,10 @@ def _classify(pattern: str) -> _Found:
     return found
 
 
-def _classify_parquet(fs: fsspec.AbstractFileSystem, path: str, exists: object, folders: set[str] | None,
+def _classify_parquet(fs: fsspec.AbstractFileSystem, path: str, exists: Callable[[str], bool], folders: set[str] | None,
                       found: _Found) -> None:
     stem = path[: -len(SUFFIX)]
-    if exists(stem + ".tar"):  # type: ignore[operator]
+    if exists(stem + ".tar"):
         found.sidecars.append(path)
         return
     is_folder = stem in folders if folders is not None else fs.isdir(stem)

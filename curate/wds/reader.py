@@ -19,7 +19,6 @@ import fsspec
 import mmh3
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import (
