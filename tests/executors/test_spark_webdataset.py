@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 
 from curate.config import Config
 from curate.pipeline.run import run_local
@@ -44,7 +45,7 @@ def test_spark_reads_every_img2dataset_shape_as_the_local_engine_does(spark: Any
         shutil.copytree(img2dataset_shapes[name], root / name)
     caption_field_tar(root / "text-000.tar")
     # url duplicates only: the formats share their images, and every shape's samples should reach the shards
-    config = Config(**{**RUN, "dedup": ["url"], "caption_field": "text", "batch_size_rows": 16, "seed": 3}).validate()
+    config = Config(**{**RUN, "dedup": ["url"], "caption_field": "text", "batch_size_rows": 64, "seed": 3}).validate()
     local = run_local([str(root)], tmp_path / "local", config)
     stats = run_spark(spark, [str(root)], str(tmp_path / "spark"), config)
     rows = 3 * SHAPE_ROWS + 6
@@ -59,3 +60,7 @@ def test_spark_reads_every_img2dataset_shape_as_the_local_engine_does(spark: Any
     urls = pq.read_table(tmp_path / "spark" / "samples.parquet", columns=["url"])["url"].to_pylist()
     assert {url.split("/")[3] for url in urls if url} >= {"files", "parquet", "webdataset"}
     assert sum(url is None for url in urls) >= 2  # the hand-made tar's samples, captioned from their json
+    shutil.copy(img2dataset_shapes["webdataset"].parent / "files-list.parquet", root / "meta.parquet")
+    with pytest.raises(ValueError, match=r"meta\.parquet.*--input-format webdataset"):  # before any Spark job
+        run_spark(spark, [str(root)], str(tmp_path / "mixed"), config)
+    assert not (tmp_path / "mixed").exists()

@@ -332,8 +332,8 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     # Checkpoints hold image bytes: the vectorized reader's default 4,096-row batch of 1024 px JPEGs is ~1 GB, past
     # local mode's default 1 GB heap (a 20k-row run with 1,000 live images failed so); 256 rows stay ~100 MB.
     spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "256")
+    stored = plan.stored_input(config, inputs)  # images already downloaded; a mixed input is refused before OUT exists
     resume = run.resumable(inputs)
-    stored = plan.stored_input(config, inputs)  # images already downloaded, in tars
     if stored:
         raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
         ingested = map_stage(raw, _pair_hashes)
