@@ -209,3 +209,31 @@ def test_a_folder_of_tars_and_metadata_parquet_is_refused_naming_the_parquet(img
     stats = run_local([str(mixed)], tmp_path / "tars", config_factory(**{**RUN, "input_format": "webdataset"}))
     assert stats["input_rows"] == PER_SHARD - 1 == stats["kept"] + stats["dropped"]  # a-000.tar has no sidecar
     assert [Path(p).name for p in ingest_meta(tmp_path / "tars")["ignored_inputs"]] == ["meta.parquet"]
+
+
+def test_list_inputs_tells_every_shard_shape_from_metadata(tmp_path):
+    from curate.wds.inputs import list_inputs
+
+    shard = {"key": ["0"], "status": ["success"], "error_message": [None], "url": ["http://a/0.jpg"]}
+    tarfile.open(tmp_path / "a.tar", "w").close()
+    pq.write_table(pa.table(shard), tmp_path / "a.parquet")  # a.tar's sidecar
+    pq.write_table(pa.table(shard), tmp_path / "b.parquet")  # its tar is gone
+    (tmp_path / "b_stats.json").write_text("{}")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "0.jpg").write_bytes(make_jpeg(8, 8, 1))
+    pq.write_table(pa.table(shard), tmp_path / "c.parquet")  # files format
+    pq.write_table(pa.table({**shard, "jpg": [make_jpeg(8, 8, 2)]}), tmp_path / "d.parquet")  # parquet format
+    pq.write_table(pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["x"]}), tmp_path / "meta.parquet")
+    with pytest.raises(ValueError, match=r"meta\.parquet"):
+        list_inputs([str(tmp_path)], "auto")
+    stored = list_inputs([str(tmp_path)], "webdataset")
+    assert stored.stored and [Path(p).name for p in stored.files] == ["a.tar", "b.parquet", "c", "d.parquet"]
+    assert [Path(p).name for p in stored.ignored] == ["meta.parquet"]
+    metadata = list_inputs([str(tmp_path)], "parquet")  # every parquet, as before; the shards named as ignored
+    assert not metadata.stored and [Path(p).name for p in metadata.ignored] == ["a.tar", "c"]
+    assert [Path(p).name for p in metadata.files] == ["a.parquet", "b.parquet", "c.parquet", "d.parquet",
+                                                      "meta.parquet"]
+    (tmp_path / "meta.parquet").unlink()
+    assert list_inputs([str(tmp_path)], "auto").files == stored.files
+    with pytest.raises(ValueError, match="matches no parquet file"):
+        list_inputs([str(tmp_path / "a.tar")], "parquet")

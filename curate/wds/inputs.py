@@ -38,7 +38,7 @@ class _Found:
     stored: list[str] = field(default_factory=list)  # tars, files-format folders, parquet-format shards
     tarless: list[str] = field(default_factory=list)  # img2dataset shard parquets with no tar, folder or images
     metadata: list[str] = field(default_factory=list)  # parquet (or a named file of another kind) to download
-    sidecars: list[str] = field(default_factory=list)  # img2dataset's NNNNN.parquet read with its NNNNN.tar
+    sidecars: list[str] = field(default_factory=list)  # img2dataset's NNNNN.parquet read with its tar or folder
 
 
 def image_column(names: list[str]) -> str | None:
@@ -90,6 +90,7 @@ def _classify_parquet(fs: fsspec.AbstractFileSystem, path: str, exists: Callable
     names = _names(fs, path)
     if is_folder and SHARD_COLUMNS <= set(names):
         found.stored.append(stem)  # img2dataset --output_format files: NNNNN/ beside NNNNN.parquet
+        found.sidecars.append(path)
     elif image_column(names) is not None:
         found.stored.append(path)
     elif SHARD_COLUMNS <= set(names):  # img2dataset's shard parquet whose tar is gone (a crash, or deleted)
@@ -130,6 +131,10 @@ def list_inputs(patterns: list[str], input_format: str) -> Inputs:
     if downloaded:
         log.warning("--input-format parquet: these downloaded shards are not read: %s", downloaded)
     every = [sorted(f.metadata + f.tarless + f.sidecars + [p for p in f.stored if p.endswith(SUFFIX)]) for f in founds]
+    for pattern, files in zip(patterns, every, strict=True):
+        if not files:
+            raise ValueError(f"input {pattern!r} matches no parquet file, only downloaded shards (tars or img2dataset "
+                             "folders): give --input-format webdataset (or auto) to curate them")
     return Inputs(False, _each(every), ignored=downloaded)
 
 
