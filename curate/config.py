@@ -250,9 +250,11 @@ OPTION_HELP: dict[str, str] = {
                      "repeated.",
     "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
                  "empty.",
-    "input_format": "Input kind: parquet (metadata to download), webdataset (tars already downloaded, e.g. by "
-                    "img2dataset), or auto (by the .tar suffix).",
-    "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member.",
+    "input_format": "Input kind: parquet (metadata to download), webdataset (images already downloaded: tars, "
+                    "img2dataset's webdataset, files or parquet output), or auto (downloaded images when the input "
+                    "holds any; refused when it also holds metadata parquet).",
+    "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member (the "
+                     "caption, not also a column).",
     "image_size": "Resize so the shorter side is this many pixels (never upscales).",
     "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): 1024 for SDXL, "
                "512 for the SD recipe.",

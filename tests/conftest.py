@@ -149,3 +149,12 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"curate-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def img2dataset_shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real img2dataset output in its webdataset, files and parquet formats (one img2dataset process for the session:
+    the local and the Spark tests read the same folders)."""
+    from tests.test_img2dataset_shapes import img2dataset_outputs
+
+    return img2dataset_outputs(tmp_path_factory.mktemp("img2dataset"))

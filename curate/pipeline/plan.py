@@ -22,6 +22,7 @@ from curate.config import Config
 if TYPE_CHECKING:
     from curate.stages.download import DownloadOptions
     from curate.stages.shard import ShardPlan
+    from curate.wds.inputs import Inputs
 
 Batch = Callable[[pa.Table], pa.Table]
 
@@ -49,20 +50,23 @@ def resolve_scores(config: Config, score_column_nulls: Callable[[], dict[str, in
 
 
 def bind_ingest(config: Config, facts: RunFacts) -> Callable[[str, int, list[dict[str, Any]]], Iterator[pa.Table]]:
-    """ingest as a reader: (input file, its first row number, a list that collects damaged tar members) -> the
-    file's rows in the canonical table, batch_size_rows at a time, numbered on from the first row. The local
-    executor reads every input with it, Spark the WebDataset tars (its own parquet reader applies
+    """ingest as a reader: (input entry, its first row number, a list that collects damaged inputs) -> the entry's
+    rows in the canonical table, batch_size_rows at a time, numbered on from the first row. An entry is a parquet
+    file, or with stored images one of input_entries' (a tar, an img2dataset files folder or shard parquet). The
+    local executor reads every input with it, Spark the stored ones (its own parquet reader applies
     stages.ingest.normalize the same way)."""
     from curate.stages.ingest import normalize
     from curate.storage.checkpoint import read_parquet_batches
-    from curate.wds.reader import normalize_rows, read_tar_rows
+    from curate.wds.img2dataset import read_stored_rows
+    from curate.wds.reader import normalize_rows
 
     batch_rows, caption_field = config.batch_size_rows, config.caption_field
 
     def read(path: str, first_row: int, damage: list[dict[str, Any]]) -> Iterator[pa.Table]:
         row = first_row
         if facts.stored:
-            batches = (normalize_rows(batch, row) for batch in read_tar_rows(path, batch_rows, caption_field, damage))
+            stored = read_stored_rows(path, batch_rows, caption_field, damage)
+            batches = (normalize_rows(batch, row) for batch in stored)
         else:
             batches = (normalize(batch, row) for batch in read_parquet_batches(path, batch_rows))
         for batch in batches:  # each batch is numbered when the one before it has been counted
@@ -71,11 +75,17 @@ def bind_ingest(config: Config, facts: RunFacts) -> Callable[[str, int, list[dic
     return read
 
 
-def stored_input(config: Config, inputs: list[str]) -> bool:
-    """Whether the input is WebDataset tars (images read from them, not fetched): RunFacts.stored."""
-    from curate.wds.reader import is_webdataset
+def input_entries(config: Config, inputs: list[str]) -> Inputs:
+    """What the input patterns name under --input-format: its entries, whether their images are stored (read, not
+    fetched: RunFacts.stored), and what is left out; raises for a mix of downloaded shards and metadata (auto)."""
+    from curate.wds.inputs import list_inputs
 
-    return is_webdataset(inputs, config.input_format)
+    return list_inputs(inputs, config.input_format)
+
+
+def stored_input(config: Config, inputs: list[str]) -> bool:
+    """Whether the input's images are already downloaded (tars, img2dataset folders or parquet): RunFacts.stored."""
+    return input_entries(config, inputs).stored
 
 
 def prefilter_arguments(config: Config, facts: RunFacts) -> dict[str, Any]:

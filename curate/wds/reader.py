@@ -11,14 +11,14 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import mmh3
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import (
@@ -33,40 +33,27 @@ from curate.schema import (
     TAR_SIZE,
     URL,
     VERDICT_COLUMNS,
+    table_schema,
 )
-from curate.stages.ingest import normalize
-from curate.storage import checkpoint as io
+from curate.stages.ingest import COLUMN_ALIASES, normalize
+from curate.wds.inputs import IMAGE_COLUMNS, image_column
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset's image extensions, in order of preference
 STAGE = "ingest"
 # img2dataset's own json fields: width/height there are the stored (resized) size, not LAION's claimed one.
 IMG2DATASET_RENAMES = {"width": "source_width", "height": "source_height"}
-
-
-def is_webdataset(inputs: list[str], input_format: str) -> bool:
-    """`--input-format`, or for auto: every input is a .tar path/glob or a folder holding tars."""
-    if input_format != "auto":
-        return input_format == "webdataset"
-    return bool(inputs) and all(_names_tars(pattern) for pattern in inputs)
-
-
-def _names_tars(pattern: str) -> bool:
-    if pattern.rstrip("/").endswith(".tar"):
-        return True
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
-    return any(fs.isdir(path) and any(p.endswith(".tar") for p in fs.find(path)) for path in paths)
-
-
-def expand_tars(patterns: list[str]) -> list[str]:
-    """Every tar the patterns name (paths, globs, folders, fsspec URLs), in a stable order."""
-    return io.expand_inputs(patterns, ".tar", "tar")
+CAPTION_NAMES = ("caption", "text")  # a sample's caption fields (LAION's spellings, compared lower-cased)
+MISSING = "img2dataset_shard_missing"  # a row img2dataset downloaded whose image is not in the shard it wrote
 
 
 def check_tar(path: str) -> None:
-    """Refuse a file that is no tar before any work starts (reads its first header only)."""
+    """Refuse a file that is no tar before any work starts (reads its first header only). An empty tar (the end
+    blocks only: img2dataset's shard whose downloads all failed) and a 0-byte one (a crash) are input, not errors."""
     with fsspec.open(path, "rb") as handle:
         header = handle.read(tarfile.BLOCKSIZE)
+    if not header or header == tarfile.NUL * tarfile.BLOCKSIZE:
+        return
     try:
         tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
     except tarfile.HeaderError as error:
@@ -139,19 +126,34 @@ def _json_fields(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> tuple[
     return fields, None
 
 
-def sample_row(tar: tarfile.TarFile, path: str, sample: _Sample, caption_field: str | None) -> dict[str, Any]:
-    """One sample to its input row (verdict columns set when the sample cannot be a training pair)."""
+def caption_of(fields: dict[str, Any], caption_field: str | None) -> Any:
+    """The caption a sample's fields hold: --caption-field's, else LAION's spellings (caption, text)."""
+    names = [caption_field] if caption_field else []
+    names += [name for name in fields if name.lower() in CAPTION_NAMES]
+    return next((fields[name] for name in names if fields.get(name) is not None), None)
+
+
+def without_captions(fields: dict[str, Any], caption_field: str | None) -> dict[str, Any]:
+    """The fields but the caption's (--caption-field's and every spelling of caption): the caption is one column."""
+    return {k: v for k, v in fields.items() if k != caption_field and k.lower() not in CAPTION_NAMES}
+
+
+def sample_row(tar: Any, path: str, sample: _Sample, caption_field: str | None,
+               own_files: bool = False) -> dict[str, Any]:
+    """One sample to its input row (verdict columns set when the sample cannot be a training pair). `tar` is a
+    TarFile, or anything with its extractfile; own_files: each member is a file of its own (its name, its path)."""
     fields, json_problem = _json_fields(tar, sample.members.get("json"))
-    row: dict[str, Any] = {**{k: v for k, v in fields.items() if k not in (CAPTION, "caption")},
-                           URL: fields.get(URL), "source_sample": sample.key}
+    row: dict[str, Any] = {**without_captions(fields, caption_field), URL: fields.get(URL),
+                           "source_sample": sample.key}
     if "txt" in sample.members:
         row[CAPTION] = _text(tar, sample.members["txt"])
     else:
-        row[CAPTION] = fields.get(caption_field or CAPTION)
+        row[CAPTION] = caption_of(fields, caption_field)
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
     if image is not None:
         member = sample.members[image]
-        row.update({TAR_PATH: path, TAR_OFFSET: member.offset_data, TAR_SIZE: member.size, IMAGE_FORMAT: image})
+        row.update({TAR_PATH: member.name if own_files else path, TAR_OFFSET: member.offset_data,
+                    TAR_SIZE: member.size, IMAGE_FORMAT: image})
     problem = (("duplicate_member", f"{path}: members {sample.repeated} repeat the key {sample.key!r}")
                if sample.repeated else ("no_image", f"{path}: sample {sample.key!r} has {sorted(sample.members)}")
                if image is None else ("invalid_json", json_problem) if json_problem else None)
@@ -160,24 +162,45 @@ def sample_row(tar: tarfile.TarFile, path: str, sample: _Sample, caption_field: 
     return row
 
 
-def failed_rows(path: str) -> list[dict[str, Any]]:
-    """img2dataset's failed rows of this tar's shard (NNNNN.parquet beside NNNNN.tar), as dropped input rows."""
-    sidecar = path[: -len(".tar")] + ".parquet"
+def sidecar_rows(shard: str, sidecar: str, found: set[str], damage: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """img2dataset's rows of one shard (its NNNNN.parquet) whose image is not among the `found` sample keys, as
+    dropped input rows: the ones it failed to download with its error, the ones it downloaded (a shard cut short or
+    gone) as MISSING. An unreadable sidecar is recorded in `damage`."""
     fs, local = fsspec.core.url_to_fs(sidecar)
     if not fs.exists(local):
         return []
-    with fs.open(local, "rb") as handle:
-        table = pq.read_table(handle)
+    try:
+        with fs.open(local, "rb") as handle:
+            table = pq.read_table(handle, columns=[n for n in pq.read_schema(handle).names if n not in IMAGE_COLUMNS])
+    except Exception as error:  # noqa: BLE001 - a crash can leave a parquet without its footer
+        damage.append({"file": sidecar, "offset": 0, "error": f"unreadable parquet ({type(error).__name__}: {error})"})
+        return []
     if "status" not in table.column_names:
         return []
-    failed = table.filter(pc.not_equal(table["status"], "success"))
     rows = []
-    for record in failed.to_pylist():
+    for record in table.to_pylist():
         record = {IMG2DATASET_RENAMES.get(k, k): v for k, v in record.items()}
-        reason = f"img2dataset_{record.pop('status') or 'failed'}"
-        rows.append({**record, DROP_STAGE: STAGE, DROP_REASON: reason,
-                     DROP_DETAIL: str(record.pop("error_message", None) or "")[:1000]})
+        status, message = record.pop("status"), str(record.pop("error_message", None) or "")[:1000]
+        if status == "success":
+            if str(record.get("key")) in found:
+                continue
+            reason, message = MISSING, f"{shard}: img2dataset downloaded this row, but its image is not in the shard"
+        else:
+            reason = f"img2dataset_{status or 'failed'}"
+        rows.append({**record, DROP_STAGE: STAGE, DROP_REASON: reason, DROP_DETAIL: message})
     return rows
+
+
+def in_batches(rows: Iterable[dict[str, Any]], batch_rows: int, origin: str) -> Iterator[pa.Table]:
+    """Rows as raw tables (_table) of at most batch_rows rows; none for no rows."""
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield _table(batch, origin)
+            batch = []
+    if batch:
+        yield _table(batch, origin)
 
 
 def row_hash(row: dict[str, Any], tar_path: str) -> int:
@@ -188,26 +211,24 @@ def row_hash(row: dict[str, Any], tar_path: str) -> int:
 
 def read_tar_rows(path: str, batch_rows: int, caption_field: str | None,
                   damage: list[dict[str, Any]]) -> Iterator[pa.Table]:
-    """One tar's samples, then img2dataset's failed rows for it, as tables of at most batch_rows rows."""
-    fs, local = fsspec.core.url_to_fs(path)
-    size = fs.size(local)
-    batch: list[dict[str, Any]] = []
-    with fs.open(local, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-        for sample in _samples(tar, path, size, damage):
-            batch.append(sample_row(tar, path, sample, caption_field))
-            if len(batch) >= batch_rows:
-                yield _table(batch, path)
-                batch = []
-    for row in failed_rows(path):
-        batch.append(row)
-        if len(batch) >= batch_rows:
-            yield _table(batch, path)
-            batch = []
-    if batch:
-        yield _table(batch, path)
+    """One tar's samples, then img2dataset's rows for it that are not in it, as tables of at most batch_rows rows."""
+    yield from in_batches(_tar_rows(path, caption_field, damage), batch_rows, path)
     if damage and damage[-1]["file"] == path:
         log.warning("%s is damaged at byte %d (%s): the samples before it are read", path, damage[-1]["offset"],
                     damage[-1]["error"])
+
+
+def _tar_rows(path: str, caption_field: str | None, damage: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    fs, local = fsspec.core.url_to_fs(path)
+    size, found = fs.size(local), set()
+    if size == 0:  # a crash before the first block: its rows are all in the sidecar
+        damage.append({"file": path, "offset": 0, "error": "empty file (0 bytes): the shard was never written"})
+    else:
+        with fs.open(local, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for sample in _samples(tar, path, size, damage):
+                found.add(posixpath.basename(sample.key))
+                yield sample_row(tar, path, sample, caption_field)
+    yield from sidecar_rows(path, path[: -len(".tar")] + ".parquet", found, damage)
 
 
 def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
@@ -223,6 +244,8 @@ def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
     ours = {name: pa.array([row.get(name) for row in rows], types.get(name, pa.string())) for name in own}
     for name in names:
         values = [row.get(name) for row in rows]
+        if all(v is None for v in values) and not _canonical(name):  # its type is unknown here (a shard's failed
+            continue  # rows only): left out, so parts that have it set its type, not a guess
         try:
             columns[name] = pa.array(values)
             if pa.types.is_null(columns[name].type):  # all missing here: text, so batches and joins agree
@@ -230,6 +253,11 @@ def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed kinds across samples: keep them as text
             columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
     return pa.table({**columns, **{f"{OWN_PREFIX}{name}": values for name, values in ours.items()}})
+
+
+def _canonical(name: str) -> bool:
+    """A column ingest casts to its schema type (url, caption, LAION's scores...): an all-null one keeps a type."""
+    return COLUMN_ALIASES.get(name.lower(), name.lower()) in table_schema("metadata").names
 
 
 OWN_PREFIX = "\x00curate:"  # marks curate's own columns in a raw table; no input column can be named so
@@ -249,9 +277,33 @@ def read_stored(paths: list[str], offsets: list[int], sizes: list[int]) -> list[
     found: list[bytes | None] = [None] * len(paths)
     order = sorted(range(len(paths)), key=lambda i: (paths[i], offsets[i]))
     for path in dict.fromkeys(paths[i] for i in order):
+        if path.endswith(".parquet"):  # img2dataset's parquet output: offset is the row, size the image's length
+            rows = [i for i in order if paths[i] == path]
+            for i, data in zip(rows, parquet_images(path, [offsets[i] for i in rows]), strict=True):
+                found[i] = data if data is not None and len(data) == sizes[i] else None
+            continue
         with fsspec.open(path, "rb") as handle:
             for i in (i for i in order if paths[i] == path):
                 handle.seek(offsets[i])
                 data = handle.read(sizes[i])
                 found[i] = data if len(data) == sizes[i] else None
+    return found
+
+
+def parquet_images(path: str, rows: list[int]) -> list[bytes | None]:
+    """The image column's values at these rows (ascending) of a parquet-format shard, one row group read at a time."""
+    with fsspec.open(path, "rb") as handle:
+        shard = pq.ParquetFile(handle)
+        column = image_column(shard.schema_arrow.names)
+        starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
+        found: list[bytes | None] = []
+        group, values = -1, pa.array([], pa.binary())
+        for row in rows:
+            wanted = int(np.searchsorted(starts, row, side="right")) - 1
+            if not 0 <= row < starts[-1] or column is None:
+                found.append(None)
+                continue
+            if wanted != group:
+                group, values = wanted, shard.read_row_group(wanted, columns=[column])[column].combine_chunks()
+            found.append(values[row - int(starts[group])].as_py())
     return found

@@ -52,7 +52,7 @@ from curate.stages.ingest import check_input_schema
 from curate.stages.verdict import alive, apply_verdicts, verdict_schema, with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
-from curate.wds.reader import check_tar, expand_tars
+from curate.wds.reader import check_tar
 
 log = logging.getLogger(__name__)
 SCORE_SLICE_ROWS = 1024  # download rows read and scored at a time
@@ -95,13 +95,15 @@ class LocalRun:
 
     # -- ingest -----------------------------------------------------------------------------------------
     def check_inputs(self, inputs: list[str]) -> list[str]:
-        """The input files, each one's schema checked before any work starts; raises naming the file."""
-        if plan.stored_input(self.config, inputs):
-            tars = expand_tars(inputs)
-            for path in tars:
-                check_tar(path)
-            return tars
-        files, rows = io.expand_inputs(inputs), 0
+        """The input files (with stored images: input_entries'), each one checked before any work starts; raises
+        naming the file."""
+        entries = plan.input_entries(self.config, inputs)
+        if entries.stored:
+            for path in entries.files:
+                if path.endswith(".tar"):
+                    check_tar(path)
+            return entries.files
+        files, rows = entries.files, 0
         for path in files:
             schema, count = io.parquet_footer(path)  # raises naming the file when it is no parquet
             try:
@@ -120,7 +122,8 @@ class LocalRun:
         """Every input row to the canonical table; `files` are check_inputs' result when the caller has it."""
         files = files if files is not None else self.check_inputs(inputs)
 
-        tars = plan.stored_input(self.config, inputs)
+        entries = plan.input_entries(self.config, inputs)
+        tars, ignored = entries.stored, entries.ignored
         read = plan.bound("ingest", self.config, RunFacts(stored=tars))
 
         def body() -> dict[str, Any]:
@@ -134,7 +137,8 @@ class LocalRun:
             if rows == 0:
                 raise ValueError(f"the input files hold no rows: {files}")
             return {"input_files": files, "input_rows": rows, "parts": part,
-                    "input_format": "webdataset" if tars else "parquet", "damaged_inputs": damage}
+                    "input_format": "webdataset" if tars else "parquet", "damaged_inputs": damage,
+                    "ignored_inputs": ignored}
 
         return self._timed("ingest", body)
 

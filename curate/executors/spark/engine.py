@@ -48,7 +48,7 @@ from curate.stages.shard import ShardPlanError
 from curate.stages.verdict import with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
-from curate.wds.reader import check_tar, expand_tars
+from curate.wds.reader import check_tar
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -129,11 +129,14 @@ def _pair_hashes(table: pa.Table) -> pa.Table:
 
 
 def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
-    """WebDataset input: the driver reads the tars' headers, captions and json (the local engine's ingest, no image
-    bytes) into OUT/stages/ingest parts; Spark reads those rows. Their images are read from the tars at download."""
-    files = expand_tars(inputs)
+    """Stored images (tars, img2dataset's folders or parquet): the driver reads the tars' headers, captions and json
+    (the local engine's ingest, no image bytes) into OUT/stages/ingest parts; Spark reads those rows. Their images
+    are read where they lie at download."""
+    entries = plan.input_entries(run.config, inputs)
+    files = entries.files
     for path in files:  # a file that is no tar is refused before any work
-        check_tar(path)
+        if path.endswith(".tar"):
+            check_tar(path)
     folder, rows, part = run.path("stages", "ingest"), 0, 0
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
@@ -144,7 +147,10 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
             rows, part = rows + table.num_rows, part + 1
     if rows == 0:
         raise ValueError(f"the input tars hold no samples: {files}")
-    run.damaged_inputs = damage
+    run.damaged_inputs, run.ignored_inputs = damage, entries.ignored
+    # the local engine's ingest meta (Spark skips _-files when it reads the parts)
+    storage.write_json({"input_files": files, "input_rows": rows, "parts": part, "input_format": "webdataset",
+                        "damaged_inputs": damage, "ignored_inputs": entries.ignored}, f"{folder}/_SUCCESS")
     ingested = run.spark.read.option("mergeSchema", "true").parquet(run.path("stages", "ingest"))
     return ingested.withColumn(GLOBAL_ROW, ingested[ROW]), rows
 
@@ -206,6 +212,7 @@ class SparkRun:
         self.spark, self.config, self.out = spark, config, str(output).rstrip("/")
         self.timings: dict[str, float] = {}
         self.damaged_inputs: list[dict[str, Any]] = []
+        self.ignored_inputs: list[str] = []
 
     def path(self, *parts: str) -> str:
         return "/".join([self.out, *parts])
@@ -325,8 +332,8 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     # Checkpoints hold image bytes: the vectorized reader's default 4,096-row batch of 1024 px JPEGs is ~1 GB, past
     # local mode's default 1 GB heap (a 20k-row run with 1,000 live images failed so); 256 rows stay ~100 MB.
     spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "256")
+    stored = plan.stored_input(config, inputs)  # images already downloaded; a mixed input is refused before OUT exists
     resume = run.resumable(inputs)
-    stored = plan.stored_input(config, inputs)  # images already downloaded, in tars
     if stored:
         raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
         ingested = map_stage(raw, _pair_hashes)
