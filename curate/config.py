@@ -100,6 +100,7 @@ class Config:
                      "buckets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:  # None: auto (threads, processes)
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        _check_buckets(self.buckets)
         if self.min_size < 0:
             raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
         _check_range("threshold", self.threshold, -math.inf, math.inf)  # the predictor's output is not bounded
@@ -127,6 +128,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_BUCKET_BASE = 4096
+
+
+def _check_buckets(base: int) -> None:
+    """The bucket base must be a multiple of 64 (every side of SDXL's list is) in 64..4096, or the list collapses."""
+    if base % 64 or not 64 <= base <= MAX_BUCKET_BASE:
+        low, high = max(64, base // 64 * 64), min(MAX_BUCKET_BASE, (base // 64 + 1) * 64)
+        raise ValueError(f"--buckets must be a multiple of 64 between 64 and {MAX_BUCKET_BASE} (the sides of the "
+                         f"SDXL bucket list are multiples of 64: 1024 for SDXL, 512 for SD), got {base}; e.g. "
+                         f"{low if abs(base - low) <= abs(high - base) else high}")
 
 
 def _flag(name: str) -> str:
@@ -239,8 +252,8 @@ OPTION_HELP: dict[str, str] = {
                     "img2dataset), or auto (by the .tar suffix).",
     "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member.",
     "image_size": "Resize so the shorter side is this many pixels (never upscales).",
-    "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): 1024 for SDXL, "
-               "512 for the SD recipe.",
+    "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): a multiple of "
+               "64 in 64..4096; 1024 for SDXL (40 buckets), 512 for the SD recipe.",
     "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no; or bucket "
                    "(scale to cover the aspect bucket, centre crop, never upscale).",
     "threads": "Download threads per process (default: 32, fewer on machines with more than 8 cores, at least 8: "
