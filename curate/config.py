@@ -241,11 +241,13 @@ OPTION_HELP: dict[str, str] = {
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
     "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
     "min_caption_words": "Drop captions with fewer words than this, before download (0: off; DataComp keeps more "
-                         "than 2, the sdxl recipe uses 3).",
+                         "than 2, the sdxl recipe uses 3). Words are runs between spaces; in scripts written without "
+                         "spaces each Han ideograph or kana is a word and Thai, Lao, Khmer or Myanmar text a word "
+                         "per 4 characters.",
     "max_caption_tokens": "Drop captions longer than this many CLIP tokens, start and end included (off unless set; "
                           "SD/SDXL training truncates past 77).",
-    "junk_captions": "Drop junk alt-text before download: file names (IMG_1234.JPG, DSC0001), bare URLs, one word "
-                     "repeated.",
+    "junk_captions": "Drop junk alt-text before download: file names (IMG_1234.JPG, DSC0001), bare URLs, keyword "
+                     "stuffing (one word 3 times or more and at least half the words: 'dog dog dog v17').",
     "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
                  "empty.",
     "input_format": "Input kind: parquet (metadata to download), webdataset (tars already downloaded, e.g. by "
