@@ -257,7 +257,8 @@ OPTION_HELP: dict[str, str] = {
     "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): a multiple of "
                "64 in 64..4096; 1024 for SDXL (40 buckets), 512 for the SD recipe.",
     "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no; or bucket "
-                   "(scale to cover the aspect bucket, centre crop, never upscale).",
+                   "(scale to cover the aspect bucket, centre crop, never upscale). Each sample records its crop "
+                   "(crop_top/crop_left, SDXL's crop conditioning, in the scaled image's pixels; 0 when uncropped).",
     "threads": "Download threads per process (default: 32, fewer on machines with more than 8 cores, at least 8: "
                "about 256 fetches in flight in all).",
     "processes": "Download processes (default: the usable cores).",

@@ -39,7 +39,8 @@ def test_short_captions_need_min_words_and_zero_is_off():
 
 def test_scripts_without_spaces_count_words_as_tokenizers_split_them():
     """Chinese, Japanese and Thai captions were one word each (split on spaces), so the sdxl recipe dropped them."""
-    captions = {"一只黑猫": 4, "東京タワーの夜景": 8, "夕暮れの海": 5, "แมวนอนบนโซฟาสีแดง": 5,  # 18 Thai letters: 5 words
+    # 18 Thai letters: 5 words
+    captions = {"一只黑猫": 4, "東京タワーの夜景": 8, "夕暮れの海": 5, "แมวนอนบนโซฟาสีแดง": 5,
                 "a photo of 東京": 5, "한국 고양이 사진": 3, "photo\u3000de chat": 3, "a  black\tcat": 3}
     table = _table(list(captions))
     assert captions_module.word_counts(table["caption"]).to_pylist() == list(captions.values())
@@ -54,8 +55,8 @@ def test_junk_alt_text_kinds():
             "dog dog dog v17": "repeated_word", "shoes, shoes, shoes! cheap": "repeated_word",  # 3 of 4 words
             "猫猫猫猫": "repeated_word"}
     fine = ["Bora Bora", "bye bye", "the cat and the dog and the bird", "New York New York skyline",
-            "bye bye bye my love, forever and ever", "a photo.jpg of a cat on a mat", "Photo 2019", "IMG of a dog", "Visit example.com",
-            "dsc lens review", "a cat"]
+            "bye bye bye my love, forever and ever", "a photo.jpg of a cat on a mat", "Photo 2019", "IMG of a dog",
+            "Visit example.com", "dsc lens review", "a cat"]
     kinds = junk_kinds(pa.array(list(junk) + fine + [None]))
     assert kinds == [*junk.values(), *[None] * len(fine), None]
     out = flag_junk_captions(_table(["IMG_1234.JPG", "a cat"]))
