@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from curate.schema import (
     CAPTION,
+    CAPTION_REPAIR,
     DROP_DETAIL,
     DROP_REASON,
     DROP_STAGE,
@@ -34,7 +35,7 @@ from curate.schema import (
     URL,
     VERDICT_COLUMNS,
 )
-from curate.stages.ingest import normalize
+from curate.stages.ingest import decode_text, normalize
 from curate.storage import checkpoint as io
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,13 @@ def _samples(tar: tarfile.TarFile, path: str, size: int, damage: list[dict[str, 
 
 
 def _text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    return _decoded(tar, member)[0]
+
+
+def _decoded(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str, str | None]:
+    """A member's text by ingest's decode_text (UTF-8, else Windows-1252) and how it was decoded (CAPTION_REPAIR)."""
     handle = tar.extractfile(member)
-    return handle.read().decode("utf-8", "replace") if handle is not None else ""
+    return decode_text(handle.read()) if handle is not None else ("", None)
 
 
 def _json_fields(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> tuple[dict[str, Any], str | None]:
@@ -145,7 +151,7 @@ def sample_row(tar: tarfile.TarFile, path: str, sample: _Sample, caption_field: 
     row: dict[str, Any] = {**{k: v for k, v in fields.items() if k not in (CAPTION, "caption")},
                            URL: fields.get(URL), "source_sample": sample.key}
     if "txt" in sample.members:
-        row[CAPTION] = _text(tar, sample.members["txt"])
+        row[CAPTION], row[CAPTION_REPAIR] = _decoded(tar, sample.members["txt"])
     else:
         row[CAPTION] = fields.get(caption_field or CAPTION)
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
@@ -212,7 +218,7 @@ def read_tar_rows(path: str, batch_rows: int, caption_field: str | None,
 
 def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
     """Rows to a table of the input's own columns (normalized later, as parquet input) plus curate's own."""
-    own = (*LOCATION_COLUMNS, *VERDICT_COLUMNS)
+    own = (*LOCATION_COLUMNS, *VERDICT_COLUMNS, CAPTION_REPAIR)
     for row in rows:
         if row.get("hash") is None:
             row["hash"] = row_hash(row, tar_path)
@@ -240,7 +246,12 @@ def normalize_rows(table: pa.Table, first_row: int) -> pa.Table:
     own = [name for name in table.column_names if name.startswith(OWN_PREFIX)]
     normalized = normalize(table.drop_columns(own), first_row)
     for name in own:
-        normalized = normalized.append_column(name[len(OWN_PREFIX):], table[name])
+        column = name[len(OWN_PREFIX):]
+        if column in normalized.column_names:  # caption_repair: the .txt member's decode, else ingest's
+            normalized = normalized.set_column(normalized.column_names.index(column), column,
+                                               pc.coalesce(table[name], normalized[column]))
+        else:
+            normalized = normalized.append_column(column, table[name])
     return normalized
 
 
