@@ -236,7 +236,8 @@ OPTION_HELP: dict[str, str] = {
                       "the ViT-B/32 ones of LAION's 0.28 rule).",
     "scores": "Where scores come from: model (computed on the pixels), metadata (LAION's columns, also applied "
               "before download), auto (metadata when every row has it and --min-clip-score is off).",
-    "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic.",
+    "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic (semantic needs the CLIP embeddings "
+             "of --scores model: with metadata scores it is skipped, and the summary says so).",
     "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
     "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
