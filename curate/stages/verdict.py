@@ -101,13 +101,15 @@ def as_stored(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def above(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
-    """values > limit, each value as its column stored it (as_stored): float32(0.8) is not above 0.8."""
-    return pc.greater(as_stored(values), limit)
+    """values > limit both as they are and as their column stored them (as_stored): float32(0.8) is not above 0.8,
+    and a value equal to the limit never is."""
+    return pc.and_(pc.greater(_as_float64(values), limit), pc.greater(as_stored(values), limit))
 
 
 def below(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
-    """values < limit, each value as its column stored it (as_stored): float32(5.1) is not below 5.1."""
-    return pc.less(as_stored(values), limit)
+    """values < limit both as they are and as their column stored them (as_stored): float32(5.1) is not below 5.1,
+    and a value equal to the limit never is."""
+    return pc.and_(pc.less(_as_float64(values), limit), pc.less(as_stored(values), limit))
 
 
 def stored_text(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:

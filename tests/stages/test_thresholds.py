@@ -73,3 +73,14 @@ def test_a_value_one_float32_ulp_above_the_watermark_limit_is_dropped_with_its_s
     assert judged["drop_reason"].to_pylist() == ["metadata_watermark"]
     detail = judged["drop_detail"].to_pylist()[0]
     assert len(detail) <= 10 and np.float32(detail) == np.float32(above)  # the float32 text, not 0.800000071525574
+
+
+def test_a_float32_score_equal_to_the_limit_is_never_on_the_dropped_side() -> None:
+    """A cut at a float32 score itself (a median): its shortest text -0.048046656 is below the float64 value, yet
+    the score is the limit."""
+    from curate.stages.verdict import above, below
+
+    value = float(np.float32(-0.048046656))
+    scores = pa.array([value, float(np.nextafter(np.float32(value), np.float32(-1)))], pa.float32())
+    assert below(scores, value).to_pylist() == [False, True]
+    assert above(pa.array([0.5], pa.float32()), 0.5).to_pylist() == [False]
