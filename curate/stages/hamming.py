@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-GROUP_CAP = 128  # hashes a group may hold before it is split: a leaf costs cap / 2 popcounts a hash, a split k + 1 rows
+GROUP_CAP = 32  # hashes a group may hold before it is split: a leaf costs cap / 2 popcounts a hash, a split k + 1 rows
 MAX_DEPTH = 6  # levels of splitting at most; 64 bits x (k / (k + 1))^6 remain, enough to tell hashes apart
 SHRINK = 2  # a group is split again only if it is at most half its parent: a split that does not shrink costs k + 1
 ALL_BITS = (1 << 64) - 1
