@@ -137,7 +137,8 @@ def duplicate_verdicts(signatures: Iterable[pa.Table], kinds: list[str], max_dis
     - exact: rows by their sha256; each partition's sha256 groups are whole, its survivors go on to pHash;
     - pHash: rows by their hash; every distinct hash's band values by (band, value), where each partition yields
       its near pairs (oversized groups split inside, curate.stages.hamming); the union-find over those pairs of
-      hash values (dedup.hash_components) names each hash's component; rows again by their component, each partition judged with the survivor rule.
+      hash values (dedup.hash_components) names each hash's component; rows again by their component, each
+      partition judged with the survivor rule.
     Returns the flagged rows' verdicts (row, drop_stage, drop_reason, drop_detail)."""
     verdicts = [verdict_schema().empty_table()]
     remaining: Iterable[pa.Table] = signatures
