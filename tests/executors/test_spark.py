@@ -299,3 +299,25 @@ def test_spark_submit_job_survives_a_failed_shard_writer(served: dict[str, Any])
     assert result.returncode == 0, result.stderr[-4000:]
     assert (markers / "failed-once").exists()
     assert_same_dataset(served["local"], out)
+
+
+def test_spark_components_are_the_local_union_find(spark: Any, tmp_path: Path) -> None:
+    """Min-label rounds over DataFrames label each hash with its component's smallest hash, as the local union-find
+    (dedup.hash_components) does: long chains, stars and pairs, nothing collected but the count of changes."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.executors.spark.components import connected_components
+    from curate.stages import dedup
+
+    rng = np.random.default_rng(2)
+    chain = np.arange(0, 300, dtype=np.int64)  # a path of 300 nodes, in shuffled order
+    left = np.concatenate([chain[:-1], np.full(40, 1000), rng.integers(2000, 2400, size=200)])
+    right = np.concatenate([chain[1:], np.arange(1001, 1041), rng.integers(2000, 2400, size=200)])
+    shuffled = rng.permutation(len(left))
+    edges = spark.createDataFrame(pa.table({"left": left[shuffled], "right": right[shuffled]}))
+    found = connected_components(spark, edges, str(tmp_path / "cc")).toArrow().sort_by("node")
+    named, components = dedup.hash_components(left, right)
+    assert found["node"].to_numpy().tolist() == named.tolist()
+    assert found["component"].to_numpy().tolist() == components.tolist()
+    assert len(set(components.tolist())) > 3

@@ -288,7 +288,8 @@ def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str,
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
     if "phash" in kinds:
-        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance))
+        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance,
+                                                              run.path("stages", "phash-components")))
     judged = run.checkpoint("dedup", judged)
     semantic = "semantic" in kinds and EMBEDDING in judged.columns
     if semantic:
