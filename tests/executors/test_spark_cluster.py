@@ -26,7 +26,8 @@ JOB_OPTIONS = {**OPTIONS, "world_size": 2, "batch_size_rows": 16}
 
 
 def build_wheel(folder: Path) -> Path:
-    """curate as a wheel, built from a copy of the checkout (what a user ships with --py-files)."""
+    """curate as a wheel, built from a copy of the checkout, under a .zip name: what a user ships with --py-files
+    (pyspark puts only .zip, .egg and .jar py-files on the executors' sys.path; a wheel is a zip)."""
     tree = folder / "tree"
     shutil.copytree(ROOT / "curate", tree / "curate", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -34,7 +35,7 @@ def build_wheel(folder: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                     "-w", str(folder / "dist"), str(tree)], check=True, capture_output=True, timeout=300)
     (wheel,) = (folder / "dist").glob("curate-*.whl")
-    return wheel
+    return Path(shutil.copy(wheel, folder / "dist" / "curate.zip"))
 
 
 def job_arguments(options: dict[str, Any]) -> list[str]:
@@ -70,7 +71,7 @@ def test_the_job_on_a_standalone_cluster_writes_curate_runs_bytes_through_a_lost
     wheel = build_wheel(tmp_path)
     routes, rows = sample_rows(48, seed=9)
     for name, response in routes.items():  # slow enough that the download is still running when a worker dies
-        routes[name] = Response(response.body, response.status, response.headers, delay=0.15)
+        routes[name] = Response(response.body, response.status, response.headers, delay=0.5)
     with ImageServer(routes) as server:
         served = [dict(r, URL=server.url(r["URL"]) if r["URL"].startswith("/") else r["URL"]) for r in rows]
         (tmp_path / "in").mkdir()
@@ -80,15 +81,14 @@ def test_the_job_on_a_standalone_cluster_writes_curate_runs_bytes_through_a_lost
         run_local(inputs, tmp_path / "local", Config(**JOB_OPTIONS).validate())
         out, log = tmp_path / "cluster-out", tmp_path / "driver.log"
         job = submit(cluster, wheel, inputs, out, log)
-        deadline = time.monotonic() + 240
-        while "Running task" not in "".join(p.read_text(errors="replace") for w in cluster.work_dirs
-                                           for p in w.glob("app-*/*/stderr")):  # the executors have begun work
+        deadline, fetched = time.monotonic() + 300, len(server.requests)
+        while len(server.requests) < fetched + 2:  # the executors are downloading
             assert job.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
+            time.sleep(0.1)
         killed = cluster.kill_worker(0)
         assert job.poll() is None, "the job ended before the worker was killed"
-        code = job.wait(timeout=400)
+        code = job.wait(timeout=450)
     driver = log.read_text(errors="replace")
     assert code == 0, driver[-6000:]
     assert len(killed) >= 2 and "Lost executor" in driver  # the worker and its executor; Spark saw it go

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 PART = "_curate_part"
-WRITTEN_DDL = "part long, live long, dropped long"
+WRITTEN_DDL = "part long, target string, rows long"
 
 
 def file_starts(file_rows: list[int], batch_rows: int) -> np.ndarray:
@@ -81,8 +81,8 @@ class _PartFiles:
                 self.stacks[key].close()
         if error is None and LIVE in self.targets and LIVE not in self.writers:
             storage.write_table(self.schema.empty_table(), self.path(LIVE))
-        return pa.RecordBatch.from_pylist([{"part": self.number, "live": self.counts[LIVE],
-                                            "dropped": sum(self.counts.values()) - self.counts[LIVE]}])
+        return pa.RecordBatch.from_pylist([{"part": self.number, "target": key, "rows": self.counts[key]}
+                                           for key in self.order])
 
 
 def _writer(targets: dict[str, str], schema: pa.Schema) -> Any:
@@ -141,7 +141,8 @@ class LocalLayout:
               also: tuple[str, ...] = ()) -> dict[str, int]:
         """df (every row of the run, with its verdicts) as stage's checkpoint: its live rows and, for a dropping
         stage, the rows it dropped; with `also`, the dropped rows of those stages too (prefilter's, which Spark judges
-        inside its download job). Rows other stages dropped are in their files already. Returns the row counts."""
+        inside its download job). Rows other stages dropped are in their files already. Returns the rows written per
+        target: "" (live) and each stage whose dropped rows were written."""
         from pyspark.sql import functions as F
 
         folder = self.folder(stage)
@@ -172,7 +173,10 @@ class LocalLayout:
                 storage.write_table(schema.empty_table(), f"{folder}/part-{index:06d}.parquet")
         if meta is not None:  # else the caller marks it done later
             storage.write_json(meta, f"{folder}/_SUCCESS")
-        return {"live": sum(r["live"] for r in written), "dropped": sum(r["dropped"] for r in written)}
+        counts = dict.fromkeys(targets, 0)
+        for row in written:
+            counts[row["target"]] += row["rows"]
+        return counts
 
     def read(self, stage: str) -> DataFrame:
         """Every row of the run as of `stage`: its files, then the dropped rows of the stages before it."""

@@ -253,10 +253,14 @@ class SparkRun:
         df.write.mode("overwrite").parquet(self.path("stages", stage))
         return self.spark.read.parquet(self.path("stages", stage))
 
-    def stage(self, stage: str, df: DataFrame, meta: dict[str, Any] | None, also: tuple[str, ...] = ()) -> DataFrame:
-        """Write a stage in the local engine's checkpoint layout (meta: its _SUCCESS facts) and read it back."""
+    def stage(self, stage: str, df: DataFrame, meta: dict[str, Any] | None, also: tuple[str, ...] = (),
+              counts: dict[str, int] | None = None) -> DataFrame:
+        """Write a stage in the local engine's checkpoint layout (meta: its _SUCCESS facts) and read it back; the
+        rows written per target go to counts."""
         assert self.layout is not None
-        self.layout.write(stage, df, meta, also)
+        written = self.layout.write(stage, df, meta, also)
+        if counts is not None:
+            counts.update(written)
         return self.layout.read(stage)
 
     def timed(self, stage: str, body: Callable[[], Any]) -> Any:
@@ -316,9 +320,10 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
     fetched = map_stage(spread, plan.bound("download", c, facts))
-    downloaded = run.stage("download", fetched, None, also=("prefilter",))  # prefilter's dropped rows too
+    counts: dict[str, int] = {}
+    downloaded = run.stage("download", fetched, None, ("prefilter",), counts)  # prefilter's dropped rows too
     parts = len(run.layout.starts) if run.layout is not None else 0
-    live = downloaded.filter(F.col(DROP_STAGE).isNull() | (F.col(DROP_STAGE) != prefilter.STAGE)).count()
+    live = sum(counts.values()) - counts[prefilter.STAGE]  # alive after prefilter: download's live and dropped rows
     storage.write_json({"parts": parts, "live_rows": live, "judged_by": plan.prefilter_arguments(c, facts)},
                        run.path("stages", "prefilter", "_SUCCESS"))
     storage.write_json({"parts": parts}, run.path("stages", "download", "_SUCCESS"))  # last: marks the resume point
