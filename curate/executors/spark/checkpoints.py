@@ -85,9 +85,17 @@ class _PartFiles:
                                            for key in self.order])
 
 
+def routes_for(targets: dict[str, str]) -> dict[str, list[str]]:
+    """Per dropped-rows target, the drop_stage values it holds: its stage, and for the first dropping stage the rows a
+    stage before it marked without dropping them (WebDataset ingest's damaged members), as the local engine does."""
+    first = DROPPING_STAGES[0]
+    before = [s for s in STAGE_NAMES[:STAGE_NAMES.index(first)] if s not in DROPPING_STAGES]
+    return {key: [key, *(before if key == first else [])] for key in targets if key != LIVE}
+
+
 def _writer(targets: dict[str, str], schema: pa.Schema) -> Any:
     """mapInArrow body over rows sorted by (part, row): per part, one file per target (by drop_stage)."""
-    dropped = pa.array([key for key in targets if key != LIVE], pa.string())
+    routes = {key: pa.array(values, pa.string()) for key, values in routes_for(targets).items()}
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         files: _PartFiles | None = None
@@ -95,11 +103,11 @@ def _writer(targets: dict[str, str], schema: pa.Schema) -> Any:
             for batch in batches:
                 table = pa.Table.from_batches([batch])
                 parts = table[PART].to_numpy()
+                stages = pa.array([LIVE] * table.num_rows, pa.string())  # select's and shard's verdicts stay in part-i
                 if DROP_STAGE in table.column_names:
-                    split = pc.fill_null(pc.is_in(table[DROP_STAGE], value_set=dropped), False)
-                    stages = pc.if_else(split, table[DROP_STAGE], LIVE)  # select's and shard's verdicts stay in part-i
-                else:
-                    stages = pa.array([LIVE] * table.num_rows, pa.string())
+                    for key, values in routes.items():
+                        hit = pc.fill_null(pc.is_in(table[DROP_STAGE], value_set=values), False)
+                        stages = pc.if_else(hit, pa.scalar(key, pa.string()), stages)
                 for number in np.unique(parts).tolist():  # sorted: a part ends where the next begins
                     if files is None or files.number != number:
                         if files is not None:
@@ -153,13 +161,14 @@ class LocalLayout:
         for name in {*also, stage}:
             storage.remove(self.folder(name))
             storage.makedirs(self.folder(name))
-        kept = [name for name in targets if name != LIVE]
+        kept = [value for values in routes_for(targets).values() for value in values]
         if DROP_STAGE not in df.columns:  # ingest: no verdicts yet
             reaching = df
         elif kept:
             reaching = df.filter(F.col(DROP_STAGE).isNull() | F.col(DROP_STAGE).isin(kept))
         else:
-            reaching = df.filter(F.col(DROP_STAGE).isNull() | ~F.col(DROP_STAGE).isin(DROPPING_STAGES))
+            gone = [value for values in routes_for(dict.fromkeys(DROPPING_STAGES, "")).values() for value in values]
+            reaching = df.filter(F.col(DROP_STAGE).isNull() | ~F.col(DROP_STAGE).isin(gone))
         schema = arrow_schema(reaching)
         tagged = reaching.mapInArrow(_parts_of(self.starts), spark_schema(schema.append(pa.field(PART, pa.int64()))))
         tasks = max(1, min(len(self.starts), self.spark.sparkContext.defaultParallelism * 4))
