@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard bench-books bench-global lint clean
+.PHONY: install test test-cluster demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard bench-books bench-global lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The Spark standalone cluster alone (also part of `make test`): a Master and two Workers on 127.0.0.1, one killed.
+test-cluster: install
+	$(PY) -m pytest -q tests/executors/test_spark_cluster.py
 
 demo: install
 	$(VENV)/bin/curate demo --output demo-out

@@ -32,6 +32,9 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     """Ledger, samples and stats, then OUT/report.html from them."""
     from curate.report.build import build_report
 
+    for name in ("ledger.parquet", "samples.parquet"):  # a Spark run's are folders of parts; this engine's one file
+        if (run.out / name).is_dir():
+            storage.remove(run.out / name)
     stats = finish(run, started)
     accounting.check_kept(stats, build_report(run.out))
     return stats

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,6 +21,7 @@ from curate.config import Config
 from curate.executors.spark import dedup as spark_dedup
 from curate.executors.spark import shard as spark_shard
 from curate.executors.spark.books import write_books, write_ledger
+from curate.executors.spark.checkpoints import LocalLayout, file_starts
 from curate.executors.spark.frames import (
     FILE,
     ROW_IN_FILE,
@@ -88,9 +90,11 @@ def file_order(found: list[str], listed: list[str]) -> list[str]:
     return sorted(found, key=lambda p: (rank.get(_path_id(p), len(rank)), p))
 
 
-def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
-    """The input rows with their global row number (files in order, then row in file), and the row count. Each file
-    is read with its own schema (releases spell and type columns differently), then unified by name."""
+def read_input(spark: SparkSession, inputs: list[str],
+               file_rows: list[int] | None = None) -> tuple[DataFrame, int]:
+    """The input rows with their global row number (files in order, then row in file), and the row count (each
+    file's, in order, appended to file_rows). Each file is read with its own schema (releases spell and type columns
+    differently), then unified by name."""
     from pyspark.sql import functions as F
 
     files = input_files(inputs)
@@ -109,6 +113,8 @@ def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
     for path in file_order(list(counts), files or []):
         offsets.append((path, total))
         total += counts[path]
+        if file_rows is not None:
+            file_rows.append(counts[path])
     table = spark.createDataFrame(offsets, f"{FILE} string, _offset long")
     rows = tagged.join(F.broadcast(table), FILE).withColumn(GLOBAL_ROW, F.col("_offset") + F.col(ROW_IN_FILE))
     return rows.drop(FILE, ROW_IN_FILE, "_offset"), total
@@ -137,17 +143,19 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     for path in files:  # a file that is no tar is refused before any work
         if path.endswith(".tar"):
             check_tar(path)
-    folder, rows, part = run.path("stages", "ingest"), 0, 0
+    folder, rows, part, starts = run.path("stages", "ingest"), 0, 0, []
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
     read = plan.bound("ingest", run.config, RunFacts(stored=True))
     for path in files:
         for table in read(path, rows, damage):
             storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
+            starts.append(rows)
             rows, part = rows + table.num_rows, part + 1
     if rows == 0:
         raise ValueError(f"the input tars hold no samples: {files}")
     run.damaged_inputs, run.ignored_inputs = damage, entries.ignored
+    run.layout = LocalLayout(run.spark, run.out, np.array(starts, dtype=np.int64))
     # the local engine's ingest meta (Spark skips _-files when it reads the parts)
     storage.write_json({"input_files": files, "input_rows": rows, "parts": part, "input_format": "webdataset",
                         "damaged_inputs": damage, "ignored_inputs": entries.ignored}, f"{folder}/_SUCCESS")
@@ -180,25 +188,52 @@ def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
     return run
 
 
-def worker_scorer(config: Config) -> Any:
-    """The scorer of this Python worker (load_scorer caches it per process), on the GPU Spark gave this task."""
-    from pyspark import TaskContext
+def task_device(device: str, addresses: list[str], cuda_devices: int) -> str:
+    """The device a score task runs on: cuda:N for the GPU Spark gave it (TaskContext.resources()), else the
+    configured one. A GPU this process cannot use (torch without CUDA, an address past the visible devices) falls
+    back to the configured device, with a warning, rather than failing every task."""
+    if not addresses:
+        return device
+    index = addresses[0]
+    if index.isdigit() and int(index) < cuda_devices:
+        return f"cuda:{index}"
+    log.warning("Spark gave this task GPU %s but this process sees %d CUDA devices; scoring on %s", index,
+                cuda_devices, device)
+    return device
 
-    from curate.stages.score import load_scorer
+
+def assigned_device(config: Config) -> str:
+    """task_device for the running task."""
+    from pyspark import TaskContext
 
     context = TaskContext.get()
     resources = context.resources() if context is not None else {}
-    if "gpu" in resources and resources["gpu"].addresses:
-        config = replace(config, device=f"cuda:{resources['gpu'].addresses[0]}")
-    return load_scorer(config)
+    addresses = list(resources["gpu"].addresses) if "gpu" in resources else []
+    if not addresses:
+        return config.device
+    import torch
+
+    return task_device(config.device, addresses, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def worker_scorer(config: Config) -> Any:
+    """The scorer of this Python worker (load_scorer caches it per process), on the GPU Spark gave this task."""
+    from curate.stages.score import load_scorer
+
+    return load_scorer(replace(config, device=assigned_device(config)))
+
+
+def wants_score_profile(setting: Callable[[str], str | None], scores: str) -> bool:
+    """With GPU executors (spark.executor.resource.gpu.amount) but no cluster-wide spark.task.resource.gpu.amount,
+    the score step alone asks for one GPU per task (stage-level scheduling)."""
+    return scores == "model" and not setting("spark.task.resource.gpu.amount") and bool(
+        setting("spark.executor.resource.gpu.amount"))
 
 
 def score_profile(spark: SparkSession, scores: str) -> Any:
-    """With GPU executors but no cluster-wide spark.task.resource.gpu.amount, one GPU for each score task only
-    (stage-level scheduling), so download and shard tasks never hold a GPU."""
-    conf = spark.sparkContext.getConf()
-    if scores != "model" or conf.get("spark.task.resource.gpu.amount") or not conf.get(
-            "spark.executor.resource.gpu.amount"):
+    """wants_score_profile's resource profile (1 CPU + 1 GPU per score task), or None: download and shard tasks
+    never hold a GPU."""
+    if not wants_score_profile(spark.sparkContext.getConf().get, scores):
         return None
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 
@@ -213,13 +248,25 @@ class SparkRun:
         self.timings: dict[str, float] = {}
         self.damaged_inputs: list[dict[str, Any]] = []
         self.ignored_inputs: list[str] = []
+        self.layout: LocalLayout | None = None  # set at ingest, when the parts' row ranges are known
 
     def path(self, *parts: str) -> str:
         return "/".join([self.out, *parts])
 
     def checkpoint(self, stage: str, df: DataFrame) -> DataFrame:
+        """A Spark-internal checkpoint (not a stage the local engine reads)."""
         df.write.mode("overwrite").parquet(self.path("stages", stage))
         return self.spark.read.parquet(self.path("stages", stage))
+
+    def stage(self, stage: str, df: DataFrame, meta: dict[str, Any] | None, also: tuple[str, ...] = (),
+              counts: dict[str, int] | None = None) -> DataFrame:
+        """Write a stage in the local engine's checkpoint layout (meta: its _SUCCESS facts) and read it back; the
+        rows written per target go to counts."""
+        assert self.layout is not None
+        written = self.layout.write(stage, df, meta, also)
+        if counts is not None:
+            counts.update(written)
+        return self.layout.read(stage)
 
     def timed(self, stage: str, body: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -238,6 +285,7 @@ class SparkRun:
             same = earlier["inputs"] == inputs and all(
                 current["config"].get(k) == v for k, v in earlier["config"].items() if k not in AFTER_DOWNLOAD_OPTIONS)
         storage.write_json(current, marker)
+        storage.write_json(current, self.path("stages", "run.json"))  # the local engine's run record (`curate select`…)
         return same
 
     def resolve_scores(self, ingested: DataFrame) -> str:
@@ -277,7 +325,14 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
     fetched = map_stage(spread, plan.bound("download", c, facts))
-    return run.checkpoint("download", fetched)
+    counts: dict[str, int] = {}
+    downloaded = run.stage("download", fetched, None, ("prefilter",), counts)  # prefilter's dropped rows too
+    parts = len(run.layout.starts) if run.layout is not None else 0
+    live = sum(counts.values()) - counts[prefilter.STAGE]  # alive after prefilter: download's live and dropped rows
+    storage.write_json({"parts": parts, "live_rows": live, "judged_by": plan.prefilter_arguments(c, facts)},
+                       run.path("stages", "prefilter", "_SUCCESS"))
+    storage.write_json({"parts": parts}, run.path("stages", "download", "_SUCCESS"))  # last: marks the resume point
+    return downloaded
 
 
 def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
@@ -290,14 +345,16 @@ def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str,
     if "phash" in kinds:
         judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance,
                                                               run.path("stages", "phash-components")))
-    judged = run.checkpoint("dedup", judged)
     semantic = "semantic" in kinds and EMBEDDING in judged.columns
-    if semantic:
+    if semantic:  # semantic dedup reads the exact and pHash verdicts several times: from a checkpoint
+        judged = run.checkpoint("dedup-exact-phash", judged)
         flags = spark_dedup.semantic_flags(run.spark, judged, c.semdedup_threshold, c.semdedup_clusters, c.seed,
                                            run.path("stages", "semantic-sample"))
         judged = apply_flags(judged, flags)
     meta = {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
-    return judged.drop(PASSES_THRESHOLDS), meta
+    # No later stage reads the embeddings (as in the local engine, they stay in score's checkpoint)
+    judged = run.stage("dedup", judged.drop(PASSES_THRESHOLDS, EMBEDDING), meta)
+    return judged, meta
 
 
 def not_reconsidered(downloaded: DataFrame, config: Config) -> dict[str, int]:
@@ -339,13 +396,21 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
         ingested = map_stage(raw, _pair_hashes)
     else:
-        raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs))
+        file_rows: list[int] = []
+        raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs, file_rows))
         ingested = map_stage(raw, _ingest)
+        run.layout = LocalLayout(spark, run.out, file_starts(file_rows, config.batch_size_rows))
+        if not (resume and storage.exists(run.path("stages", "ingest", "_SUCCESS"))):  # the local engine's ingest
+            read_seconds, started_layout = run.timings["ingest"], time.perf_counter()
+            run.layout.write("ingest", ingested.drop(PAIR), {
+                "input_files": input_files(inputs) or inputs, "input_rows": input_rows,
+                "parts": len(run.layout.starts), "input_format": "parquet", "damaged_inputs": []})
+            run.timings["ingest"] = read_seconds + time.perf_counter() - started_layout
     scores = run.resolve_scores(ingested)
     prefiltered_by = run.path("stages", "prefilter-judged-by.json")  # the thresholds of the run that downloaded
     if resume:
         log.info("download: done in an earlier run, resuming after it")
-        downloaded = spark.read.parquet(run.path("stages", "download"))
+        downloaded = run.layout.read("download")  # type: ignore[union-attr]
     else:  # the thresholds first: a download killed after its checkpoint is whole still finds them on resume
         storage.write_json(plan.prefilter_arguments(config, RunFacts(scores, stored)), prefiltered_by)
         downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
@@ -359,11 +424,13 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         scored_schema = (scored_schema.set(names.index(PUNSAFE), unsafe) if PUNSAFE in names
                          else scored_schema.append(unsafe))
     profile = score_profile(spark, scores)
-    scored = run.timed("score", lambda: run.checkpoint(
-        "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
+    scored = run.timed("score", lambda: run.stage(
+        "score", map_stage(downloaded, _score(config, scores), scored_schema, profile), {"scores": scores}))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
     selected = map_stage(judged, plan.bound("select", config, RunFacts(scores)), arrow_schema(judged))
-    selected = run.timed("select", lambda: run.checkpoint("select", selected))
+    judged_by_select = plan.select_arguments(config)
+    select_meta = {**judged_by_select, "judged_by": judged_by_select, "not_reconsidered": lost}
+    selected = run.timed("select", lambda: run.stage("select", selected, select_meta))
 
     def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
         try:
@@ -372,13 +439,16 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         except ShardPlanError as error:  # still show why rows went: the ledger of everything dropped so far
             write_ledger(run, selected)
             raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
-        placed = run.checkpoint("shard", placed)
+        placed = run.stage("shard", placed, None)
         storage.remove(run.path("shards"))
         if not shard_plan.num_shards:  # nothing kept: no tar, and books that say why
             return placed, shard_plan, []
         return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
 
     placed, shard_plan, entries = run.timed("shard", shard)
+    storage.write_json({"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
+                        "remainder": shard_plan.remainder, "seconds": run.timings["shard"]},
+                       run.path("stages", "shard", "_SUCCESS"))
     judged_by = {"prefilter": storage.read_json(prefiltered_by) if storage.exists(prefiltered_by) else None,
                  "select": plan.select_arguments(config)}
     facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started,
