@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import tarfile
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -72,19 +71,6 @@ def test_image_column_is_stored_plain_in_small_row_groups(tmp_path) -> None:
     columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(3)}
     assert columns[JPG].compression == "UNCOMPRESSED" and columns[JPG].statistics is None
     assert columns["caption"].compression == "SNAPPY" and columns["row"].statistics is not None
-
-
-def test_image_views_span_chunks_without_copying_them() -> None:
-    from curate.wds.writer import _binary_views
-
-    values = [b"a", None, b"", b"xyz", b"1234", None, b"q"]
-    column = pa.chunked_array([pa.array(values[:3], pa.binary()), pa.array(values[3:], pa.binary()).slice(1),
-                               pa.array([], pa.binary())])
-    expected = values[:3] + values[4:]
-    rows = np.arange(len(expected))[::-1]
-    views = _binary_views(column, rows)
-    assert [None if v is None else bytes(v) for v in views] == [expected[r] for r in rows]
-    assert all(v is None or isinstance(v.obj, pa.Buffer) for v in views)  # views of the chunks' buffers, not copies
 
 
 def test_a_crop_another_tool_made_without_recording_it_is_unknown(tmp_path) -> None:
