@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,19 @@ def make_jpeg(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def tar_samples(paths: list[Path]) -> dict[str, dict[str, bytes]]:
+    """Every sample of the tars: key -> extension -> bytes."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, _, extension = member.name.partition(".")
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    samples.setdefault(key, {})[extension] = handle.read()
+    return samples
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from curate.pipeline.run import run_local
 from curate.testing.server import ImageServer, Response
-from tests.conftest import make_jpeg
+from tests.conftest import make_jpeg, tar_samples
 
 ROWS, PER_SHARD = 64, 16
 EMPTY_SHARD = 1  # every URL of this shard fails: img2dataset writes a tar with no member
@@ -99,18 +99,6 @@ def caption_field_tar(path: Path) -> Path:
 
 def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
     return tar_samples(sorted((out / "shards").glob("*.tar")))
-
-
-def tar_samples(paths: list[Path]) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, _, extension = member.name.partition(".")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    samples.setdefault(key, {})[extension] = handle.read()
-    return samples
 
 
 def downloaded_images(outputs: dict[str, Path]) -> dict[int, bytes]:

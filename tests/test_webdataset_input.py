@@ -18,7 +18,7 @@ from PIL import Image
 
 from curate.pipeline.run import run_local
 from curate.testing.server import ImageServer, Response
-from tests.conftest import make_jpeg
+from tests.conftest import make_jpeg, tar_samples
 
 ROWS = 40
 RUN = {"scores": "metadata", "world_size": 2, "workers_per_rank": 1, "min_size": 200, "image_size": 512,
@@ -60,17 +60,6 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"folder": folder, "tars": out, "rows": rows}
 
 
-def _samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar.getmembers():
-            key, _, extension = member.name.partition(".")
-            handle = tar.extractfile(member)
-            if handle is not None:
-                samples.setdefault(key, {})[extension] = handle.read()
-    return samples
-
-
 def test_img2dataset_output_is_curated_with_its_failures_in_the_books(downloaded, tmp_path, config_factory):
     tars = sorted(downloaded["tars"].glob("*.tar"))
     assert len(tars) >= 2
@@ -83,12 +72,12 @@ def test_img2dataset_output_is_curated_with_its_failures_in_the_books(downloaded
     assert all("404" in r["detail"] or "Not Found" in r["detail"] for r in ledger if r["stage"] == "ingest")
     inputs = {}
     for tar in tars:
-        for sample in _samples(tar).values():
+        for sample in tar_samples([tar]).values():
             meta = json.loads(sample["json"])
             inputs[meta["url"]] = (sample, meta)
-    kept = _samples(next((out / "shards").glob("*.tar")))
+    kept = tar_samples([next((out / "shards").glob("*.tar"))])
     for path in (out / "shards").glob("*.tar"):
-        kept.update(_samples(path))
+        kept.update(tar_samples([path]))
     assert len(kept) == stats["kept"] > 0
     for sample in kept.values():
         document = json.loads(sample["json"])
@@ -160,5 +149,5 @@ def test_a_latin_1_caption_in_a_tar_is_decoded_and_marked_and_binary_is_ledgered
         "café crème au lait": "cp1252", "東京タワーの夜景": None}
     (ledger,) = pq.read_table(out / "ledger.parquet").to_pylist()
     assert ledger["reason"] == "undecodable_caption" and ledger["detail"].startswith("not text: \\xff\\xd8")
-    texts = {s["txt"] for tar in out.glob("shards/*.tar") for s in _samples(tar).values()}
+    texts = {s["txt"] for tar in out.glob("shards/*.tar") for s in tar_samples([tar]).values()}
     assert "café crème au lait".encode() in texts  # stored as UTF-8
