@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.pipeline.plan import STAGE_NAMES
+from curate.pipeline.steps import STAGE_NAMES
 from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
 
 

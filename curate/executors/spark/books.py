@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from curate.executors.spark.frames import arrow_schema, map_stage
 from curate.pipeline import accounting
-from curate.pipeline.plan import STAGE_NAMES
+from curate.pipeline.steps import STAGE_NAMES
 from curate.schema import POSITION, ROW, SHARD, table_schema
 from curate.storage import files as storage
 from curate.wds.index import index_document, sizes_document

@@ -29,8 +29,9 @@ from curate.executors.spark.frames import (
     output_schema,
     read_parquet_files,
 )
-from curate.pipeline import accounting, plan
-from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS, RunFacts
+from curate.pipeline import accounting, plan, steps
+from curate.pipeline.plan import RunFacts
+from curate.pipeline.steps import AFTER_DOWNLOAD_OPTIONS
 from curate.schema import (
     AESTHETIC,
     CLIP_SCORE,
@@ -140,7 +141,7 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     folder, rows, part = run.path("stages", "ingest"), 0, 0
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
-    read = plan.bound("ingest", run.config, RunFacts(stored=True))
+    read = steps.bound("ingest", run.config, RunFacts(stored=True))
     for path in files:
         for table in read(path, rows, damage):
             storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
@@ -156,7 +157,7 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
 
 
 def _prefilter(config: Config, facts: RunFacts, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
-    judge = plan.bound("prefilter", config, facts)
+    judge = steps.bound("prefilter", config, facts)
 
     def run(table: pa.Table) -> pa.Table:
         url_flags = None
@@ -169,7 +170,7 @@ def _prefilter(config: Config, facts: RunFacts, url_dedup: bool) -> Callable[[pa
 
 
 def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
-    score = plan.bound("score", config, RunFacts(scores), scorer=lambda: worker_scorer(config))
+    score = steps.bound("score", config, RunFacts(scores), scorer=lambda: worker_scorer(config))
 
     def run(table: pa.Table) -> pa.Table:
         table = score(table)
@@ -276,14 +277,14 @@ def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores:
     judged = map_stage(rows, _prefilter(c, facts, url_dedup), schema)
     parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
-    fetched = map_stage(spread, plan.bound("download", c, facts))
+    fetched = map_stage(spread, steps.bound("download", c, facts))
     return run.checkpoint("download", fetched)
 
 
 def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
     c, kinds = run.config, run.config.dedup
     # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-    judged = map_stage(scored, plan.bound("dedup", c, RunFacts(c.scores)),
+    judged = map_stage(scored, steps.bound("dedup", c, RunFacts(c.scores)),
                        arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
@@ -361,7 +362,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
     scored = run.timed("score", lambda: run.checkpoint(
         "score", map_stage(downloaded, _score(config, scores), scored_schema, profile)))
     judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
-    selected = map_stage(judged, plan.bound("select", config, RunFacts(scores)), arrow_schema(judged))
+    selected = map_stage(judged, steps.bound("select", config, RunFacts(scores)), arrow_schema(judged))
     selected = run.timed("select", lambda: run.checkpoint("select", selected))
 
     def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
