@@ -88,10 +88,11 @@ def _rank(order: list[str]) -> Any:
     return lambda stage: order.index(stage) if stage in order else len(order)
 
 
-def funnel(input_rows: int, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
-    """Rows remaining after each stage."""
+def funnel(input_rows: int, counts: dict[str, dict[str, int]], names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows remaining after each stage (`names`: the run's enabled steps; every step by default)."""
     remaining, steps = input_rows, [{"stage": "input", "rows": input_rows, "dropped": 0}]
-    for stage in [name for name in STAGE_NAMES if name != "ingest" or name in counts]:  # ingest: broken tars only
+    names = STAGE_NAMES if names is None else names
+    for stage in [name for name in names if name != "ingest" or name in counts]:  # ingest: broken tars only
         dropped = sum(counts.get(stage, {}).values())
         remaining -= dropped
         steps.append({"stage": stage, "rows": remaining, "dropped": dropped})
@@ -108,11 +109,20 @@ def stats_document(*, input_rows: int, kept: int, counts: dict[str, dict[str, in
     dropped = sum(sum(reasons.values()) for reasons in counts.values())
     return {
         "input_rows": input_rows, "kept": kept, "dropped": dropped, "judged_by": judged_by,
-        "not_reconsidered": not_reconsidered, "dropped_by_stage": counts, "funnel": funnel(input_rows, counts),
+        "not_reconsidered": not_reconsidered, "dropped_by_stage": counts,
+        "funnel": funnel(input_rows, counts, enabled_names(config)),
         "scores_source": scores, "dedup": dedup,
         "shards": {name: shards.get(name) for name in ("num_shards", "samples_per_shard", "remainder", "seconds")},
         "timings": timings, "config": config, "versions": versions(), "engine": engine,
     }
+
+
+def enabled_names(config: dict[str, Any]) -> list[str]:
+    """The names of the steps a run with these settings has (stats.json's config)."""
+    from curate.config import Config
+    from curate.pipeline.steps import enabled
+
+    return [step.name for step in enabled(Config(**config))]
 
 
 def versions() -> dict[str, str]:

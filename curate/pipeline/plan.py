@@ -103,6 +103,12 @@ def bind_prefilter(config: Config, facts: RunFacts) -> Callable[[pa.Table, pa.Ta
     return apply
 
 
+DOWNLOAD_OPTIONS = frozenset({  # the Config fields download_options reads
+    "image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes", "allow_loopback",
+    "allow_private_network", "allow_link_local", "disallowed_header_directives", "user_agent_token", "max_per_host",
+    "ca_bundle", "respect_robots", "robots_agents", "respect_tdm", "blur_faces", "bbox_column"})
+
+
 def download_options(config: Config) -> DownloadOptions:
     from curate.config import download_workers
     from curate.net.fetch import FetchPolicy

@@ -99,6 +99,8 @@ def run_local(inputs: list[str], output: str | Path, config: Config,
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--output {run.out} is a file; give a folder (it is created)")
     run.inputs, run.files = inputs, run.check_inputs(inputs)  # a bad input leaves no trace in OUT
+    for step in steps.enabled(config):  # what each step can know before any work (a missing list file)
+        step.check(config)
     changed = check_same_run(run.out, config, inputs)
     for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
         log.info("removed %s, left by an interrupted run", leftover)

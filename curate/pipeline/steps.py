@@ -17,67 +17,15 @@ names a stage. Checkpoint edges (a step reads the previous enabled step's checkp
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
-
-import pyarrow as pa
 
 from curate.config import Config
 from curate.pipeline import plan
 from curate.pipeline.plan import RunFacts
+from curate.pipeline.protocol import GROUP, REFERENCE_ROW, Batch, Global, Step, runner
 
-Batch = Callable[[pa.Table], pa.Table]
-GROUP = "_group"  # the int64 column of a global step's signature rows that names their group
-REFERENCE_ROW = -1  # ROW of a signature row that comes from a reference file, not from the run's rows
-
-
-def _always(config: Config) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Global:
-    """A global step: signature -> group -> apply (the apply sets the verdicts the group function returns)."""
-
-    signature: Callable[[Config, RunFacts], Batch]  # live rows -> signature rows (ROW, GROUP, whatever group needs)
-    group: Callable[[Config, RunFacts], Batch]  # the signature rows of whole groups -> verdicts
-    columns: tuple[str, ...]  # the columns signature reads of each part (the executor reads only these)
-    references: Callable[[Config], list[str]] = lambda config: []  # files whose entries join the rows
-    read_reference: Callable[[Config, str], Iterator[pa.Table]] = lambda config, path: iter(())  # -> ROW -1 rows
-    reference_rows: Callable[[Config, str], int] = lambda config, path: 0  # about how many entries a file holds
-    rows_per_partition: int = 2_000_000  # local spill: signature rows a partition holds (its memory when grouped)
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    adds: tuple[str, ...]  # schema files (curate/schemas/NAME.arrow.json) of the columns it adds
-    options: frozenset[str]  # the Config fields it reads
-    bind: Callable[..., Callable[..., Any]] | None = None  # map step (and a custom runner's per-batch function)
-    global_step: Global | None = None
-    drops_rows: bool = True  # passes only live rows on (the local engine keeps the others in dropped parts)
-    redo: str = "resume"  # a rerun: "resume" a finished checkpoint, redo it when its options "changed", or "always"
-    enabled: Callable[[Config], bool] = _always  # whether a run with this config has the step at all
-    local: str | None = None  # "module:function(run, step, force) -> meta": the local executor's custom runner
-    spark: str | None = None  # "module:function(run, step, frame) -> frame": the Spark executor's custom runner
-    holds_images: bool = False  # its checkpoint keeps the image bytes the shard writers copy (and retry re-fetches)
-    rerun_from: str | None = None  # `curate NAME OUT` redoes this earlier step first (it reads NAME's options)
-    internal: tuple[str, ...] = ()  # columns it adds for later steps that never reach the books
-    reasons: tuple[str, ...] = ()  # the ledger reasons it writes (documentation, and the docs' table)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def kind(self) -> str:
-        return "global" if self.global_step is not None else "map"
-
-
-def runner(path: str) -> Callable[..., Any]:
-    """The function "module:function" names (a step's custom runner, imported when it first runs)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
-
+__all__ = ["GROUP", "REFERENCE_ROW", "Batch", "Global", "Step", "runner", "PIPELINE"]
 
 # The metadata thresholds: prefilter applies them before the download (with --scores metadata, and --min-size on the
 # claimed size always), select after. A rerun may change them: select then says how many rows prefilter dropped that
@@ -85,10 +33,7 @@ def runner(path: str) -> Callable[..., Any]:
 METADATA_THRESHOLDS = frozenset({"min_size", "threshold", "max_watermark", "max_unsafe"})
 # Thresholds on what only the models measure: read by dedup's survivor rule and select, so a rerun may change them.
 MODEL_THRESHOLDS = frozenset({"min_clip_score"})
-_DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes",
-                       "allow_loopback", "allow_private_network", "allow_link_local", "disallowed_header_directives",
-                       "user_agent_token", "max_per_host", "ca_bundle", "respect_robots", "robots_agents",
-                       "respect_tdm", "blur_faces", "bbox_column"})
+_DOWNLOAD = plan.DOWNLOAD_OPTIONS
 _MODELS = frozenset({"device", "precision", "batch_size", "model_cache", "clip_weights", "aesthetic_weights",
                      "aesthetic_head", "watermark_weights", "safety_weights"})
 _CAPTIONS = frozenset({"min_caption_words", "max_caption_tokens", "junk_captions", "languages"})
@@ -134,9 +79,7 @@ def enabled(config: Config) -> list[Step]:
 
 def previous(name: str, config: Config) -> Step:
     """The enabled step before `name`: the checkpoint it reads."""
-    steps = enabled(config)
-    names = [step.name for step in steps]
-    return steps[names.index(name) - 1]
+    return [step for step in enabled(config) if STAGE_NAMES.index(step.name) < STAGE_NAMES.index(name)][-1]
 
 
 def images_step(config: Config) -> Step:
@@ -145,9 +88,8 @@ def images_step(config: Config) -> Step:
 
 
 def after(name: str, config: Config) -> list[Step]:
-    """The enabled steps after `name`."""
-    steps = enabled(config)
-    return steps[[step.name for step in steps].index(name) + 1:]
+    """The enabled steps after `name` (itself enabled or not)."""
+    return [step for step in enabled(config) if STAGE_NAMES.index(step.name) > STAGE_NAMES.index(name)]
 
 
 def bound(name: str, config: Config, facts: RunFacts, **extra: Any) -> Callable[..., Any]:
