@@ -24,6 +24,7 @@ from curate.config import Config
 from curate.pipeline import plan
 from curate.pipeline.plan import RunFacts
 from curate.pipeline.protocol import GROUP, REFERENCE_ROW, Batch, Global, Step, runner
+from curate.schema import PASSES_THRESHOLDS
 
 __all__ = ["GROUP", "REFERENCE_ROW", "Batch", "Global", "Step", "runner", "PIPELINE"]
 
@@ -53,7 +54,8 @@ def _steps() -> list[Step]:
              spark=f"{_SPARK}:score"),
         Step("dedup", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS | {
              "dedup", "phash_distance", "semdedup_threshold", "semdedup_clusters", "seed"},
-             bind=plan.bind_survivor_rule, redo="changed", local=f"{_LOCAL}:dedup", spark=f"{_SPARK}:dedup"),
+             bind=plan.bind_survivor_rule, redo="changed", internal=(PASSES_THRESHOLDS,), local=f"{_LOCAL}:dedup",
+             spark=f"{_SPARK}:dedup"),
         Step("select", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False, bind=plan.bind_select,
              redo="always", rerun_from="dedup", local=f"{_LOCAL}:select", spark=f"{_SPARK}:select"),
         Step("shard", ("samples",), _SHARD | {"buckets"}, drops_rows=False, bind=plan.bind_shard, redo="always",

@@ -335,9 +335,10 @@ def finish(run: LocalRun, started: float) -> dict[str, Any]:
     samples = SampleBuckets(placed, unified_schema(run.checkpoint("shard")), storage.scratch(run.out, "samples-work"))
     counts, kept = write_ledger(run, "shard", samples)
     dropped = sum(sum(reasons.values()) for reasons in counts.values())
-    if samples.write(run.out / "samples.parquet") != kept or kept + dropped != input_rows:
-        raise accounting.AccountingError(f"accounting failed: {input_rows} input rows, {kept} kept + "
-                                         f"{dropped} dropped")
+    written = samples.write(run.out / "samples.parquet")
+    if written != kept:
+        raise accounting.AccountingError(f"accounting failed: {kept} rows kept but {written} samples written")
+    accounting.check_totals(input_rows, kept, dropped)  # every row once per input part: write_ledger's check_rows
     select_meta = run.checkpoint("select").meta()
     stats = accounting.stats_document(
         input_rows=input_rows, kept=kept, counts=counts,
