@@ -47,6 +47,8 @@ class Config:
     max_caption_tokens: int | None = None  # None: off; CLIP's context is 77 tokens, SD/SDXL training truncates past it
     junk_captions: bool = False
     languages: list[str] | None = None  # None (or empty): off
+    # hash lists the run must not contain (curate.steps.blocklist)
+    blocklist: list[str] | None = None  # parquet or text files of hex sha256 of URLs and/or image bytes
     # input
     input_format: str = "auto"
     caption_field: str | None = None
@@ -218,7 +220,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
     if isinstance(recipe, str):  # anything else fails validate's type check, naming --recipe
         values = {**recipe_values(recipe), **values}
     # list options arrive as comma lists
-    for name in ("dedup", "disallowed_header_directives", "languages", "robots_agents"):
+    for name in ("dedup", "disallowed_header_directives", "languages", "robots_agents", "blocklist"):
         if isinstance(values.get(name), str):
             values[name] = [item.strip() for item in values[name].split(",") if item.strip()]
     return Config(**values).validate()
@@ -250,6 +252,9 @@ OPTION_HELP: dict[str, str] = {
                      "repeated.",
     "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
                  "empty.",
+    "blocklist": "Comma list of parquet (a sha256 column) or text files (a digest a line) of hex sha256 digests of "
+                 "URLs and/or downloaded image bytes; matching rows are dropped (blocklisted_url before the "
+                 "download, blocklisted_image after it).",
     "input_format": "Input kind: parquet (metadata to download), webdataset (images already downloaded: tars, "
                     "img2dataset's webdataset, files or parquet output), or auto (downloaded images when the input "
                     "holds any; refused when it also holds metadata parquet).",

@@ -25,6 +25,7 @@ from curate.pipeline import plan
 from curate.pipeline.plan import RunFacts
 from curate.pipeline.protocol import GROUP, REFERENCE_ROW, Batch, Global, Step, runner
 from curate.schema import PASSES_THRESHOLDS
+from curate.steps import blocklist
 
 __all__ = ["GROUP", "REFERENCE_ROW", "Batch", "Global", "Step", "runner", "PIPELINE"]
 
@@ -48,10 +49,12 @@ def _steps() -> list[Step]:
              drops_rows=False, bind=plan.bind_ingest, local=f"{_LOCAL}:ingest", spark=f"{_SPARK}:ingest"),
         Step("prefilter", ("verdict",), METADATA_THRESHOLDS | _CAPTIONS | {"scores", "dedup"},
              bind=plan.bind_prefilter, local=f"{_LOCAL}:prefilter", spark=f"{_SPARK}:prefilter"),
+        blocklist.URL_STEP,
         Step("download", ("download",), _DOWNLOAD, bind=plan.bind_download, holds_images=True,
              local=f"{_LOCAL}:download", spark=f"{_SPARK}:download"),
         Step("score", ("score",), _MODELS | {"scores"}, bind=plan.bind_score, local=f"{_LOCAL}:score",
              spark=f"{_SPARK}:score"),
+        blocklist.IMAGE_STEP,
         Step("dedup", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS | {
              "dedup", "phash_distance", "semdedup_threshold", "semdedup_clusters", "seed"},
              bind=plan.bind_survivor_rule, redo="changed", internal=(PASSES_THRESHOLDS,), local=f"{_LOCAL}:dedup",
