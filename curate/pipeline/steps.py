@@ -25,7 +25,7 @@ from curate.pipeline import plan
 from curate.pipeline.plan import RunFacts
 from curate.pipeline.protocol import GROUP, REFERENCE_ROW, Batch, Global, Step, runner
 from curate.schema import PASSES_THRESHOLDS
-from curate.steps import blocklist
+from curate.steps import blocklist, decontaminate
 
 __all__ = ["GROUP", "REFERENCE_ROW", "Batch", "Global", "Step", "runner", "PIPELINE"]
 
@@ -55,6 +55,7 @@ def _steps() -> list[Step]:
         Step("score", ("score",), _MODELS | {"scores"}, bind=plan.bind_score, local=f"{_LOCAL}:score",
              spark=f"{_SPARK}:score"),
         blocklist.IMAGE_STEP,
+        *decontaminate.STEPS,
         Step("dedup", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS | {
              "dedup", "phash_distance", "semdedup_threshold", "semdedup_clusters", "seed"},
              bind=plan.bind_survivor_rule, redo="changed", internal=(PASSES_THRESHOLDS,), local=f"{_LOCAL}:dedup",

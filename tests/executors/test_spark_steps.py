@@ -4,6 +4,7 @@ byte-identical tars as the local engine."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,24 @@ def test_blocklist_on_spark_gives_the_local_engines_dataset(spark: Any, tmp_path
     assert spark_stats["funnel"] == local["funnel"]
     assert_same(tmp_path / "local", tmp_path / "spark")
 
+
+def test_decontamination_on_spark_gives_the_local_engines_dataset(spark: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from curate.executors.spark.engine import run_spark
+
+    with ImageServer() as server:
+        (tmp_path / "input").mkdir()
+        _, images = corpus(tmp_path / "input", server)
+        reference = tmp_path / "eval"
+        reference.mkdir()
+        for i in (2, 13, 20):  # re-encoded copies of three of the run's images
+            with Image.open(io.BytesIO(images[i])) as image:
+                (reference / f"{i}.jpg").write_bytes(jpeg(image.convert("RGB"), quality=55))
+        config = Config(**OPTIONS, decontaminate=str(reference))
+        inputs = [str(tmp_path / "input")]
+        local = run_local(inputs, tmp_path / "local", config.validate())
+        spark_stats = run_spark(spark, inputs, str(tmp_path / "spark"), config.validate())
+    assert local["dropped_by_stage"]["decontaminate_phash"] == {"contaminates_reference_phash": 3}
+    assert spark_stats["dropped_by_stage"] == local["dropped_by_stage"]
+    assert_same(tmp_path / "local", tmp_path / "spark")
