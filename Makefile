@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: install test demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard bench-books lint clean
+.PHONY: install test test-cluster demo bench bench-download bench-shard bench-e2e bench-spark bench-dedup bench-score bench-scale bench-reshard bench-books bench-global lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The Spark standalone cluster alone (also part of `make test`): a Master and two Workers on 127.0.0.1, one killed.
+test-cluster: install
+	$(PY) -m pytest -q tests/executors/test_spark_cluster.py
 
 demo: install
 	$(VENV)/bin/curate demo --output demo-out
@@ -50,6 +54,11 @@ bench-scale: install
 
 bench-books: install
 	$(PY) -m bench.bench_books
+
+# Issue 27: the global steps alone (pHash, url+caption, semantic) at 10^6 / 10^7 (pHash and url also 10^8) with
+# each child's peak RSS; --phash-sizes, --url-sizes, --semantic-sizes, --recall-n pick less.
+bench-global: install
+	$(PY) -m bench.bench_global
 
 bench-dedup: install
 	$(PY) -m bench.bench_dedup --n 100000

@@ -17,7 +17,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
 from curate.pipeline import run as pipeline
-from curate.pipeline.accounting import drop_counts
+from curate.pipeline.accounting import drop_counts, skipped_steps
 from curate.pipeline.steps import STAGE_NAMES
 from curate.schema import DROP_REASON, DROP_STAGE, KEY
 from curate.storage import files as storage
@@ -144,6 +144,8 @@ def print_summary(stats: dict[str, Any], folder: str | Path) -> None:
     results.print(f"shards: {shards['num_shards']} x {shards['samples_per_shard']} samples in {output / 'shards'}")
     for name in ("ledger.parquet", "samples.parquet", "stats.json"):
         results.print(f"{name}: {output / name}")
+    for skipped in skipped_steps(stats):
+        results.print(f"[yellow]note:[/] {skipped}", highlight=False)
     if (output / "report.html").exists():
         results.print(f"report: {output / 'report.html'}")
 

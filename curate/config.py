@@ -115,6 +115,7 @@ class Config:
                      "buckets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:  # None: auto (threads, processes)
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        _check_buckets(self.buckets)
         if self.min_size < 0:
             raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
         _check_range("threshold", self.threshold, -math.inf, math.inf)  # the predictor's output is not bounded
@@ -149,6 +150,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_BUCKET_BASE = 4096
+
+
+def _check_buckets(base: int) -> None:
+    """The bucket base must be a multiple of 64 (every side of SDXL's list is) in 64..4096, or the list collapses."""
+    if base % 64 or not 64 <= base <= MAX_BUCKET_BASE:
+        low, high = max(64, base // 64 * 64), min(MAX_BUCKET_BASE, (base // 64 + 1) * 64)
+        raise ValueError(f"--buckets must be a multiple of 64 between 64 and {MAX_BUCKET_BASE} (the sides of the "
+                         f"SDXL bucket list are multiples of 64: 1024 for SDXL, 512 for SD), got {base}; e.g. "
+                         f"{low if abs(base - low) <= abs(high - base) else high}")
 
 
 def _flag(name: str) -> str:
@@ -246,16 +259,19 @@ OPTION_HELP: dict[str, str] = {
                       "the ViT-B/32 ones of LAION's 0.28 rule).",
     "scores": "Where scores come from: model (computed on the pixels), metadata (LAION's columns, also applied "
               "before download), auto (metadata when every row has it and --min-clip-score is off).",
-    "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic.",
+    "dedup": "Comma list of duplicate kinds to remove: url,exact,phash,semantic (semantic needs the CLIP embeddings "
+             "of --scores model: with metadata scores it is skipped, and the summary says so).",
     "phash_distance": "pHash duplicates: Hamming distance at most this many bits.",
     "semdedup_threshold": "Semantic duplicates: CLIP cosine similarity at least this.",
     "semdedup_clusters": "Semantic dedup k-means clusters (default from the row count).",
     "min_caption_words": "Drop captions with fewer words than this, before download (0: off; DataComp keeps more "
-                         "than 2, the sdxl recipe uses 3).",
+                         "than 2, the sdxl recipe uses 3). Words are runs between spaces; in scripts written without "
+                         "spaces each Han ideograph or kana is a word and Thai, Lao, Khmer or Myanmar text a word "
+                         "per 4 characters.",
     "max_caption_tokens": "Drop captions longer than this many CLIP tokens, start and end included (off unless set; "
                           "SD/SDXL training truncates past 77).",
-    "junk_captions": "Drop junk alt-text before download: file names (IMG_1234.JPG, DSC0001), bare URLs, one word "
-                     "repeated.",
+    "junk_captions": "Drop junk alt-text before download: file names (IMG_1234.JPG, DSC0001), bare URLs, keyword "
+                     "stuffing (one word 3 times or more and at least half the words: 'dog dog dog v17').",
     "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
                  "empty.",
     "blocklist": "Comma list of parquet (a sha256 column) or text files (a digest a line) of hex sha256 digests of "
@@ -272,10 +288,11 @@ OPTION_HELP: dict[str, str] = {
     "caption_field": "WebDataset input: the json field holding the caption when a sample has no .txt member (the "
                      "caption, not also a column).",
     "image_size": "Resize so the shorter side is this many pixels (never upscales).",
-    "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): 1024 for SDXL, "
-               "512 for the SD recipe.",
+    "buckets": "Base size of the SDXL-style aspect buckets (~base^2 pixels, sides multiples of 64): a multiple of "
+               "64 in 64..4096; 1024 for SDXL (40 buckets), 512 for the SD recipe.",
     "resize_mode": "img2dataset resize mode: keep_ratio, center_crop, border, keep_ratio_largest, no; or bucket "
-                   "(scale to cover the aspect bucket, centre crop, never upscale).",
+                   "(scale to cover the aspect bucket, centre crop, never upscale). Each sample records its crop "
+                   "(crop_top/crop_left, SDXL's crop conditioning, in the scaled image's pixels; 0 when uncropped).",
     "threads": "Download threads per process (default: 32, fewer on machines with more than 8 cores, at least 8: "
                "about 256 fetches in flight in all).",
     "processes": "Download processes (default: the usable cores).",

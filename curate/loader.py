@@ -162,10 +162,31 @@ def dropped_caption(key: str, seed: int, epoch: int, probability: float) -> bool
     return mmh3.hash64(f"{seed}:{epoch}:{key}", signed=False)[0] / 2.0**64 < probability
 
 
-def to_bucket(image: Image.Image, document: dict[str, Any], bucket: tuple[int, int]) -> tuple[np.ndarray, int, int]:
-    """HWC uint8 pixels at the bucket's size and the SDXL crop (top, left) of the whole path from the original."""
+class UnknownCrop(ValueError):
+    """A sample's json records no crop (crop_top/crop_left null or absent): its SDXL crop conditioning is unknown."""
+
+
+def recorded_crop(document: dict[str, Any], assume_uncropped: bool = False) -> tuple[int, int]:
+    """(crop_top, crop_left) as the sample's json records them; raises UnknownCrop when it records none, unless the
+    caller states the images were never cropped (assume_uncropped): a crop is never made up."""
+    top, left = document.get("crop_top"), document.get("crop_left")
+    if top is not None and left is not None:
+        return int(top), int(left)
+    if assume_uncropped:
+        return 0, 0
+    raise UnknownCrop("the sample's json records no crop_top/crop_left (a tool that cropped without saying where, "
+                      "e.g. img2dataset's center_crop): its SDXL crop conditioning is unknown. Curate those shards "
+                      "again (`curate run` records the crop of every resize mode), or pass assume_uncropped=True to "
+                      "make_loader if their images were never cropped")
+
+
+def to_bucket(image: Image.Image, document: dict[str, Any], bucket: tuple[int, int],
+              assume_uncropped: bool = False) -> tuple[np.ndarray, int, int]:
+    """HWC uint8 pixels at the bucket's size and the SDXL crop (top, left) of the whole path from the original, in
+    the coordinates of the scaled image the crop was cut from (diffusers' crop_coords_top_left); UnknownCrop when
+    the json records no crop."""
     image = image.convert("RGB")
-    stored_top, stored_left = document.get("crop_top") or 0, document.get("crop_left") or 0
+    stored_top, stored_left = recorded_crop(document, assume_uncropped)
     if image.size == bucket:
         return np.asarray(image), stored_top, stored_left
     # Shards written in another resize mode: scale to cover the bucket here (upscaling if need be), crop the centre.
@@ -189,6 +210,7 @@ class LoaderOptions:
     shuffle_buffer: int = 1000
     base: int = SDXL_BASE
     decode: bool = True
+    assume_uncropped: bool = False  # a sample without a recorded crop is (0, 0) instead of an UnknownCrop error
 
 
 class _EpochDataset(IterableDataset):
@@ -226,7 +248,10 @@ class _EpochDataset(IterableDataset):
             pixels, crops = [], []
             for sample, document in zip(samples, documents, strict=True):
                 with Image.open(io.BytesIO(sample["jpg"])) as image:
-                    array, top, left = to_bucket(image, document, bucket)
+                    try:
+                        array, top, left = to_bucket(image, document, bucket, o.assume_uncropped)
+                    except UnknownCrop as error:
+                        raise UnknownCrop(f"sample {sample['__key__']}: {error}") from None
                 pixels.append(torch.from_numpy(np.array(array)).permute(2, 0, 1))  # a writable copy
                 crops.append([top, left])
             batch["image"] = torch.stack(pixels)  # uint8, B x 3 x bucket height x bucket width
@@ -298,11 +323,14 @@ class BucketLoader:
 def make_loader(source: str | Sequence[str], batch_size: int, *, rank: int | None = None,
                 world_size: int | None = None, num_workers: int = 2, caption_dropout: float = 0.1,
                 tokenizers: Mapping[str, str | Tokenizer] | None = None, seed: int = 0, shuffle_buffer: int = 1000,
-                base: int | None = None, decode: bool = True, **dataloader: Any) -> BucketLoader:
+                base: int | None = None, decode: bool = True, assume_uncropped: bool = False,
+                **dataloader: Any) -> BucketLoader:
     """A training-ready loader over index.json, sizes.json, a shard folder or a list of tar URLs (local or fsspec).
 
     rank and world_size default to torch.distributed's (or RANK/WORLD_SIZE, or 0 and 1); tokenizers maps an output
-    field to an open_clip model name or a callable; extra keyword arguments go to torch's DataLoader."""
+    field to an open_clip model name or a callable; extra keyword arguments go to torch's DataLoader. A sample whose
+    json records no crop raises UnknownCrop when decoded (its crop_top_left would be made up), unless
+    assume_uncropped=True states that the shards' images were never cropped."""
     if rank is None or world_size is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = rank if rank is not None else (torch.distributed.get_rank() if distributed
@@ -318,5 +346,5 @@ def make_loader(source: str | Sequence[str], batch_size: int, *, rank: int | Non
         base = _read_json(source).get("buckets")
     base = base or SDXL_BASE
     options = LoaderOptions(batch_size, rank, world_size, num_workers, caption_dropout, dict(tokenizers or {}), seed,
-                            shuffle_buffer, base, decode)
+                            shuffle_buffer, base, decode, assume_uncropped)
     return BucketLoader(read_shardlist(source, base), options, **dataloader)

@@ -14,6 +14,7 @@ KEY = "key"
 ROW = "row"
 URL = "url"
 CAPTION = "caption"
+CAPTION_REPAIR = "caption_repair"  # null: valid UTF-8 as given; "cp1252": decoded by the fallback (ingest)
 WIDTH = "width"
 HEIGHT = "height"
 PWATERMARK = "pwatermark"

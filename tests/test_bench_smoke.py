@@ -139,3 +139,16 @@ def test_cpu_trace_counts_a_commands_process_tree_inside_a_span(tmp_path: Path) 
     start, end = trace.samples[0][0], trace.samples[-1][0]
     assert 1.9 <= trace.between(start, end) <= 2.0 + 1.0  # the burns, and at most ~1 s of interpreters' start-up
     assert trace.between(start, start + 0.3) < 0.3
+
+
+def test_global_steps_bench_flags_planted_duplicates(tmp_path: Path) -> None:
+    """bench_global's children on a few thousand synthetic rows: planted pHash and url duplicates are flagged, the
+    recall sample finds every brute-force pair, and exponents come from the two largest sizes up to 10^7."""
+    from bench import bench_global
+
+    phash = bench_global.run_child("phash", 5000, tmp_path / "phash")
+    url = bench_global.run_child("url", 5000, tmp_path / "url")
+    assert 300 <= phash["removed"] <= 600 and 1000 <= url["removed"] <= 2500
+    assert bench_global.recall(3000) == 1.0
+    runs = {10**6: {"seconds": 2.0}, 10**7: {"seconds": 20.0}, 10**8: {"seconds": 1.0}}
+    assert abs(bench_global.exponent(runs) - 1.0) < 1e-9

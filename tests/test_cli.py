@@ -144,3 +144,18 @@ def test_missing_aesthetic_column_names_the_file(tmp_path, server):
     result = _invoke("run", path, "--output", tmp_path / "out", "--scores", "metadata", "--allow-loopback")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert str(path) in result.output
+
+
+def test_a_skipped_semantic_dedup_is_said_once_in_the_summary(tmp_path, server, corpus_factory):
+    """--dedup semantic with --scores metadata was skipped with only a stats.json entry."""
+    corpus = corpus_factory(40)
+    result = _invoke("run", corpus.path, "--output", tmp_path / "out", "--allow-loopback", "--world-size", "2",
+                     "--workers-per-rank", "1", "--scores", "metadata", "--min-size", "1",
+                     "--dedup", "url,exact,semantic")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("--dedup semantic was skipped") == 1, text
+    assert "no embeddings (scores from metadata)" in text and "--scores model" in text
+    quiet = _invoke("run", corpus.path, "--output", tmp_path / "plain", "--allow-loopback", "--world-size", "2",
+                    "--workers-per-rank", "1", "--scores", "metadata", "--min-size", "1", "--dedup", "url,exact")
+    assert quiet.exit_code == 0 and "was skipped" not in quiet.output  # not asked for, nothing to say

@@ -24,6 +24,8 @@ BAD_OPTIONS = [
     (["--device", "tpu"], "--device: 'tpu' is not a device"),
     (["--shard-name", "../x"], "--shard-name '../x'"),
     (["--min-size", "-1"], "--min-size must be 0 or more"),
+    (["--buckets", "100"], "--buckets must be a multiple of 64 between 64 and 4096"),  # was 3 tiny buckets
+    (["--buckets", "8192"], "--buckets must be a multiple of 64 between 64 and 4096"),
 ]
 
 

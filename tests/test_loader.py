@@ -174,3 +174,68 @@ def test_four_gloo_ranks_get_the_same_batches_and_every_sample_once(curated: Pat
         assert sum(epoch["remainder"] for epoch in epochs) < len(kept) // 2
     assert [e["keys"] for e in reports[0]["epochs"]][0] == reports[0]["epochs"][2]["keys"]  # epoch 0 again: same
     assert reports[0]["epochs"][0]["keys"] != reports[0]["epochs"][1]["keys"]  # another epoch, another order
+
+
+def _photo(width: int, height: int) -> bytes:
+    """A smooth photo-like gradient with a bright stripe, so a crop 1 px off shows in the pixels."""
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    pixels = np.stack([x, y, (x + y) / 2], axis=-1)
+    pixels[:, width // 3:width // 3 + 40] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_center_crop_records_its_crop_and_the_loader_passes_it_on(tmp_path: Path):
+    """A 1100x520 original stored at 512x512 had crop_top/crop_left null, and the loader yielded [0, 0]."""
+    shapes = [(1100, 520), (520, 1100), (400, 300), (512, 512)]
+    with ImageServer() as server:
+        rows = []
+        for i, (width, height) in enumerate(shapes):
+            server.routes[f"/{i}.jpg"] = Response(_photo(width, height))
+            rows.append({"URL": server.url(f"/{i}.jpg"), "TEXT": f"photo number {i}", "WIDTH": float(width),
+                         "HEIGHT": float(height), "AESTHETIC_SCORE": 6.0, "pwatermark": 0.1})
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet")
+        config = Config(scores="metadata", world_size=1, workers_per_rank=1, min_size=32, allow_loopback=True,
+                        image_size=512, resize_mode="center_crop", buckets=512, dedup=[]).validate()
+        run_local([str(tmp_path / "input.parquet")], tmp_path / "out", config)
+    samples = {s["original_width"]: s for s in pq.read_table(tmp_path / "out" / "samples.parquet").to_pylist()}
+    # 1100x520 scales to 1083x512 (shorter side 512), whose centre 512 columns start at (1083 - 512) // 2 = 285
+    assert (samples[1100]["crop_top"], samples[1100]["crop_left"]) == (0, 285)
+    assert (samples[520]["crop_top"], samples[520]["crop_left"]) == (285, 0)
+    assert (samples[400]["crop_top"], samples[400]["crop_left"]) == (0, 0)  # no larger than 512: left as it is
+    import cv2
+
+    scaled = cv2.resize(np.asarray(Image.open(io.BytesIO(_photo(1100, 520)))), (1083, 512),
+                        interpolation=cv2.INTER_AREA).astype(float)
+    stored = np.zeros(0)
+    loader = make_loader(str(tmp_path / "out" / "shards"), batch_size=1, rank=0, world_size=1, num_workers=0,
+                         shuffle_buffer=1, caption_dropout=0.0)
+    crops = {}
+    for batch in loader:
+        crops[batch["json"][0]["original_width"]] = batch["crop_top_left"][0].tolist()
+        if batch["json"][0]["original_width"] == 1100:
+            stored = batch["image"][0].permute(1, 2, 0).numpy().astype(float)
+    assert crops[1100] == [0, 285] and crops[520] == [285, 0]
+    error = {left: np.abs(stored - scaled[:, left:left + 512]).mean() for left in (0, 284, 285, 286)}
+    assert min(error, key=error.__getitem__) == 285, error  # the pixels stored are the ones the crop names
+
+
+def test_the_loader_never_invents_a_crop(tmp_path: Path):
+    import tarfile
+
+    path = tmp_path / "plain-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.jpg", _jpeg(64, 64, 0)), ("a.txt", b"a cat"),
+                           ("a.json", json.dumps({"width": 64, "height": 64, "crop_top": None}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    from curate.loader import UnknownCrop
+
+    loader = make_loader([str(path)], batch_size=1, rank=0, world_size=1, num_workers=0, base=64)
+    with pytest.raises(UnknownCrop, match="sample a: .*records no crop_top/crop_left.*assume_uncropped=True"):
+        next(iter(loader))
+    stated = make_loader([str(path)], batch_size=1, rank=0, world_size=1, num_workers=0, base=64,
+                         assume_uncropped=True)
+    assert next(iter(stated))["crop_top_left"].tolist() == [[0, 0]]

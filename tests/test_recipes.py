@@ -28,6 +28,30 @@ def test_sd_v1_strict_rules_in_our_inclusive_ones():
         marks = pa.array([0.5, float(np.nextafter(np.float32(0.5), np.float32(0))), 0.49], dtype)  # watermark < 0.5
         assert above(marks, config.max_watermark).to_pylist() == [True, False, False]
     assert config.min_size == 512
+    # a float64 column compares exactly: 5.0000001 is > 5.0 and 0.4999999 < 0.5 (the float32 rule dropped them)
+    assert below(pa.array([5.0000001, 5.0], pa.float64()), config.threshold).to_pylist() == [False, True]
+    assert above(pa.array([0.4999999, 0.5], pa.float64()), config.max_watermark).to_pylist() == [False, True]
+
+
+def test_the_strict_recipe_keeps_a_float64_score_just_over_five_in_prefilter_and_select():
+    from curate.stages.ingest import normalize
+    from curate.stages.prefilter import prefilter
+    from curate.stages.select import scores_from_metadata, select
+    from curate.stages.verdict import alive, with_verdict_columns
+
+    config = load_config(None, {"recipe": "sd-v1-improved-aesthetics", "scores": "metadata"})
+    scores, marks = [5.0000001, 5.0, 6.0, 6.0], [0.1, 0.1, 0.4999999, 0.5]
+    table = normalize(pa.table({"URL": [f"http://example.com/{i}.jpg" for i in range(4)],
+                                "TEXT": [f"a caption {i}" for i in range(4)], "WIDTH": [1024.0] * 4,
+                                "HEIGHT": [1024.0] * 4, "AESTHETIC_SCORE": pa.array(scores, pa.float64()),
+                                "pwatermark": pa.array(marks, pa.float64())}), 0)
+    judged = prefilter(table, None, config.min_size, config.max_watermark, None, config.threshold)
+    assert judged["drop_reason"].to_pylist() == [None, "metadata_low_aesthetic", None, "metadata_watermark"]
+    size = pa.array([1024] * 4, pa.int32())
+    scored = with_verdict_columns(scores_from_metadata(table).append_column("original_width", size)
+                                  .append_column("original_height", size))
+    picked = select(scored, config.min_size, config.threshold, config.max_watermark)
+    assert alive(picked).to_pylist() == [True, False, True, False]  # the float32 score copy would drop row 0
 
 
 def test_given_options_override_the_preset(tmp_path):

@@ -111,6 +111,25 @@ def test_too_few_rows_for_the_shard_plan_stop_before_any_download(tmp_path, serv
     assert len(server.requests) == requests_before
 
 
+def test_the_plan_advice_names_only_options_a_rerun_resumes_with(tmp_path, corpus_factory, config_factory):
+    """The advice said "rerun with the new values and it resumes", but a rerun with another --dedup is refused."""
+    import re
+
+    corpus = corpus_factory(40)
+    out = tmp_path / "out"
+    with pytest.raises(TooFewRows) as stopped:
+        run_local([str(corpus.path)], out, config_factory(world_size=256, workers_per_rank=8))
+    named = re.search(r"changing only (.*?) and it resumes", str(stopped.value))
+    assert named is not None, str(stopped.value)
+    flags = {flag.strip()[2:].replace("-", "_") for flag in named.group(1).split(",")}
+    assert {"world_size", "workers_per_rank", "threshold"} <= flags and "dedup" not in flags
+    assert "--dedup" in str(stopped.value).split("and it resumes")[1]  # named as what needs another --output
+    with pytest.raises(ValueError, match=r"other values of \['dedup'\]"):
+        run_local([str(corpus.path)], out, config_factory(world_size=256, workers_per_rank=8, dedup=["exact"]))
+    stats = run_local([str(corpus.path)], out, config_factory(world_size=4, workers_per_rank=1, threshold=4.5))
+    assert stats["kept"] > 0  # the options it names resume the stopped run in the same output
+
+
 def test_a_run_that_keeps_nothing_writes_its_books_and_report(tmp_path, server, corpus_factory, config_factory):
     corpus = corpus_factory(30)
     out = tmp_path / "out"

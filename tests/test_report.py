@@ -364,3 +364,20 @@ def test_clip_score_grid_straddles_the_cut(clip_output: tuple[Path, float]) -> N
     stats = json.loads((out / "stats.json").read_text())
     sample = report_data.distribution_sample(out, stats["input_rows"])
     assert len(report_scores.charts(sample, {"min_clip_score": cut})) == 2  # punsafe from the tiny safety model too
+
+
+def test_constant_model_scores_plot_without_a_numpy_warning():
+    """A --scores model run with near-constant scores put `RuntimeWarning: invalid value encountered in divide` on
+    the console: np.corrcoef of a constant side divides 0 by 0."""
+    import warnings
+
+    from curate.report.plots import metadata_vs_measured, pearson
+
+    sample = pa.table({"metadata_aesthetic": [5.0, 6.0, 7.0], "measured_aesthetic": pa.array([4.5] * 3, pa.float32()),
+                       "metadata_watermark": [0.1, 0.2, 0.3], "measured_watermark": [0.2, 0.3, 0.5],
+                       "scores_source": ["model"] * 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metadata_vs_measured(sample) is not None
+    assert pearson(np.array([1.0, 2.0]), np.array([3.0, 3.0])) is None and pearson(np.ones(1), np.ones(1)) is None
+    assert pearson(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 7.0])) == pytest.approx(0.9934, abs=1e-4)

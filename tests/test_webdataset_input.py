@@ -128,3 +128,37 @@ def test_broken_tars_end_in_the_ledger_or_a_clear_error(downloaded, tmp_path, co
     (folder / "not-a.tar").write_text("hello, I am no tar")
     with pytest.raises(ValueError, match="not-a.tar: not a tar file"):
         run_local([str(folder / "not-a.tar")], tmp_path / "out2", config_factory(**RUN))
+
+
+# Captions a tar may hold: Latin-1 bytes (decoded as Windows-1252), a JPEG header (no text: ledgered), Japanese.
+ODD_CAPTIONS = {"a": b"caf\xe9 cr\xe8me au lait", "b": b"\xff\xd8\xff\xe0\x00\x10JFIF",
+                "c": "東京タワーの夜景".encode()}
+
+
+def write_caption_tar(path: Path) -> None:
+    """One tar of three samples whose .txt members are ODD_CAPTIONS (the Spark parity corpus adds it too)."""
+    scores = json.dumps({"AESTHETIC_SCORE": 6.0, "pwatermark": 0.1}).encode()
+    with tarfile.open(path, "w") as tar:
+        for i, (key, caption) in enumerate(ODD_CAPTIONS.items()):
+            for name, payload in ((f"odd{key}.jpg", make_jpeg(300 + 7 * i, 300, 50 + i)), (f"odd{key}.txt", caption),
+                                  (f"odd{key}.json", scores)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_a_latin_1_caption_in_a_tar_is_decoded_and_marked_and_binary_is_ledgered(tmp_path, config_factory):
+    """A Latin-1 .txt member became "caf\ufffd cr\ufffdme" and was kept as if nothing happened."""
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_caption_tar(folder / "odd.tar")
+    out = tmp_path / "out"
+    stats = run_local([str(folder)], out, config_factory(**{**RUN, "dedup": [], "world_size": 1}))
+    assert stats["input_rows"] == 3 and stats["kept"] == 2
+    samples = pq.read_table(out / "samples.parquet").to_pydict()
+    assert dict(zip(samples["caption"], samples["caption_repair"], strict=True)) == {
+        "café crème au lait": "cp1252", "東京タワーの夜景": None}
+    (ledger,) = pq.read_table(out / "ledger.parquet").to_pylist()
+    assert ledger["reason"] == "undecodable_caption" and ledger["detail"].startswith("not text: \\xff\\xd8")
+    texts = {s["txt"] for tar in out.glob("shards/*.tar") for s in _samples(tar).values()}
+    assert "café crème au lait".encode() in texts  # stored as UTF-8

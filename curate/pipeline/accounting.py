@@ -56,7 +56,7 @@ def samples_table(table: pa.Table) -> pa.Table:
     """One row per kept sample, the samples schema's columns first, then the metadata carried through."""
     kept = table.filter(pc.and_(pc.is_null(table[DROP_REASON]), pc.greater_equal(table[SHARD], 0)))
     schema = table_schema("samples")
-    # A column an older checkpoint lacks (the consent record, faces_blurred) is null, not an error.
+    # A column an older checkpoint lacks (the consent record, faces_blurred, caption_repair) is null, not an error.
     first = [kept[f.name].cast(f.type) if f.name in kept.column_names else pa.nulls(kept.num_rows, f.type)
              for f in schema]
     skip = set(schema.names) | {DROP_STAGE, DROP_REASON, DROP_DETAIL, JPG, EMBEDDING, STATUS, "error"}
@@ -144,6 +144,17 @@ def enabled_names(config: dict[str, Any]) -> list[str]:
     from curate.pipeline.steps import enabled
 
     return [step.name for step in enabled(Config(**config))]
+
+
+def skipped_steps(stats: dict[str, Any]) -> list[str]:
+    """What the options asked for and the run did not do (stats.json records it), one line each, for the summary."""
+    dedup = stats.get("dedup") or {}
+    semantic = str(dedup.get("semantic", ""))
+    if "semantic" in (dedup.get("kinds") or []) and semantic.startswith("skipped"):
+        reason = semantic.removeprefix("skipped").lstrip(": ")
+        return [f"--dedup semantic was skipped: {reason}; semantic dedup needs the CLIP embeddings of --scores model "
+                "(or auto without metadata scores)"]
+    return []
 
 
 def versions() -> dict[str, str]:

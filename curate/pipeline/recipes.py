@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 # Our rules are `keep aesthetic >= threshold` and `drop watermark > max_watermark`, comparing each score as its column
-# stores it (float32 or float64). A published strict rule is the nearest float32 on the right side of its value:
-# "> 5.0" keeps 5.0000005 and up, "< 0.5" keeps 0.49999997 and below. Scores carry no precision near that gap.
-JUST_ABOVE_5 = float(np.nextafter(np.float32(5.0), np.float32(np.inf)))
-JUST_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+# stores it (curate.stages.verdict.as_stored: a float32 as its shortest text, a float64 exactly). A published strict
+# rule is the nearest float64 on the right side of its value: "> 5.0" keeps a float64 5.0000001 and a float32
+# 5.0000005, and drops 5.0 in either; "< 0.5" likewise.
+JUST_ABOVE_5 = float(np.nextafter(5.0, np.inf))
+JUST_BELOW_HALF = float(np.nextafter(0.5, 0.0))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ def finish_and_report(run: LocalRun, started: float) -> dict[str, Any]:
     """Ledger, samples and stats, then OUT/report.html from them."""
     from curate.report.build import build_report
 
+    for name in ("ledger.parquet", "samples.parquet"):  # a Spark run's are folders of parts; this engine's one file
+        if (run.out / name).is_dir():
+            storage.remove(run.out / name)
     stats = finish(run, started)
     accounting.check_kept(stats, build_report(run.out))
     return stats
@@ -61,14 +64,20 @@ def check_shard_plan_fits(run: LocalRun, stage: str) -> None:
     unit = c.world_size * c.workers_per_rank
     live = run.live_rows(stage)
     if 0 < live < unit:
-        resume = ("nothing was downloaded yet" if stage == "prefilter" else
-                  "the stages so far are checkpointed: rerun the same `curate run` command with the new values "
-                  "and it resumes without downloading again")
         raise TooFewRows(
             f"only {live} rows are left after {stage}, fewer than the {unit} shards that --world-size "
             f"{c.world_size} x --workers-per-rank {c.workers_per_rank} need (one sample per data-loader worker at "
             f"least); stopped before the next stage. Choose values that fit, e.g. "
-            f"{fitting_plan(live, c.world_size, c.workers_per_rank)}, or loosen the thresholds; {resume}")
+            f"{fitting_plan(live, c.world_size, c.workers_per_rank)}, or loosen the thresholds; {resume_advice(stage)}")
+
+
+def resume_advice(stage: str) -> str:
+    """What a rerun into the same output may change and still resume: RERUN_OPTIONS, named; the rest is refused."""
+    done = "nothing was downloaded yet" if stage == "prefilter" else "the stages so far are checkpointed"
+    flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RERUN_OPTIONS))
+    return (f"{done}: rerun the same `curate run` command changing only {flags} and it resumes"
+            f"{'' if stage == 'prefilter' else ' without downloading again'}; a change to any other option (e.g. "
+            "--dedup, the caption checks, the download or model options) is refused there: use another --output")
 
 
 class TooFewRows(ValueError):

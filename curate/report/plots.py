@@ -117,6 +117,14 @@ def measured_pairs(sample: pa.Table, metadata: str, measured: str) -> tuple[np.n
     return x[ok], y[ok]
 
 
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r, None where it is undefined: fewer than 2 points, or either side constant (as a tiny or untrained
+    model's scores are; np.corrcoef then divides 0 by 0 and warns)."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def metadata_vs_measured(sample: pa.Table) -> str | None:
     """Metadata score against the model's, aesthetic and watermark; None when no row has both."""
     pairs = [measured_pairs(sample, "metadata_aesthetic", "measured_aesthetic"),
@@ -130,8 +138,9 @@ def metadata_vs_measured(sample: pa.Table) -> str | None:
         if len(x):
             low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
             axes.plot([low, high], [low, high], color=LINE, linewidth=1, linestyle="--")
-            correlation = np.corrcoef(x, y)[0, 1] if len(x) > 1 else float("nan")
-            axes.set_title(f"{name}: metadata vs measured (r = {correlation:.2f}, n = {len(x):,})")
+            correlation = pearson(x, y)
+            r = "undefined: constant scores" if correlation is None else f"{correlation:.2f}"
+            axes.set_title(f"{name}: metadata vs measured (r = {r}, n = {len(x):,})")
         axes.set_xlabel("metadata")
         axes.set_ylabel("measured")
     figure.tight_layout()

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.schema import SHARD, STORED_HEIGHT, STORED_WIDTH
+from curate.stages.images import planned_size
 
 BUCKET_WIDTH, BUCKET_HEIGHT, SMALLER_THAN_BUCKET = "bucket_width", "bucket_height", "smaller_than_bucket"
 CROP_TOP, CROP_LEFT = "crop_top", "crop_left"
@@ -111,15 +112,22 @@ class BucketResizer:
             return None, None, None, None, None, str(error)
 
 
-def crop_columns(resize_mode: str, base: int, original_width: int, original_height: int) -> dict[str, int | None]:
-    """crop_top/crop_left of a stored image: the bucket resize's crop, 0 where the mode never crops, None for
-    img2dataset's center_crop (its crop happens inside albumentations and is not reported)."""
+def crop_columns(resize_mode: str, base: int, original_width: int, original_height: int,
+                 image_size: int = SDXL_BASE) -> dict[str, int | None]:
+    """crop_top/crop_left of a stored image, SDXL's crop_coords_top_left as diffusers' train_text_to_image_sdxl.py
+    computes it: pixels cut off the top and left of the image scaled for the crop (not of the original), i.e. where
+    the stored image starts in the scaled one. bucket: the cover crop; center_crop: img2dataset's (albumentations'
+    centre crop of the image whose shorter side was scaled to image_size, (side - image_size) // 2; nothing when the
+    image was no larger: resize_only_if_bigger); 0 for the modes that never crop (border pads, it does not crop)."""
     if resize_mode == "bucket":
         shape = cover_geometry(original_width, original_height,
                                nearest_bucket(original_width, original_height, base))
         return {CROP_TOP: shape.crop_top, CROP_LEFT: shape.crop_left}
     if resize_mode == "center_crop":
-        return {CROP_TOP: None, CROP_LEFT: None}
+        scaled = planned_size(original_width, original_height, image_size, resize_mode)
+        if scaled is None:
+            return {CROP_TOP: 0, CROP_LEFT: 0}
+        return {CROP_TOP: max((scaled[1] - image_size) // 2, 0), CROP_LEFT: max((scaled[0] - image_size) // 2, 0)}
     return {CROP_TOP: 0, CROP_LEFT: 0}
 
 

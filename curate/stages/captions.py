@@ -11,6 +11,7 @@ import gzip
 import heapq
 import html
 import importlib.util
+from collections import Counter
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ LONG_CAPTION_EXACT_TOKENS = 1024  # a long_caption's detail is exact up to max(t
 _CACHED_WORD_CHARS = 64  # longer pre-tokens are rare and counted uncached: a cache of them could hold gigabytes
 _WHOLE_TEXT_CHARS = 4096  # a caption this short is counted whole, its cost bounded anyway, before any cap is checked
 REPEATS_FOR_JUNK = 3  # "Bora Bora" and "bye bye" are captions; "shoes shoes shoes" is keyword stuffing
+REPEATED_WORD_SHARE = 0.5  # ... and so is "dog dog dog v17": one word at least 3 times and half the words or more
+# Words in scripts written without spaces, as tokenizers split them (curate.stages.captions.word_counts).
+_IDEOGRAPHIC = r"\p{Han}\p{Hiragana}\p{Katakana}々ー"  # BERT's basic tokenizer: each ideograph is a word
+_SPACELESS = r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"  # no dictionary here: a word per 4 characters of a run
+SPACELESS_CHARS_PER_WORD = 4  # Thai's mean word length is ~4-5 characters; rounding up keeps a short caption short
+WORD_PATTERN = (rf"[{_IDEOGRAPHIC}]|[{_SPACELESS}]{{1,{SPACELESS_CHARS_PER_WORD}}}"
+                rf"|[^\s\p{{Z}}{_IDEOGRAPHIC}{_SPACELESS}]+")
 
 # Whole captions that are camera or upload file names, bare URLs (Arrow's RE2 syntax, matched case-insensitively).
 _IMAGE_EXTENSIONS = r"(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)"
@@ -41,8 +49,10 @@ JUNK_PATTERNS = {
 
 
 def word_counts(captions: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Whitespace-separated words per caption (null stays null)."""
-    return pc.count_substring_regex(captions, r"\S+")
+    """Words per caption (null stays null): runs between spaces, except in scripts written without them, where each
+    Han ideograph or kana is a word (as BERT's tokenizer splits Chinese) and a run of Thai, Lao, Khmer or Myanmar
+    letters is a word per SPACELESS_CHARS_PER_WORD characters, rounded up. Hangul is written with spaces."""
+    return pc.count_substring_regex(captions, WORD_PATTERN)
 
 
 def flag_short_captions(table: pa.Table, min_words: int) -> pa.Table:
@@ -65,9 +75,24 @@ def junk_kinds(captions: pa.ChunkedArray | pa.Array) -> list[str | None]:
     return out
 
 
+@cache
+def _words() -> Any:
+    import regex
+
+    return regex.compile(WORD_PATTERN)
+
+
 def _one_word_repeated(caption: str) -> bool:
-    words = caption.lower().split()
-    return len(words) >= REPEATS_FOR_JUNK and all(word == words[0] for word in words)
+    """The most common word (word_counts' words, lowercased, edge punctuation off) comes REPEATS_FOR_JUNK times or
+    more and makes REPEATED_WORD_SHARE of the words or more."""
+    words = [w for w in (word.strip(_PUNCTUATION) for word in _words().findall(caption.lower())) if w]
+    if len(words) < REPEATS_FOR_JUNK:
+        return False
+    top = Counter(words).most_common(1)[0][1]
+    return top >= REPEATS_FOR_JUNK and top >= REPEATED_WORD_SHARE * len(words)
+
+
+_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~。、，！？「」『』（）・…"
 
 
 def flag_junk_captions(table: pa.Table) -> pa.Table:

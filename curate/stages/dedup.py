@@ -8,10 +8,10 @@ import pyarrow.compute as pc
 
 from curate.schema import KEY, PHASH, SHA256
 from curate.stages.components import merge_components
+from curate.stages.hamming import near_pairs_in_bands
 from curate.stages.verdict import alive, survivor_ranks, with_reason
 
 STAGE = "dedup"
-PAIR_BLOCK = 2048  # rows per block of a band group's distance matrix
 
 
 def survivors(labels: np.ndarray, table: pa.Table) -> np.ndarray:
@@ -50,41 +50,15 @@ def band_slices(max_distance: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (i, j), i < j, of the hashes within max_distance bits of each other, among hashes that share a band.
-
-    The distance matrix is computed PAIR_BLOCK rows at a time, so a large band group costs PAIR_BLOCK x n memory,
-    not n x n. Both engines search their band groups with this.
-    """
-    hashes = hashes.astype(np.uint64)
-    left, right = [], []
-    for start in range(0, len(hashes), PAIR_BLOCK):
-        distance = np.bitwise_count(hashes[start:start + PAIR_BLOCK, None] ^ hashes[None, :])
-        i, j = np.nonzero(distance <= max_distance)
-        keep = j > i + start
-        left.append(i[keep] + start)
-        right.append(j[keep])
-    if not left:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
-
-
 def phash_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Index pairs (i, j), i < j, of distinct hash values within max_distance bits (multi-index hashing)."""
+    """Index pairs (i, j), i < j, of distinct hash values within max_distance bits (hamming.near_pairs_in_bands);
+    of equal hashes one index stands for all."""
     hashes = hashes.astype(np.uint64)
-    found: list[np.ndarray] = []
-    for lo, hi in band_slices(max_distance):
-        band = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-        order = np.argsort(band, kind="stable")
-        starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = order[start:end]  # increasing: the sort is stable
-            i, j = near_pairs(hashes[members], max_distance)
-            found.append(np.stack([members[i], members[j]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+    unique, first = np.unique(hashes, return_index=True)
+    bands = np.repeat(np.arange(max_distance + 1), len(unique))
+    left, right = near_pairs_in_bands(bands, np.tile(unique, max_distance + 1), max_distance)
+    i, j = first[np.searchsorted(unique, left)], first[np.searchsorted(unique, right)]
+    return np.unique(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1).astype(np.int64), axis=0)
 
 
 def band_signatures(hashes: np.ndarray, max_distance: int) -> pa.Table:
@@ -98,21 +72,10 @@ def band_signatures(hashes: np.ndarray, max_distance: int) -> pa.Table:
 
 
 def band_group_pairs(table: pa.Table, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) distinct hashes within max_distance bits inside each (band, value) group of band signatures,
-    left < right as uint64: one Spark group, or one spilled partition of the local engine's."""
-    band, value = table["band"].to_numpy(), table["value"].to_numpy()
-    hashes = table[PHASH].to_numpy().view(np.uint64)
-    order = np.lexsort((hashes, value, band))
-    band, value, hashes = band[order], value[order], hashes[order]
-    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])])
-    ends = np.r_[starts[1:], len(order)]
-    left, right = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
-    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-        group = np.unique(hashes[start:end])
-        i, j = near_pairs(group, max_distance)
-        left.append(group[i])
-        right.append(group[j])
-    return np.concatenate(left).view(np.int64), np.concatenate(right).view(np.int64)
+    """(left, right) distinct hashes within max_distance bits, left < right as uint64, each pair once, from band
+    signatures holding whole (band, value) groups: one Spark group, or one spilled partition of the local engine's."""
+    left, right = near_pairs_in_bands(table["band"].to_numpy(), table[PHASH].to_numpy(), max_distance)
+    return left.view(np.int64), right.view(np.int64)
 
 
 def hash_components(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +100,7 @@ def component_of(hashes: np.ndarray, named: np.ndarray, components: np.ndarray) 
 def phash_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Connected-component label per hash; identical hashes collapse first so a huge group costs O(n)."""
     unique, inverse = np.unique(hashes.astype(np.uint64), return_inverse=True)
-    pairs = phash_pairs(unique, max_distance)
+    pairs = phash_pairs(unique, max_distance)  # distinct values: one pair per near pair
     labels = np.arange(len(unique), dtype=np.int64)
     merge_components(labels, pairs[:, 0], pairs[:, 1])
     return labels[inverse]

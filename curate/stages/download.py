@@ -190,7 +190,7 @@ def process_body(body: bytes, options: DownloadOptions, boxes: Any = None) -> di
     row[PHASH] = phash_of(gray)
     return {**row, STATUS: SUCCESS, JPG: jpeg, ORIGINAL_WIDTH: original_width, ORIGINAL_HEIGHT: original_height,
             STORED_WIDTH: width, STORED_HEIGHT: height,
-            **crop_columns(options.resize_mode, options.buckets, original_width, original_height)}
+            **crop_columns(options.resize_mode, options.buckets, original_width, original_height, options.image_size)}
 
 
 def _stored_image(body: bytes, options: DownloadOptions) -> tuple[bytes, int, int, int, int, Image.Image]:

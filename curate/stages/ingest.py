@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from functools import cache
 
 import mmh3
@@ -9,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.schema import CAPTION, KEY, LOCATION_COLUMNS, PASSES_THRESHOLDS, ROW, URL, table_schema
+from curate.schema import CAPTION, CAPTION_REPAIR, KEY, LOCATION_COLUMNS, PASSES_THRESHOLDS, ROW, URL, table_schema
 
 # Every spelling seen in LAION releases (compared lower-cased) -> canonical name.
 COLUMN_ALIASES = {
@@ -101,19 +103,62 @@ def check_input_schema(schema: pa.Schema) -> dict[str, str]:
     return mapping
 
 
+# Bytes that are no UTF-8 are read as Windows-1252, the usual encoding of such web text (Latin-1 for the five bytes
+# it leaves unmapped); text with control characters after that is binary, not a caption. No ftfy: it mends UTF-8
+# read with the wrong codec, not bytes that never were UTF-8.
+REPAIRED, REPLACED, UNDECODABLE = "cp1252", "replaced", "undecodable"
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _latin_1(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    return error.object[error.start:error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("curate-latin-1", _latin_1)
+
+
+def decode_text(raw: bytes) -> tuple[str, str | None]:
+    """(text, how): UTF-8 when valid (how None); UTF-8 but for lone surrogates (CESU-8 writers), those U+FFFD
+    (REPLACED); else Windows-1252 (REPAIRED), UNDECODABLE when that text holds control characters (the text is then
+    still returned, for the ledger's detail)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        raw.decode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace"), REPLACED
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", "curate-latin-1")
+    return text, UNDECODABLE if _CONTROL.search(text) else REPAIRED
+
+
+def decoded_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """A string or binary column as valid strings (decode_text on any chunk that is not valid UTF-8), and how each
+    value was decoded (null: as given)."""
+    string_type = pa.large_string() if pa.types.is_large_string(column.type) else pa.string()
+    texts, hows = [], []
+    for chunk in column.chunks:
+        if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+            try:
+                chunk.validate(full=True)
+                texts.append(chunk)
+                hows.append(pa.nulls(len(chunk), pa.string()))
+                continue
+            except pa.ArrowInvalid:
+                chunk = chunk.view(pa.binary() if pa.types.is_string(chunk.type) else pa.large_binary())
+        pairs = [(None, None) if v is None else decode_text(v) for v in chunk.to_pylist()]
+        texts.append(pa.array([text for text, _ in pairs], string_type))
+        hows.append(pa.array([how for _, how in pairs], pa.string()))
+    return pa.chunked_array(texts, string_type), pa.chunked_array(hows, pa.string())
+
+
 def valid_utf8(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Strings as they are when valid; a chunk holding invalid UTF-8 (lone surrogates, Latin-1) decoded with U+FFFD."""
+    """Strings as they are when valid; a chunk holding invalid UTF-8 (lone surrogates, Latin-1) read by decode_text."""
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         return column
-    chunks = []
-    for chunk in column.chunks:
-        try:
-            chunk.validate(full=True)
-            chunks.append(chunk)
-        except pa.ArrowInvalid:
-            raw = chunk.view(pa.binary() if pa.types.is_string(column.type) else pa.large_binary()).to_pylist()
-            chunks.append(pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw], column.type))
-    return pa.chunked_array(chunks, column.type)
+    return decoded_text(column)[0]
 
 
 def key_of(url: str | None, caption: str | None) -> str:
@@ -160,7 +205,7 @@ def _cast_canonical(table: pa.Table) -> pa.Table:
 
 
 def _decoded(chunk: pa.Array) -> pa.Array:
-    return pa.array([None if v is None else v.decode("utf-8", "replace") for v in chunk.to_pylist()], pa.string())
+    return pa.array([None if v is None else decode_text(v)[0] for v in chunk.to_pylist()], pa.string())
 
 
 def _to_float(value: str | None) -> float | None:
@@ -174,6 +219,13 @@ def normalize(table: pa.Table, first_row: int) -> pa.Table:
     """Canonical column names and types, plus `key` and `row` (global input order starting at first_row)."""
     mapping = check_input_schema(table.schema)
     table = table.rename_columns([mapping[name] for name in table.column_names])
+    repairs: pa.ChunkedArray | pa.Array = pa.nulls(table.num_rows, pa.string())
+    if CAPTION in table.column_names:  # captions that are no UTF-8: decoded by the fallback, and said so
+        caption = table[CAPTION]
+        caption = pc.cast(caption, caption.type.value_type) if pa.types.is_dictionary(caption.type) else caption
+        if not pa.types.is_null(caption.type):
+            text, repairs = decoded_text(caption)
+            table = table.set_column(table.column_names.index(CAPTION), CAPTION, text)
     for index, name in enumerate(table.column_names):  # strings Python cannot decode would crash a later stage
         column = table[name]
         if pa.types.is_null(column.type):  # an all-null column: Arrow joins and later batches need a real type
@@ -181,6 +233,6 @@ def normalize(table: pa.Table, first_row: int) -> pa.Table:
         table = table.set_column(index, name, valid_utf8(column))
     if CAPTION not in table.column_names:
         table = table.append_column(CAPTION, pa.nulls(table.num_rows, pa.string()))
-    table = _cast_canonical(table)
+    table = _cast_canonical(table).append_column(CAPTION_REPAIR, repairs)
     table = table.add_column(0, ROW, pa.array(np.arange(first_row, first_row + table.num_rows), pa.int64()))
     return table.add_column(0, KEY, _keys(table))

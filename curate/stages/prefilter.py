@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from curate.schema import (
     AESTHETIC,
     CAPTION,
+    CAPTION_REPAIR,
     DROP_DETAIL,
     DROP_REASON,
     DROP_STAGE,
@@ -24,6 +25,7 @@ from curate.schema import (
     WIDTH,
 )
 from curate.stages.captions import flag_captions
+from curate.stages.ingest import UNDECODABLE
 from curate.stages.verdict import above, apply_verdicts, below, stored_text, with_reason, with_verdict_columns
 
 STAGE = "prefilter"
@@ -73,6 +75,18 @@ def flag_invalid_urls(table: pa.Table) -> pa.Table:
     for index, url in zip(unsure.tolist(), urls.take(pa.array(unsure, pa.int64())).to_pylist(), strict=True):
         problems[index] = url_problem(url)
     return with_reason(table, pa.array([p is not None for p in problems]), STAGE, "invalid_url", problems)
+
+
+def flag_undecodable_captions(table: pa.Table) -> pa.Table:
+    """Captions ingest could read neither as UTF-8 nor as Windows-1252 text (CAPTION_REPAIR "undecodable")."""
+    if CAPTION_REPAIR not in table.column_names:
+        return table
+    bad = pc.fill_null(pc.equal(table[CAPTION_REPAIR], UNDECODABLE), False)
+    if not pc.any(bad).as_py():
+        return table
+    details = [None if not b else "not text: " + c[:40].encode("unicode_escape").decode("ascii")
+               for b, c in zip(bad.to_pylist(), table[CAPTION].to_pylist(), strict=True)]
+    return with_reason(table, bad, STAGE, "undecodable_caption", details)
 
 
 def flag_empty_captions(table: pa.Table) -> pa.Table:
@@ -174,6 +188,7 @@ def prefilter(
     table = with_verdict_columns(table)
     if check_urls:  # not for images already downloaded: their url is a record, not something to fetch
         table = flag_invalid_urls(table)
+    table = flag_undecodable_captions(table)
     table = flag_empty_captions(table)
     table = apply_verdicts(table, url_flags)
     table = flag_metadata_size(table, min_size)

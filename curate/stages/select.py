@@ -45,8 +45,17 @@ def flag_low_resolution(table: pa.Table, min_size: int) -> pa.Table:
     return with_reason(table, pc.less(short, min_size), STAGE, "low_resolution", pc.cast(short, pa.string()))
 
 
+def _judged(table: pa.Table, score: str, metadata: str) -> pa.ChunkedArray:
+    """The values a threshold judges: a row scored from metadata by its metadata column, in that column's precision
+    (the float32 score would round a float64 5.0000001 to 5.0, which prefilter kept for "> 5.0"), else its score."""
+    if metadata not in table.column_names or SCORES_SOURCE not in table.column_names:
+        return table[score]
+    from_metadata = pc.fill_null(pc.equal(table[SCORES_SOURCE], "metadata"), False)
+    return pc.if_else(from_metadata, pc.cast(table[metadata], pa.float64()), pc.cast(table[score], pa.float64()))
+
+
 def flag_watermark(table: pa.Table, max_watermark: float) -> pa.Table:
-    values = table[WATERMARK_PROB]
+    values = _judged(table, WATERMARK_PROB, PWATERMARK)
     return with_reason(table, above(values, max_watermark), STAGE, "watermark", stored_text(values))
 
 
@@ -72,8 +81,8 @@ def flag_low_clip_score(table: pa.Table, min_clip_score: float | None) -> pa.Tab
 
 
 def flag_low_aesthetic(table: pa.Table, threshold: float) -> pa.Table:
-    values = table[AESTHETIC_SCORE]
-    table = with_reason(table, pc.is_null(values), STAGE, "no_aesthetic_score")
+    table = with_reason(table, pc.is_null(table[AESTHETIC_SCORE]), STAGE, "no_aesthetic_score")
+    values = _judged(table, AESTHETIC_SCORE, AESTHETIC)
     return with_reason(table, below(values, threshold), STAGE, "low_aesthetic", stored_text(values))
 
 

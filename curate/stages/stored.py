@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,6 +18,7 @@ from curate.schema import (
     TAR_PATH,
     TAR_SIZE,
 )
+from curate.stages.buckets import CROP_LEFT, CROP_TOP
 from curate.stages.consent import not_checked
 from curate.stages.download import (
     DownloadOptions,
@@ -73,11 +75,34 @@ def decode_stored_chunks(table: pa.Table, options: DownloadOptions, rows: int = 
 
 
 def _with_results(piece: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
-    piece = with_download_results(piece, results)
+    piece = _unknown_crops(with_download_results(piece, results))
     for ours, theirs in SOURCE_ORIGINAL.items():
         if theirs in piece.column_names:
             claimed = pc.cast(piece[theirs], pa.int32(), safe=False)
             usable = pc.and_(pc.is_valid(piece[ours]), pc.greater(pc.fill_null(claimed, 0), 0))
             piece = piece.set_column(piece.column_names.index(ours), ours,
                                      pc.if_else(usable, claimed, piece[ours]))
+    return piece
+
+
+def _unknown_crops(piece: pa.Table) -> pa.Table:
+    """crop_top/crop_left null where the tar's image has another aspect than the original its json claims: the tool
+    that wrote it cropped or padded it (img2dataset's center_crop or border) and recorded no crop, so the SDXL crop
+    from the original is unknown. The same aspect within rounding (a keep_ratio resize) keeps the crop computed here:
+    SDXL's crop is in the coordinates of the image scaled for it, which scaling the stored image instead reaches too."""
+    if not all(name in piece.column_names for name in (*SOURCE_ORIGINAL.values(), CROP_TOP, CROP_LEFT)):
+        return piece
+    claimed = [pc.fill_null(pc.cast(piece[SOURCE_ORIGINAL[side]], pa.float64(), safe=False), 0).to_numpy()
+               for side in (ORIGINAL_WIDTH, ORIGINAL_HEIGHT)]
+    decoded = [pc.fill_null(pc.cast(piece[side], pa.float64()), 0).to_numpy() for side in (ORIGINAL_WIDTH,
+                                                                                           ORIGINAL_HEIGHT)]
+    # w = round(W s), h = round(H s) keeps |W h - H w| within (W + H) / 2
+    skew = np.abs(claimed[0] * decoded[1] - claimed[1] * decoded[0])
+    unknown = (claimed[0] > 0) & (claimed[1] > 0) & (decoded[0] > 0) & (skew > (claimed[0] + claimed[1]) / 2 + 1)
+    if not unknown.any():
+        return piece
+    for name in (CROP_TOP, CROP_LEFT):
+        column = piece[name]
+        piece = piece.set_column(piece.column_names.index(name), name,
+                                 pc.if_else(pa.array(unknown), pa.scalar(None, column.type), column))
     return piece

@@ -85,27 +85,31 @@ def verdicts_of(table: pa.Table) -> pa.Table:
     return flagged.select([ROW, *VERDICT_COLUMNS]).cast(verdict_schema())
 
 
-def _at_limit(values: pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
-    """True where a value equals limit as a float64 or as a float32: LAION releases store scores in either."""
-    as_float32 = float(np.float32(limit))
-    return pc.or_(pc.equal(values, limit), pc.equal(values, as_float32))
-
-
 def _as_float64(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     values = pa.chunked_array([values]) if isinstance(values, pa.Array) else values
     return pc.cast(values, pa.float64())
 
 
-def above(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
-    """values > limit, where a value that is the limit in its own precision (float32(0.8) for 0.8) is not above."""
+def as_stored(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each value as the number its column stored, in float64: a value a float32 holds exactly is read as its shortest
+    float32 text (float32(0.8), 0.800000011920929, is 0.8: LAION releases store scores in float32 or float64, and
+    ingest widens both to float64); any other value, a float64's, exactly as it is (5.0000001 stays 5.0000001)."""
     values = _as_float64(values)
-    return pc.and_(pc.greater(values, limit), pc.invert(_at_limit(values, limit)))
+    as_float32 = pc.cast(values, pa.float32(), safe=False)
+    is_float32 = pc.equal(pc.cast(as_float32, pa.float64()), values)
+    return pc.if_else(is_float32, pc.cast(pc.cast(as_float32, pa.string()), pa.float64()), values)
+
+
+def above(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
+    """values > limit both as they are and as their column stored them (as_stored): float32(0.8) is not above 0.8,
+    and a value equal to the limit never is."""
+    return pc.and_(pc.greater(_as_float64(values), limit), pc.greater(as_stored(values), limit))
 
 
 def below(values: pa.Array | pa.ChunkedArray, limit: float) -> pa.ChunkedArray:
-    """values < limit, where a value that is the limit in its own precision (float32(5.1) for 5.1) is not below."""
-    values = _as_float64(values)
-    return pc.and_(pc.less(values, limit), pc.invert(_at_limit(values, limit)))
+    """values < limit both as they are and as their column stored them (as_stored): float32(5.1) is not below 5.1,
+    and a value equal to the limit never is."""
+    return pc.and_(pc.less(_as_float64(values), limit), pc.less(as_stored(values), limit))
 
 
 def stored_text(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:

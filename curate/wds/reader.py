@@ -19,10 +19,12 @@ import fsspec
 import mmh3
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.schema import (
     CAPTION,
+    CAPTION_REPAIR,
     DROP_DETAIL,
     DROP_REASON,
     DROP_STAGE,
@@ -35,7 +37,7 @@ from curate.schema import (
     VERDICT_COLUMNS,
     table_schema,
 )
-from curate.stages.ingest import COLUMN_ALIASES, normalize
+from curate.stages.ingest import COLUMN_ALIASES, decode_text, normalize
 from curate.wds.inputs import IMAGE_COLUMNS, image_column
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,13 @@ def _samples(tar: tarfile.TarFile, path: str, size: int, damage: list[dict[str, 
 
 
 def _text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    return _decoded(tar, member)[0]
+
+
+def _decoded(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str, str | None]:
+    """A member's text by ingest's decode_text (UTF-8, else Windows-1252) and how it was decoded (CAPTION_REPAIR)."""
     handle = tar.extractfile(member)
-    return handle.read().decode("utf-8", "replace") if handle is not None else ""
+    return decode_text(handle.read()) if handle is not None else ("", None)
 
 
 def _json_fields(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> tuple[dict[str, Any], str | None]:
@@ -146,7 +153,7 @@ def sample_row(tar: Any, path: str, sample: _Sample, caption_field: str | None,
     row: dict[str, Any] = {**without_captions(fields, caption_field), URL: fields.get(URL),
                            "source_sample": sample.key}
     if "txt" in sample.members:
-        row[CAPTION] = _text(tar, sample.members["txt"])
+        row[CAPTION], row[CAPTION_REPAIR] = _decoded(tar, sample.members["txt"])
     else:
         row[CAPTION] = caption_of(fields, caption_field)
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
@@ -233,7 +240,7 @@ def _tar_rows(path: str, caption_field: str | None, damage: list[dict[str, Any]]
 
 def _table(rows: list[dict[str, Any]], tar_path: str) -> pa.Table:
     """Rows to a table of the input's own columns (normalized later, as parquet input) plus curate's own."""
-    own = (*LOCATION_COLUMNS, *VERDICT_COLUMNS)
+    own = (*LOCATION_COLUMNS, *VERDICT_COLUMNS, CAPTION_REPAIR)
     for row in rows:
         if row.get("hash") is None:
             row["hash"] = row_hash(row, tar_path)
@@ -268,7 +275,12 @@ def normalize_rows(table: pa.Table, first_row: int) -> pa.Table:
     own = [name for name in table.column_names if name.startswith(OWN_PREFIX)]
     normalized = normalize(table.drop_columns(own), first_row)
     for name in own:
-        normalized = normalized.append_column(name[len(OWN_PREFIX):], table[name])
+        column = name[len(OWN_PREFIX):]
+        if column in normalized.column_names:  # caption_repair: the .txt member's decode, else ingest's
+            normalized = normalized.set_column(normalized.column_names.index(column), column,
+                                               pc.coalesce(table[name], normalized[column]))
+        else:
+            normalized = normalized.append_column(column, table[name])
     return normalized
 
 

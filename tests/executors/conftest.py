@@ -23,3 +23,17 @@ def spark() -> Iterator[object]:
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A Spark standalone Master and two 1-core Workers on 127.0.0.1 (tests/executors/standalone.py)."""
+    from tests.executors.standalone import SPARK_BIN, Cluster
+
+    assert (SPARK_BIN / "spark-class").exists(), "pyspark installs spark-class next to the interpreter"
+    cluster = Cluster(tmp_path_factory.mktemp("standalone"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

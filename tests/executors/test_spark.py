@@ -215,14 +215,19 @@ def test_spark_ingest_reads_numbers_and_strings_of_one_column_as_the_local_inges
     files = [pa.table({"URL": ["http://a/1", "http://a/2"], "TEXT": ["one", None], "WIDTH": ["120", "wide"],
                        "AESTHETIC_SCORE": pa.array([5.1, 6.3], pa.float32()), "LANGUAGE": ["en", "de"]}),
              pa.table({"url": ["http://b/1"], "caption": ["three"],
-                       "width": pa.array([77], pa.int32()), "aesthetic": ["4.25"], "hash": pa.array([-5], pa.int64())})]
+                       "width": pa.array([77], pa.int32()), "aesthetic": ["4.25"], "hash": pa.array([-5], pa.int64())}),
+             pa.table({"URL": ["http://c/1", "http://c/2", "http://c/3"],  # captions that are no UTF-8, as bytes
+                       "TEXT": pa.array([b"caf\xe9 cr\xe8me", b"\xff\xd8\xff\xe0\x00\x10JFIF", "一只黑猫".encode()],
+                                        pa.binary())})]
     (tmp_path / "in").mkdir()
     for index, table in enumerate(files):
         pq.write_table(table, tmp_path / "in" / f"part-{index}.parquet")
-    local = pa.concat_tables([normalize(files[0], 0), normalize(files[1], 2)], promote_options="permissive")
+    local = pa.concat_tables([normalize(files[0], 0), normalize(files[1], 2), normalize(files[2], 3)],
+                             promote_options="permissive")
+    assert local["caption_repair"].to_pylist()[3:] == ["cp1252", "undecodable", None]
     raw, rows = read_input(spark, [str(tmp_path / "in")])
     got = map_stage(raw, _ingest).toArrow().sort_by("row")
-    assert rows == 3
+    assert rows == 6
     assert got.select(local.column_names).to_pylist() == local.to_pylist()
 
 
@@ -294,3 +299,25 @@ def test_spark_submit_job_survives_a_failed_shard_writer(served: dict[str, Any])
     assert result.returncode == 0, result.stderr[-4000:]
     assert (markers / "failed-once").exists()
     assert_same_dataset(served["local"], out)
+
+
+def test_spark_components_are_the_local_union_find(spark: Any, tmp_path: Path) -> None:
+    """Min-label rounds over DataFrames label each hash with its component's smallest hash, as the local union-find
+    (dedup.hash_components) does: long chains, stars and pairs, nothing collected but the count of changes."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.executors.spark.components import connected_components
+    from curate.stages import dedup
+
+    rng = np.random.default_rng(2)
+    chain = np.arange(0, 300, dtype=np.int64)  # a path of 300 nodes, in shuffled order
+    left = np.concatenate([chain[:-1], np.full(40, 1000), rng.integers(2000, 2400, size=200)])
+    right = np.concatenate([chain[1:], np.arange(1001, 1041), rng.integers(2000, 2400, size=200)])
+    shuffled = rng.permutation(len(left))
+    edges = spark.createDataFrame(pa.table({"left": left[shuffled], "right": right[shuffled]}))
+    found = connected_components(spark, edges, str(tmp_path / "cc")).toArrow().sort_by("node")
+    named, components = dedup.hash_components(left, right)
+    assert found["node"].to_numpy().tolist() == named.tolist()
+    assert found["component"].to_numpy().tolist() == components.tolist()
+    assert len(set(components.tolist())) > 3

@@ -45,6 +45,9 @@ CAPTIONS: dict[str, str | None] = {
     "holiday photo 2019.png": "junk_caption",
     "https://example.com/photos/beach.jpg": "junk_caption",
     "sale sale sale sale": "junk_caption",
+    "dog dog dog v17": "junk_caption",  # one word in 3 of 4
+    "黒猫": "short_caption",  # two ideographs: two words
+    "一只黑猫在沙发上睡觉": "caption_language",  # ten words, not one: the language check sees it
     HARBOR + " in": "long_caption",
     "a naïve café crème brûlée on a façade terrace, with a résumé and a piñata " * 4: "long_caption",
 }
@@ -87,5 +90,5 @@ def test_caption_filters_on_spark_match_curate_run(spark: Any, tmp_path: Path) -
     assert details["une petite maison au bord de la mer en été"].startswith("fr ")
     assert stats["dropped_by_stage"] == json.loads((tmp_path / "local" / "stats.json").read_text())["dropped_by_stage"]
     assert stats["dropped_by_stage"]["prefilter"] == {
-        "caption_language": 3, "short_caption": 2, "junk_caption": 5, "long_caption": 2}
+        "caption_language": 4, "short_caption": 3, "junk_caption": 6, "long_caption": 2}
     assert_same_dataset(tmp_path / "local", tmp_path / "spark")

@@ -16,7 +16,7 @@ from curate.testing.server import ImageServer
 from tests.executors.test_spark import assert_same_dataset
 from tests.test_img2dataset_shapes import PER_SHARD, caption_field_tar, crashed_copy, expected_failures, failing
 from tests.test_img2dataset_shapes import ROWS as SHAPE_ROWS
-from tests.test_webdataset_input import ROWS, RUN, _img2dataset
+from tests.test_webdataset_input import ODD_CAPTIONS, ROWS, RUN, _img2dataset, write_caption_tar
 
 
 def test_spark_curates_img2dataset_output_as_the_local_engine_does(spark: Any, tmp_path: Path) -> None:
@@ -24,10 +24,13 @@ def test_spark_curates_img2dataset_output_as_the_local_engine_does(spark: Any, t
 
     with ImageServer() as server:
         tars, _ = _img2dataset(tmp_path, server)
+    write_caption_tar(tars / "odd.tar")  # Latin-1, binary and Japanese captions
     config = Config(**{**RUN, "batch_size_rows": 16, "seed": 3}).validate()
     local = run_local([str(tars)], tmp_path / "local", config)
     stats = run_spark(spark, [str(tars)], str(tmp_path / "spark"), config)
-    assert stats["input_rows"] == local["input_rows"] == ROWS == stats["kept"] + stats["dropped"]
+    rows = ROWS + len(ODD_CAPTIONS)
+    assert stats["input_rows"] == local["input_rows"] == rows == stats["kept"] + stats["dropped"]
+    assert stats["dropped_by_stage"]["prefilter"].get("undecodable_caption") == 1
     assert stats["dropped_by_stage"] == local["dropped_by_stage"]
     assert stats["dropped_by_stage"]["ingest"] == {"img2dataset_failed_to_download": ROWS // 10}
     assert_same_dataset(tmp_path / "local", tmp_path / "spark")

@@ -88,7 +88,10 @@ def test_invalid_utf8_in_captions_and_urls_is_repaired_not_fatal(tmp_path: Path,
     stats = run_local([str(tmp_path / "bad-utf8.parquet")], tmp_path / "out", hostile_config())
     assert stats["kept"] == 3
     texts = tar_texts(tmp_path / "out")
-    assert "lone surrogate \ufffd\ufffd\ufffd here" in texts and "latin-1 caf\ufffd" in texts
+    assert "lone surrogate \ufffd\ufffd\ufffd here" in texts and "latin-1 caf\u00e9" in texts  # cp1252, not U+FFFD
+    repairs = pq.read_table(tmp_path / "out" / "samples.parquet").to_pydict()
+    assert dict(zip(repairs["caption"], repairs["caption_repair"], strict=True)) == {
+        "lone surrogate \ufffd\ufffd\ufffd here": "replaced", "latin-1 caf\u00e9": "cp1252", "fine": None}
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "a/b", "abc\0def", "", "0123456789ABCDEF", "0" * 17, None])

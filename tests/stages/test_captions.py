@@ -37,12 +37,26 @@ def test_short_captions_need_min_words_and_zero_is_off():
     assert flag_short_captions(table, 0)["drop_reason"].null_count == table.num_rows
 
 
+def test_scripts_without_spaces_count_words_as_tokenizers_split_them():
+    """Chinese, Japanese and Thai captions were one word each (split on spaces), so the sdxl recipe dropped them."""
+    # 18 Thai letters: 5 words
+    captions = {"一只黑猫": 4, "東京タワーの夜景": 8, "夕暮れの海": 5, "แมวนอนบนโซฟาสีแดง": 5,
+                "a photo of 東京": 5, "한국 고양이 사진": 3, "photo\u3000de chat": 3, "a  black\tcat": 3}
+    table = _table(list(captions))
+    assert captions_module.word_counts(table["caption"]).to_pylist() == list(captions.values())
+    out = flag_short_captions(_table(["猫", "黒猫", "黒い猫", "แมว", "แมวดำตัวใหญ่"]), 3)  # the sdxl recipe's 3 words
+    assert out["drop_reason"].to_pylist() == ["short_caption", "short_caption", None, "short_caption", None]
+
+
 def test_junk_alt_text_kinds():
     junk = {"IMG_1234.JPG": "file_name", "my holiday photo.png": "file_name", "DSC0001": "camera_name",
             "DSC_0042": "camera_name", "PXL_20230101_123456789": "camera_name", "https://example.com/a.jpg": "url",
-            "www.example.com/x": "url", "sale sale sale": "repeated_word", "Sale SALE sale sale": "repeated_word"}
-    fine = ["Bora Bora", "bye bye", "a photo.jpg of a cat on a mat", "Photo 2019", "IMG of a dog", "Visit example.com",
-            "dsc lens review", "a cat"]
+            "www.example.com/x": "url", "sale sale sale": "repeated_word", "Sale SALE sale sale": "repeated_word",
+            "dog dog dog v17": "repeated_word", "shoes, shoes, shoes! cheap": "repeated_word",  # 3 of 4 words
+            "猫猫猫猫": "repeated_word"}
+    fine = ["Bora Bora", "bye bye", "the cat and the dog and the bird", "New York New York skyline",
+            "bye bye bye my love, forever and ever", "a photo.jpg of a cat on a mat", "Photo 2019", "IMG of a dog",
+            "Visit example.com", "dsc lens review", "a cat"]
     kinds = junk_kinds(pa.array(list(junk) + fine + [None]))
     assert kinds == [*junk.values(), *[None] * len(fine), None]
     out = flag_junk_captions(_table(["IMG_1234.JPG", "a cat"]))

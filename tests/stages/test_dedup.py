@@ -1,7 +1,8 @@
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from curate.stages import dedup
+from curate.stages import dedup, hamming
 from curate.stages.dedup import band_slices, flag_exact_duplicates, flag_phash_duplicates, phash_groups, phash_pairs
 from curate.stages.verdict import survivor_order, with_verdict_columns
 
@@ -34,39 +35,46 @@ def test_phash_pairs_match_brute_force():
 
 
 
-def test_near_pairs_in_blocks_match_brute_force(monkeypatch):
-    """The one pair search of both engines gives the same pairs whatever its block size (here 7 rows a block)."""
-    rng = np.random.default_rng(1)
-    hashes = np.unique(rng.integers(0, 2**12, size=300, dtype=np.uint64))  # small values: many near pairs
+def _brute_force(hashes, k):
     distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
-    expected = set(zip(*(a.tolist() for a in np.nonzero(np.triu(distance <= 3, 1))), strict=True))
-    whole = set(zip(*(a.tolist() for a in dedup.near_pairs(hashes, 3)), strict=True))
-    monkeypatch.setattr(dedup, "PAIR_BLOCK", 7)
-    blocked = set(zip(*(a.tolist() for a in dedup.near_pairs(hashes, 3)), strict=True))
-    assert whole == blocked == expected and len(expected) > 300
+    i, j = np.nonzero(np.triu(distance <= k, 1))
+    return set(zip(np.minimum(hashes[i], hashes[j]).tolist(), np.maximum(hashes[i], hashes[j]).tolist(), strict=True))
 
 
-def test_spark_components_are_the_local_groups():
-    """The Spark driver's union-find over hash pairs labels each hash with its component's smallest hash, grouping
-    the hashes exactly as the local engine's phash_groups does."""
-    from curate.executors.spark.dedup import components
+def _planted(rng, n):
+    """Random hashes, near copies 1-4 bits away, and a dense clump of small values (big band groups)."""
+    base = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+    flips = [sum(1 << int(b) for b in rng.choice(64, size=rng.integers(1, 5), replace=False)) for _ in range(n // 4)]
+    clump = rng.integers(0, 2**14, size=n // 2, dtype=np.uint64)
+    return np.unique(np.concatenate([base, base[: n // 4] ^ np.array(flips, dtype=np.uint64), clump]))
 
-    rng = np.random.default_rng(2)
-    hashes = np.unique(rng.integers(0, 2**10, size=200, dtype=np.uint64))
-    i, j = dedup.near_pairs(hashes, 2)
-    as_int = hashes.view(np.int64)
-    mapping = components(pa.table({"left": pa.array(as_int[i]), "right": pa.array(as_int[j])})).to_pydict()
-    component = dict(zip(mapping["phash"], mapping["component"], strict=True))
-    local = phash_groups(hashes, 2)
-    for a in range(len(hashes)):
-        for b in (i[j == a].tolist() + j[i == a].tolist()):
-            assert component[int(as_int[a])] == component[int(as_int[b])]
-    spark_groups = {h: component.get(h, h) for h in as_int.tolist()}
-    for a in range(len(hashes)):
-        same_local = local == local[a]
-        same_spark = np.array([spark_groups[h] == spark_groups[int(as_int[a])] for h in as_int.tolist()])
-        assert np.array_equal(same_local, same_spark)
-    assert all(spark_groups[h] <= h for h in as_int.tolist()) and len(set(local.tolist())) < len(hashes)
+
+@pytest.mark.parametrize("cap", [2, 16, hamming.GROUP_CAP])
+def test_split_band_groups_find_each_near_pair_once(cap):
+    """Splitting oversized band groups (down to 2 hashes a group) finds exactly the brute-force pairs, each once,
+    at distances 1 to 8, on random hashes with planted near copies and a dense clump."""
+    rng = np.random.default_rng(cap)
+    hashes = _planted(rng, 1200)
+    for k in (1, 4, 8):
+        bands = np.repeat(np.arange(k + 1), len(hashes))
+        left, right = hamming.near_pairs_in_bands(bands, np.tile(hashes, k + 1), k, cap)
+        found = list(zip(left.tolist(), right.tolist(), strict=True))
+        expected = _brute_force(hashes, k)
+        assert len(found) == len(set(found)) and set(found) == expected and len(expected) > 200, k
+
+
+def test_band_groups_in_any_partition_give_the_same_pairs():
+    """Band signatures cut into partitions of whole (band, value) groups (the local spill, Spark's groups) yield the
+    whole set's pairs, each pair in one partition only."""
+    rng = np.random.default_rng(5)
+    hashes = _planted(rng, 800)
+    signatures = dedup.band_signatures(hashes.view(np.int64), 4)
+    bucket = (signatures["value"].to_numpy() * 64 + signatures["band"].to_numpy()) % 7
+    found = []
+    for part in range(7):
+        left, right = dedup.band_group_pairs(signatures.filter(pa.array(bucket == part)), 4)
+        found += list(zip(left.view(np.uint64).tolist(), right.view(np.uint64).tolist(), strict=True))
+    assert len(found) == len(set(found)) and set(found) == _brute_force(hashes, 4)
 
 
 def test_identical_hashes_collapse_into_one_group():

@@ -3,6 +3,7 @@ import pyarrow as pa
 import pytest
 
 from curate.stages.ingest import canonical_names, format_key, key_of, normalize
+from curate.stages.prefilter import prefilter
 
 
 def test_key_is_laion_hash_as_unsigned_hex():
@@ -50,8 +51,23 @@ def test_binary_and_dictionary_text_columns_become_strings():
                       "TEXT": pa.array(["one", "two"]).dictionary_encode()})
     out = normalize(table, 0)
     assert out["url"].type == pa.string() and out["caption"].type == pa.string()
-    assert out["url"].to_pylist() == ["http://a/1.jpg", "http://a/\ufffd.jpg"]
+    assert out["url"].to_pylist() == ["http://a/1.jpg", "http://a/\u00ff.jpg"]  # no UTF-8: read as Windows-1252
     assert out["key"][0].as_py() == key_of("http://a/1.jpg", "one")
+
+
+def test_captions_that_are_no_utf8_are_decoded_by_the_fallback_and_said_so():
+    """A binary caption b"caf\xe9 cr\xe8me" became "caf\ufffd cr\ufffdme" and was kept as if nothing happened."""
+    captions = [b"caf\xe9 cr\xe8me", "naïve".encode(), b"\x93quoted\x94 \x80 5", b"\xff\xd8\xff\xe0\x00\x10JFIF", None,
+                b"lone \xed\xa0\x80 surrogate"]
+    table = pa.table({"URL": [f"http://a/{i}.jpg" for i in range(6)], "TEXT": pa.array(captions, pa.binary())})
+    out = normalize(table, 0)
+    assert out["caption"].to_pylist() == ["café crème", "naïve", "\u201cquoted\u201d \u20ac 5",
+                                          "\u00ff\u00d8\u00ff\u00e0\x00\x10JFIF", None,
+                                          "lone \ufffd\ufffd\ufffd surrogate"]
+    assert out["caption_repair"].to_pylist() == ["cp1252", None, "cp1252", "undecodable", None, "replaced"]
+    judged = prefilter(out, None, 0, None, None, None)
+    assert judged["drop_reason"].to_pylist() == [None, None, None, "undecodable_caption", "empty_caption", None]
+    assert judged["drop_detail"][3].as_py().startswith("not text: \\xff\\xd8\\xff\\xe0\\x00")
 
 
 def test_an_all_null_column_gets_a_real_type():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import tarfile
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,14 +73,13 @@ def test_image_column_is_stored_plain_in_small_row_groups(tmp_path) -> None:
     assert columns["caption"].compression == "SNAPPY" and columns["row"].statistics is not None
 
 
-def test_image_views_span_chunks_without_copying_them() -> None:
-    from curate.wds.writer import _binary_views
-
-    values = [b"a", None, b"", b"xyz", b"1234", None, b"q"]
-    column = pa.chunked_array([pa.array(values[:3], pa.binary()), pa.array(values[3:], pa.binary()).slice(1),
-                               pa.array([], pa.binary())])
-    expected = values[:3] + values[4:]
-    rows = np.arange(len(expected))[::-1]
-    views = _binary_views(column, rows)
-    assert [None if v is None else bytes(v) for v in views] == [expected[r] for r in rows]
-    assert all(v is None or isinstance(v.obj, pa.Buffer) for v in views)  # views of the chunks' buffers, not copies
+def test_a_crop_another_tool_made_without_recording_it_is_unknown(tmp_path) -> None:
+    """img2dataset's center_crop stores 1100x520 photos square and records no crop: the crop is null, never 0."""
+    table = located_table(tmp_path, 4).slice(0, 3)  # images of 200x150, 210x150, 220x150
+    claimed = pa.array([400.0, 2000.0, 220.0])  # 4:3 as stored (a keep_ratio resize); 2000x150 cropped; the same
+    table = table.append_column("source_original_width", claimed).append_column(
+        "source_original_height", pa.array([300.0, 150.0, 150.0]))
+    out = decode_stored(table, DownloadOptions(image_size=128, resize_mode="center_crop"))
+    assert out["original_width"].to_pylist() == [400, 2000, 220]
+    assert out["crop_top"].to_pylist() == [0, None, 0]
+    assert out["crop_left"].to_pylist() == [(171 - 128) // 2, None, (188 - 128) // 2]  # 200x150 -> 171x128

@@ -56,19 +56,15 @@ def test_prefilter_keeps_the_threshold_itself(column: str, limit: float, keep_ab
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize(("column", "limit", "keep_above"), THRESHOLDS, ids=[t[0] for t in THRESHOLDS])
 def test_select_agrees_with_prefilter(column: str, limit: float, keep_above: bool, dtype: type) -> None:
-    """Scores from metadata are float32 in select: a float64 0.8 becomes float32(0.8) and must still be kept."""
+    """Scores from metadata are float32 in select, but the thresholds judge the metadata column as it was stored."""
     cases = _boundary_values(limit, dtype)
     table = scores_from_metadata(_metadata(column, list(cases.values()), dtype))
     size = pa.array([1024] * table.num_rows, pa.int32())
     table = with_verdict_columns(table.append_column("original_width", size).append_column("original_height", size))
     judged = select(table, 512, 5.1, 0.8, 0.3)
     kept = alive(judged).to_pylist()
-    if dtype is np.float32:  # the float32 neighbours stay distinct in select's float32 columns
-        assert kept == _expected_alive(list(cases), keep_above)
-    else:  # float64 neighbours collapse onto float32(limit): prefilter judged them, select must keep the limit
-        assert kept[0] is True
-        if not keep_above:
-            assert kept[1] is True
+    # select judges a metadata score by its metadata column, so float64 neighbours stay distinct too
+    assert kept == _expected_alive(list(cases), keep_above)
 
 
 def test_a_value_one_float32_ulp_above_the_watermark_limit_is_dropped_with_its_stored_value() -> None:
@@ -77,3 +73,14 @@ def test_a_value_one_float32_ulp_above_the_watermark_limit_is_dropped_with_its_s
     assert judged["drop_reason"].to_pylist() == ["metadata_watermark"]
     detail = judged["drop_detail"].to_pylist()[0]
     assert len(detail) <= 10 and np.float32(detail) == np.float32(above)  # the float32 text, not 0.800000071525574
+
+
+def test_a_float32_score_equal_to_the_limit_is_never_on_the_dropped_side() -> None:
+    """A cut at a float32 score itself (a median): its shortest text -0.048046656 is below the float64 value, yet
+    the score is the limit."""
+    from curate.stages.verdict import above, below
+
+    value = float(np.float32(-0.048046656))
+    scores = pa.array([value, float(np.nextafter(np.float32(value), np.float32(-1)))], pa.float32())
+    assert below(scores, value).to_pylist() == [False, True]
+    assert above(pa.array([0.5], pa.float32()), 0.5).to_pylist() == [False]

@@ -136,8 +136,9 @@ def duplicate_verdicts(signatures: Iterable[pa.Table], kinds: list[str], max_dis
     kind as signature -> partition -> group, one partition in memory at a time:
     - exact: rows by their sha256; each partition's sha256 groups are whole, its survivors go on to pHash;
     - pHash: rows by their hash; every distinct hash's band values by (band, value), where each partition yields
-      its near pairs; the union-find over those pairs of hash values (dedup.hash_components) names each hash's
-      component; rows again by their component, each partition judged with the survivor rule.
+      its near pairs (oversized groups split inside, curate.stages.hamming); the union-find over those pairs of
+      hash values (dedup.hash_components) names each hash's component; rows again by their component, each
+      partition judged with the survivor rule.
     Returns the flagged rows' verdicts (row, drop_stage, drop_reason, drop_detail)."""
     verdicts = [verdict_schema().empty_table()]
     remaining: Iterable[pa.Table] = signatures
@@ -153,12 +154,13 @@ def duplicate_verdicts(signatures: Iterable[pa.Table], kinds: list[str], max_dis
 
         remaining = exact_survivors()
     if "phash" in kinds:
+        band_partitions = partitions * (max_distance + 1)  # every hash is in k + 1 bands: partitions stay as large
         by_hash = spill((t.filter(pc.is_valid(t[PHASH])) for t in remaining),
                         lambda t: _hash_partitions(t[PHASH], partitions), partitions, folder / "phash")
         bands = spill((dedup.band_signatures(pq.read_table(path, columns=[PHASH])[PHASH].to_numpy(), max_distance)
                        for path in by_hash),
                       lambda t: _hash_partitions(pc.add(pc.multiply(t["value"], 64), pc.cast(t["band"], pa.int64())),
-                                                 partitions), partitions, folder / "bands")
+                                                 band_partitions), band_partitions, folder / "bands")
         pairs = [dedup.band_group_pairs(pq.read_table(path), max_distance) for path in bands]
         named, components = dedup.hash_components(np.concatenate([np.zeros(0, np.int64), *(p[0] for p in pairs)]),
                                                   np.concatenate([np.zeros(0, np.int64), *(p[1] for p in pairs)]))

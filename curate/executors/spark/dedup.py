@@ -2,9 +2,11 @@
 
 Each kind finds its candidate groups with a Spark aggregation, then runs curate.stages' own flagging function per
 group (applyInArrow), so the survivor rule is the local engine's. Only (row, verdict) of flagged rows come back.
-pHash components: near pairs come from exploded bands grouped in Spark; the union-find over those pairs (pairs of
-distinct hash values, never rows) runs on the driver. Semantic: driver-side k-means on a bounded sample, clusters
-assigned in mapInArrow, `semantic.dedup_group` per cluster, `semantic.resolve_survivors` over the duplicate pairs.
+pHash components: near pairs come from exploded bands grouped in Spark (groups split further inside, see
+curate.stages.hamming); their connected components are DataFrame rounds (spark.components), not a driver
+union-find. Semantic: driver-side k-means on a bounded sample, clusters assigned in mapInArrow,
+`semantic.dedup_group` per cluster, then the components of its duplicate pairs as DataFrame rounds and the survivor
+rule per component (what `semantic.resolve_survivors` does in memory).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.executors.spark.components import connected_components
 from curate.executors.spark.frames import (
     INDEX,
     VERDICT_DDL,
@@ -25,13 +28,9 @@ from curate.executors.spark.frames import (
     map_stage,
 )
 from curate.schema import (
-    AESTHETIC_SCORE,
     DROP_REASON,
     EMBEDDING,
     KEY,
-    ORIGINAL_HEIGHT,
-    ORIGINAL_WIDTH,
-    PASSES_THRESHOLDS,
     PHASH,
     ROW,
     SHA256,
@@ -68,6 +67,12 @@ def _flag_phash_group(table: pa.Table) -> pa.Table:
     return flagged_rows(dedup.flag_group_duplicates(with_verdict_columns(table), labels, "duplicate_phash"))
 
 
+def _flag_semantic_group(table: pa.Table) -> pa.Table:
+    """One component of semantic duplicate pairs: every row but the survivor is a duplicate."""
+    labels = np.zeros(table.num_rows, dtype=np.int64)
+    return flagged_rows(dedup.flag_group_duplicates(with_verdict_columns(table), labels, semantic.REASON))
+
+
 def exact_flags(df: DataFrame) -> DataFrame:
     """Rows whose downloaded bytes repeat a better row's (dedup.flag_exact_duplicates per sha256 group)."""
     candidates = _alive_with(df, SHA256).select(*SURVIVOR_COLUMNS, SHA256)
@@ -80,37 +85,30 @@ def band_pairs(table: pa.Table, max_distance: int) -> pa.Table:
     return pa.table({"left": pa.array(left, pa.int64()), "right": pa.array(right, pa.int64())})
 
 
-def _near_pairs(hashes: DataFrame, max_distance: int) -> pa.Table:
-    """Pairs of distinct hash values within the distance: bands exploded, grouped by (band, value), then compared."""
+def near_pairs(hashes: DataFrame, max_distance: int) -> DataFrame:
+    """(left, right) distinct hash values within the distance, each pair once: bands exploded, grouped by (band,
+    value), each group searched by hamming.near_pairs_in_bands (oversized groups split inside it)."""
     from pyspark.sql import functions as F
 
     bands = [F.struct(F.lit(i).alias("band"), F.shiftrightunsigned(PHASH, lo).bitwiseAND(F.lit((1 << (hi - lo)) - 1))
                       .alias("value")) for i, (lo, hi) in enumerate(dedup.band_slices(max_distance))]
     banded = hashes.select(PHASH, F.explode(F.array(*bands)).alias("b")).select(PHASH, "b.band", "b.value")
     counted = banded.groupBy("band", "value").agg(F.count("*").alias("_n")).filter("_n > 1").drop("_n")
-    pairs = banded.join(counted, ["band", "value"]).groupBy("band", "value").applyInArrow(
+    return banded.join(counted, ["band", "value"]).groupBy("band", "value").applyInArrow(
         lambda table: band_pairs(table, max_distance), "left long, right long")
-    return pairs.distinct().toArrow()
 
 
-def components(pairs: pa.Table) -> pa.Table:
-    """(phash, component) for every hash in a pair: a union-find over the pairs only (driver side)."""
-    named, component = dedup.hash_components(pairs["left"].to_numpy(), pairs["right"].to_numpy())
-    return pa.table({PHASH: pa.array(named, pa.int64()), "component": pa.array(component, pa.int64())})
-
-
-def phash_flags(spark: SparkSession, df: DataFrame, max_distance: int) -> DataFrame:
-    """Rows within max_distance bits of a better row's pHash, chained (dedup.flag_phash_duplicates' components)."""
+def phash_flags(spark: SparkSession, df: DataFrame, max_distance: int, scratch: str) -> DataFrame:
+    """Rows within max_distance bits of a better row's pHash, chained (dedup.flag_phash_duplicates' components):
+    near pairs in bounded band groups, their components as DataFrame rounds (spark.components), never on the driver."""
     from pyspark.sql import functions as F
 
     candidates = _alive_with(df, PHASH).select(*SURVIVOR_COLUMNS, PHASH)
-    mapping = components(_near_pairs(candidates.select(PHASH).distinct(), max_distance)) if max_distance else None
-    log.info("phash: %d hashes in near pairs", 0 if mapping is None else mapping.num_rows)
-    if mapping is not None and mapping.num_rows:
-        labeled = candidates.join(spark.createDataFrame(mapping), PHASH, "left")
-        labeled = labeled.withColumn("component", F.coalesce("component", PHASH))
-    else:
-        labeled = candidates.withColumn("component", F.col(PHASH))  # identical hashes only
+    labeled = candidates.withColumn("component", F.col(PHASH))  # identical hashes only
+    if max_distance:
+        edges = near_pairs(candidates.select(PHASH).distinct(), max_distance)
+        mapping = connected_components(spark, edges, scratch).withColumnRenamed("node", PHASH)
+        labeled = candidates.join(mapping, PHASH, "left").withColumn("component", F.coalesce("component", PHASH))
     groups = _groups_of_two_or_more(labeled, "component")
     return groups.groupBy("component").applyInArrow(_flag_phash_group, VERDICT_DDL)
 
@@ -169,16 +167,15 @@ def semantic_flags(spark: SparkSession, df: DataFrame, threshold: float, cluster
     schema = arrow_schema(candidates).append(pa.field("cluster", pa.int64()))  # embedding stays array<float>
     assigned = map_stage(candidates, assign, schema)
     pairs = assigned.groupBy("cluster").applyInArrow(_dedup_cluster(threshold, seed), "key string, survivor_key string")
-    pairs_table = pairs.toArrow()
-    if pairs_table.num_rows == 0:
+    rows = candidates.select(KEY, ROW)
+    survivors = rows.select(F.col(KEY).alias("survivor_key"), F.col(ROW).alias("right"))
+    edges = pairs.join(rows, KEY).select(F.col(ROW).alias("left"), "survivor_key").join(
+        survivors, "survivor_key").select("left", "right")
+    if edges.limit(1).count() == 0:
         return None
-    named = pa.concat_arrays([pairs_table[KEY].combine_chunks(), pairs_table["survivor_key"].combine_chunks()]).unique()
-    keys = spark.createDataFrame(pa.table({KEY: named}))
-    ranks = candidates.select(KEY, AESTHETIC_SCORE, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PASSES_THRESHOLDS).join(
-        keys, KEY).toArrow()
-    survivors = semantic.resolve_survivors(pairs_table, ranks)
-    log.info("semantic dedup: %d rows, %d clusters, %d duplicates", n, k, survivors.num_rows)
-    flags = spark.createDataFrame(survivors).join(candidates.select(ROW, KEY), KEY)
-    return flags.select(ROW, F.lit(semantic.STAGE).alias("drop_stage"), F.lit(semantic.REASON).alias("drop_reason"),
-                        F.col("survivor_key").alias("drop_detail"))
+    # components that boundary rows link across clusters, then one survivor each (semantic.resolve_survivors' rule)
+    mapping = connected_components(spark, edges, f"{scratch}-components").withColumnRenamed("node", ROW)
+    members = candidates.select(*SURVIVOR_COLUMNS).join(mapping, ROW)
+    log.info("semantic dedup: %d rows, %d clusters", n, k)
+    return members.groupBy("component").applyInArrow(_flag_semantic_group, VERDICT_DDL)
 

@@ -14,11 +14,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
 from curate.executors.spark.books import write_books
+from curate.executors.spark.checkpoints import LocalLayout
 from curate.executors.spark.frames import (
     FILE,
     ROW_IN_FILE,
@@ -77,9 +79,11 @@ def file_order(found: list[str], listed: list[str]) -> list[str]:
     return sorted(found, key=lambda p: (rank.get(_path_id(p), len(rank)), p))
 
 
-def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
-    """The input rows with their global row number (files in order, then row in file), and the row count. Each file
-    is read with its own schema (releases spell and type columns differently), then unified by name."""
+def read_input(spark: SparkSession, inputs: list[str],
+               file_rows: list[int] | None = None) -> tuple[DataFrame, int]:
+    """The input rows with their global row number (files in order, then row in file), and the row count (each
+    file's, in order, appended to file_rows). Each file is read with its own schema (releases spell and type columns
+    differently), then unified by name."""
     from pyspark.sql import functions as F
 
     files = input_files(inputs)
@@ -98,6 +102,8 @@ def read_input(spark: SparkSession, inputs: list[str]) -> tuple[DataFrame, int]:
     for path in file_order(list(counts), files or []):
         offsets.append((path, total))
         total += counts[path]
+        if file_rows is not None:
+            file_rows.append(counts[path])
     table = spark.createDataFrame(offsets, f"{FILE} string, _offset long")
     rows = tagged.join(F.broadcast(table), FILE).withColumn(GLOBAL_ROW, F.col("_offset") + F.col(ROW_IN_FILE))
     return rows.drop(FILE, ROW_IN_FILE, "_offset"), total
@@ -126,17 +132,19 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     for path in files:  # a file that is no tar is refused before any work
         if path.endswith(".tar"):
             check_tar(path)
-    folder, rows, part = run.path("stages", "ingest"), 0, 0
+    folder, rows, part, starts = run.path("stages", "ingest"), 0, 0, []
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
     read = steps.bound("ingest", run.config, RunFacts(stored=True))
     for path in files:
         for table in read(path, rows, damage):
             storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
+            starts.append(rows)
             rows, part = rows + table.num_rows, part + 1
     if rows == 0:
         raise ValueError(f"the input tars hold no samples: {files}")
     run.damaged_inputs, run.ignored_inputs = damage, entries.ignored
+    run.layout = LocalLayout(run.spark, run.out, np.array(starts, dtype=np.int64))
     # the local engine's ingest meta (Spark skips _-files when it reads the parts)
     storage.write_json({"input_files": files, "input_rows": rows, "parts": part, "input_format": "webdataset",
                         "damaged_inputs": damage, "ignored_inputs": entries.ignored}, f"{folder}/_SUCCESS")
@@ -169,25 +177,52 @@ def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
     return run
 
 
-def worker_scorer(config: Config) -> Any:
-    """The scorer of this Python worker (load_scorer caches it per process), on the GPU Spark gave this task."""
-    from pyspark import TaskContext
+def task_device(device: str, addresses: list[str], cuda_devices: int) -> str:
+    """The device a score task runs on: cuda:N for the GPU Spark gave it (TaskContext.resources()), else the
+    configured one. A GPU this process cannot use (torch without CUDA, an address past the visible devices) falls
+    back to the configured device, with a warning, rather than failing every task."""
+    if not addresses:
+        return device
+    index = addresses[0]
+    if index.isdigit() and int(index) < cuda_devices:
+        return f"cuda:{index}"
+    log.warning("Spark gave this task GPU %s but this process sees %d CUDA devices; scoring on %s", index,
+                cuda_devices, device)
+    return device
 
-    from curate.stages.score import load_scorer
+
+def assigned_device(config: Config) -> str:
+    """task_device for the running task."""
+    from pyspark import TaskContext
 
     context = TaskContext.get()
     resources = context.resources() if context is not None else {}
-    if "gpu" in resources and resources["gpu"].addresses:
-        config = replace(config, device=f"cuda:{resources['gpu'].addresses[0]}")
-    return load_scorer(config)
+    addresses = list(resources["gpu"].addresses) if "gpu" in resources else []
+    if not addresses:
+        return config.device
+    import torch
+
+    return task_device(config.device, addresses, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def worker_scorer(config: Config) -> Any:
+    """The scorer of this Python worker (load_scorer caches it per process), on the GPU Spark gave this task."""
+    from curate.stages.score import load_scorer
+
+    return load_scorer(replace(config, device=assigned_device(config)))
+
+
+def wants_score_profile(setting: Callable[[str], str | None], scores: str) -> bool:
+    """With GPU executors (spark.executor.resource.gpu.amount) but no cluster-wide spark.task.resource.gpu.amount,
+    the score step alone asks for one GPU per task (stage-level scheduling)."""
+    return scores == "model" and not setting("spark.task.resource.gpu.amount") and bool(
+        setting("spark.executor.resource.gpu.amount"))
 
 
 def score_profile(spark: SparkSession, scores: str) -> Any:
-    """With GPU executors but no cluster-wide spark.task.resource.gpu.amount, one GPU for each score task only
-    (stage-level scheduling), so download and shard tasks never hold a GPU."""
-    conf = spark.sparkContext.getConf()
-    if scores != "model" or conf.get("spark.task.resource.gpu.amount") or not conf.get(
-            "spark.executor.resource.gpu.amount"):
+    """wants_score_profile's resource profile (1 CPU + 1 GPU per score task), or None: download and shard tasks
+    never hold a GPU."""
+    if not wants_score_profile(spark.sparkContext.getConf().get, scores):
         return None
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 
@@ -221,14 +256,29 @@ class SparkRun:
             return steps.runner(step.spark)(self, step, frame)  # type: ignore[no-any-return]
         run = generic.global_step if step.global_step is not None else generic.map_step
         assert frame is not None, f"{step.name}: no rows from the steps before it"
-        return run(self, step, frame)
+        frame = run(self, step, frame)
+        if self.images is None:  # before the images' step: its checkpoint holds this step's dropped rows
+            return frame
+        return self.stage(step.name, frame, {})  # the local layout: `curate select` reads the step before dedup
+        self.layout: LocalLayout | None = None  # set at ingest, when the parts' row ranges are known
 
     def path(self, *parts: str) -> str:
         return "/".join([self.out, *parts])
 
     def checkpoint(self, stage: str, df: DataFrame) -> DataFrame:
+        """A Spark-internal checkpoint (not a stage the local engine reads)."""
         df.write.mode("overwrite").parquet(self.path("stages", stage))
         return self.spark.read.parquet(self.path("stages", stage))
+
+    def stage(self, stage: str, df: DataFrame, meta: dict[str, Any] | None, also: tuple[str, ...] = (),
+              counts: dict[str, int] | None = None) -> DataFrame:
+        """Write a stage in the local engine's checkpoint layout (meta: its _SUCCESS facts) and read it back; the
+        rows written per target go to counts."""
+        assert self.layout is not None
+        written = self.layout.write(stage, df, meta, also)
+        if counts is not None:
+            counts.update(written)
+        return self.layout.read(stage)
 
     def timed(self, stage: str, body: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -247,6 +297,7 @@ class SparkRun:
             same = earlier["inputs"] == inputs and all(
                 current["config"].get(k) == v for k, v in earlier["config"].items() if k not in AFTER_DOWNLOAD_OPTIONS)
         storage.write_json(current, marker)
+        storage.write_json(current, self.path("stages", "run.json"))  # the local engine's run record (`curate select`…)
         return same
 
     def resolve_scores(self, ingested: DataFrame) -> str:
@@ -289,7 +340,7 @@ def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Confi
         if 0 < number <= resumed:  # done in an earlier run: its checkpoint stands for it and every step before it
             if number == resumed:
                 log.info("%s: done in an earlier run, resuming after it", step.name)
-                frame = run.images = spark.read.parquet(run.path("stages", step.name))
+                frame = run.images = run.layout.read(step.name)  # type: ignore[union-attr]
             continue
         frame = run.timed(step.name, partial(run.run_step, step, frame))
     judged_by = {"prefilter": storage.read_json(run.prefiltered_by) if storage.exists(run.prefiltered_by) else None,

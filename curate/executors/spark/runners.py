@@ -5,6 +5,7 @@ returns the step's frame."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 from curate.executors.spark import dedup as spark_dedup
 from curate.executors.spark import shard as spark_shard
 from curate.executors.spark.books import write_ledger
+from curate.executors.spark.checkpoints import LocalLayout, file_starts
 from curate.executors.spark.engine import (
     FIRSTS,
     PAIR,
@@ -21,6 +23,7 @@ from curate.executors.spark.engine import (
     _pair_hashes,
     _prefilter,
     _score,
+    input_files,
     read_input,
     read_tar_input,
     score_profile,
@@ -42,14 +45,21 @@ log = logging.getLogger(__name__)
 
 
 def ingest(run: SparkRun, step: Step, frame: DataFrame | None) -> DataFrame:
-    """The input rows (parquet read by Spark, WebDataset tars by the driver's reader) and the run's facts."""
+    """The input rows (parquet read by Spark, WebDataset tars by the driver's reader) and the run's facts; parquet
+    rows are also written as the local engine's ingest checkpoint (the tars' rows the driver wrote there)."""
     stored = plan.stored_input(run.config, run.inputs)  # images already downloaded, in tars
     if stored:
         raw, run.input_rows = read_tar_input(run, run.inputs)
         ingested = map_stage(raw, _pair_hashes)
     else:
-        raw, run.input_rows = read_input(run.spark, run.inputs)
+        file_rows: list[int] = []
+        raw, run.input_rows = read_input(run.spark, run.inputs, file_rows)
         ingested = map_stage(raw, _ingest)
+        run.layout = LocalLayout(run.spark, run.out, file_starts(file_rows, run.config.batch_size_rows))
+        if not (run.resume and storage.exists(run.path("stages", step.name, "_SUCCESS"))):
+            run.layout.write(step.name, ingested.drop(PAIR), {
+                "input_files": input_files(run.inputs) or run.inputs, "input_rows": run.input_rows,
+                "parts": len(run.layout.starts), "input_format": "parquet", "damaged_inputs": []})
     run.facts = RunFacts(run.resolve_scores(ingested), stored)
     return ingested
 
@@ -73,12 +83,26 @@ def prefilter(run: SparkRun, step: Step, ingested: DataFrame) -> DataFrame:
 
 
 def download(run: SparkRun, step: Step, judged: DataFrame) -> DataFrame:
-    """Rows spread over tasks by key, fetched (or read from the input tars), checkpointed with their images."""
+    """Rows spread over tasks by key, fetched (or read from the input tars), checkpointed with their images in the
+    local layout, with the dropped rows of every dropping step before it (prefilter's, blocklist_url's: Spark judges
+    them inside this job)."""
     c = run.config
     parts = max(run.spark.sparkContext.defaultParallelism, -(-run.input_rows // max(c.batch_size_rows, 1)))
     spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
     fetched = map_stage(spread, steps.bound(step.name, c, run.facts))
-    run.images = run.checkpoint(step.name, fetched)
+    before = tuple(s.name for s in steps.enabled(c)
+                   if s.drops_rows and steps.STAGE_NAMES.index(s.name) < steps.STAGE_NAMES.index(step.name))
+    counts: dict[str, int] = {}
+    run.images = run.stage(step.name, fetched, None, before, counts)
+    assert run.layout is not None
+    parts = len(run.layout.starts)
+    live = sum(counts.values()) - counts[prefilter_stage.STAGE]  # alive after prefilter: every later target's rows
+    storage.write_json({"parts": parts, "live_rows": live, "judged_by": plan.prefilter_arguments(c, run.facts)},
+                       run.path("stages", prefilter_stage.STAGE, "_SUCCESS"))
+    for name in before:
+        if name != prefilter_stage.STAGE:  # the generic steps before the images: judged in this job too
+            storage.write_json({"parts": parts}, run.path("stages", name, "_SUCCESS"))
+    storage.write_json({"parts": parts}, run.path("stages", step.name, "_SUCCESS"))  # last: marks the resume point
     return run.images
 
 
@@ -94,7 +118,7 @@ def score(run: SparkRun, step: Step, downloaded: DataFrame) -> DataFrame:
         scored_schema = (scored_schema.set(names.index(PUNSAFE), unsafe) if PUNSAFE in names
                          else scored_schema.append(unsafe))
     profile = score_profile(run.spark, scores)
-    return run.checkpoint(step.name, map_stage(downloaded, _score(c, scores), scored_schema, profile))
+    return run.stage(step.name, map_stage(downloaded, _score(c, scores), scored_schema, profile), {"scores": scores})
 
 
 def dedup(run: SparkRun, step: Step, scored: DataFrame) -> DataFrame:
@@ -106,16 +130,18 @@ def dedup(run: SparkRun, step: Step, scored: DataFrame) -> DataFrame:
     if "exact" in kinds:
         judged = apply_flags(judged, spark_dedup.exact_flags(judged))
     if "phash" in kinds:
-        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance))
-    judged = run.checkpoint(step.name, judged)
+        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance,
+                                                              run.path("stages", "phash-components")))
     semantic = "semantic" in kinds and EMBEDDING in judged.columns
-    if semantic:
+    if semantic:  # semantic dedup reads the exact and pHash verdicts several times: from a checkpoint
+        judged = run.checkpoint("dedup-exact-phash", judged)
         flags = spark_dedup.semantic_flags(run.spark, judged, c.semdedup_threshold, c.semdedup_clusters, c.seed,
                                            run.path("stages", "semantic-sample"))
         judged = apply_flags(judged, flags)
-    run.meta["dedup"] = {"kinds": kinds, "semantic": "ran" if semantic else
-                         "skipped: no embeddings (scores from metadata)"}
-    return judged.drop(PASSES_THRESHOLDS)
+    meta = {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
+    run.meta["dedup"] = meta
+    # No later step reads the embeddings (as in the local engine, they stay in score's checkpoint)
+    return run.stage(step.name, judged.drop(PASSES_THRESHOLDS, EMBEDDING), meta)
 
 
 def not_reconsidered(run: SparkRun) -> dict[str, int]:
@@ -146,23 +172,27 @@ def not_reconsidered(run: SparkRun) -> dict[str, int]:
 
 
 def select(run: SparkRun, step: Step, judged: DataFrame) -> DataFrame:
-    run.meta["not_reconsidered"] = not_reconsidered(run)
+    lost = run.meta["not_reconsidered"] = not_reconsidered(run)
     selected = map_stage(judged, steps.bound(step.name, run.config, run.facts), arrow_schema(judged))
-    return run.checkpoint(step.name, selected)
+    judged_by = plan.select_arguments(run.config)
+    return run.stage(step.name, selected, {**judged_by, "judged_by": judged_by, "not_reconsidered": lost})
 
 
 def shard(run: SparkRun, step: Step, selected: DataFrame) -> DataFrame:
     """The global order as a Spark sort, the plan from counts, the tars written from the images' checkpoint."""
-    c = run.config
+    c, started = run.config, time.perf_counter()
     try:
         placed, shard_plan = spark_shard.plan(run.spark, selected, c, run.facts, run.path("stages", "order"))
     except ShardPlanError as error:  # still show why rows went: the ledger of everything dropped so far
         write_ledger(run, selected)
         raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
-    placed = run.checkpoint(step.name, placed)
+    placed = run.stage(step.name, placed, None)
     storage.remove(run.path("shards"))
     run.placed, run.shard_plan, run.entries = placed, shard_plan, []
     assert run.images is not None, "no checkpoint holds the images"
     if shard_plan.num_shards:  # nothing kept: no tar, and books that say why
         run.entries = spark_shard.write_shards(placed, run.images, shard_plan, c, run.path("shards"))
+    storage.write_json({"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
+                        "remainder": shard_plan.remainder, "seconds": time.perf_counter() - started},
+                       run.path("stages", step.name, "_SUCCESS"))
     return placed
