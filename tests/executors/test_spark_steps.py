@@ -12,9 +12,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from typer.testing import CliRunner
 
+from curate.cli import app
 from curate.config import Config
 from curate.pipeline.run import run_local
+from curate.storage.checkpoint import Checkpoint
 from curate.testing.server import ImageServer, Response
 from curate.tools.demo import generated_image, jpeg
 
@@ -69,6 +72,18 @@ def test_blocklist_on_spark_gives_the_local_engines_dataset(spark: Any, tmp_path
     assert local["dropped_by_stage"]["blocklist_image"] == {"blocklisted_image": 2}
     assert spark_stats["dropped_by_stage"] == local["dropped_by_stage"]
     assert spark_stats["funnel"] == local["funnel"]
+    assert_same(tmp_path / "local", tmp_path / "spark")
+    # the Spark output in the local layout: the new steps' dropped parts are there, so a re-cut keeps every row
+    assert Checkpoint(tmp_path / "spark", "blocklist_url").dropped_parts()
+    assert Checkpoint(tmp_path / "spark", "blocklist_image").done
+    for out in ("local", "spark"):
+        for command in (["select", str(tmp_path / out), "--threshold", "5.5"], ["shard", str(tmp_path / out)]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 0, result.output
+    recut = [json.loads((tmp_path / out / "stats.json").read_text()) for out in ("local", "spark")]
+    assert recut[1]["dropped_by_stage"] == recut[0]["dropped_by_stage"]
+    assert recut[0]["dropped_by_stage"]["blocklist_image"] == {"blocklisted_image": 2}
+    assert recut[1]["config"]["threshold"] == 5.5 and recut[1]["input_rows"] == recut[1]["kept"] + recut[1]["dropped"]
     assert_same(tmp_path / "local", tmp_path / "spark")
 
 
