@@ -77,7 +77,7 @@ def prepare_ours(corpus: Path, out: Path, settings: Settings, defaults: bool = F
     check_same_run(out, config, [str(corpus)])
     run = LocalRun(out, config)
     run.ingest([str(corpus)])
-    run.prefilter("model")  # no metadata thresholds: the same URLs img2dataset gets
+    run.prefilter()  # scores from the models (the default): no metadata thresholds, the same URLs img2dataset gets
 
 
 def _ours(work: Path, counts: dict[str, int], inner: dict[str, list[float]],

@@ -19,9 +19,11 @@ from typing import Any
 from bench.bench_download import Settings
 from bench.common import WORK, Series, bench_main
 from bench.corpus import CorpusServer, ensure_images, write_corpus
-from curate.executors.local.engine import STAGES
+from curate.config import Config
 from curate.pipeline.run import run_local
+from curate.pipeline.steps import enabled
 
+STAGES = [step.name for step in enabled(Config())]  # the steps every run has (no --blocklist, no --decontaminate)
 SETTINGS = Settings()  # 250 rows a part: a quarter of the corpus still fills both download processes
 
 

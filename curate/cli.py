@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from curate.config import OPTION_HELP, Config, default_of, load_config, option_fields
 from curate.pipeline import run as pipeline
 from curate.pipeline.accounting import drop_counts, skipped_steps
-from curate.pipeline.plan import STAGE_NAMES
+from curate.pipeline.steps import STAGE_NAMES
 from curate.schema import DROP_REASON, DROP_STAGE, KEY
 from curate.storage import files as storage
 

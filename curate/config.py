@@ -47,6 +47,11 @@ class Config:
     max_caption_tokens: int | None = None  # None: off; CLIP's context is 77 tokens, SD/SDXL training truncates past it
     junk_captions: bool = False
     languages: list[str] | None = None  # None (or empty): off
+    # hash lists and an evaluation set the run must not contain (curate.steps.blocklist, curate.steps.decontaminate)
+    blocklist: list[str] | None = None  # parquet or text files of hex sha256 of URLs and/or image bytes
+    decontaminate: str | None = None  # reference images: a folder/tars of images, or a parquet with phash/embedding
+    decontaminate_distance: int = 4  # pHash bits
+    decontaminate_cosine: float = 0.95  # CLIP cosine
     # input
     input_format: str = "auto"
     caption_field: str | None = None
@@ -123,6 +128,9 @@ class Config:
                              "ViT-B/32's")
         _check_range("semdedup_threshold", self.semdedup_threshold, -1.0, 1.0)
         _check_range("timeout", self.timeout, 0.0, math.inf, low_open=True)
+        _check_range("decontaminate_cosine", self.decontaminate_cosine, -1.0, 1.0)
+        if not 0 <= self.decontaminate_distance <= 16:
+            raise ValueError(f"--decontaminate-distance must be between 0 and 16, got {self.decontaminate_distance}")
         if not 0 <= self.phash_distance <= 16:
             raise ValueError(f"--phash-distance must be between 0 and 16, got {self.phash_distance}")
         if self.min_caption_words < 0:
@@ -231,7 +239,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
     if isinstance(recipe, str):  # anything else fails validate's type check, naming --recipe
         values = {**recipe_values(recipe), **values}
     # list options arrive as comma lists
-    for name in ("dedup", "disallowed_header_directives", "languages", "robots_agents"):
+    for name in ("dedup", "disallowed_header_directives", "languages", "robots_agents", "blocklist"):
         if isinstance(values.get(name), str):
             values[name] = [item.strip() for item in values[name].split(",") if item.strip()]
     return Config(**values).validate()
@@ -266,6 +274,14 @@ OPTION_HELP: dict[str, str] = {
                      "stuffing (one word 3 times or more and at least half the words: 'dog dog dog v17').",
     "languages": "Comma list of caption languages to keep (ISO 639-1, e.g. en), detected by py3langid; off when "
                  "empty.",
+    "blocklist": "Comma list of parquet (a sha256 column) or text files (a digest a line) of hex sha256 digests of "
+                 "URLs and/or downloaded image bytes; matching rows are dropped (blocklisted_url before the "
+                 "download, blocklisted_image after it).",
+    "decontaminate": "Reference images the output must not contain (an evaluation set): a folder or tars of images, "
+                     "or a parquet (a previous run's samples.parquet) with phash and/or embedding columns; images "
+                     "within --decontaminate-distance pHash bits or --decontaminate-cosine CLIP cosine are dropped.",
+    "decontaminate_distance": "Decontamination: pHash Hamming distance to a reference image at most this many bits.",
+    "decontaminate_cosine": "Decontamination: CLIP image cosine to a reference image at least this (--scores model).",
     "input_format": "Input kind: parquet (metadata to download), webdataset (images already downloaded: tars, "
                     "img2dataset's webdataset, files or parquet output), or auto (downloaded images when the input "
                     "holds any; refused when it also holds metadata parquet).",

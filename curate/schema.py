@@ -48,6 +48,9 @@ TAR_PATH, TAR_OFFSET, TAR_SIZE, IMAGE_FORMAT = "tar_path", "tar_offset", "tar_si
 LOCATION_COLUMNS = (TAR_PATH, TAR_OFFSET, TAR_SIZE, IMAGE_FORMAT)
 SHARD = "shard"
 POSITION = "position"
+# Columns no schema file lists: the embedding (a fixed-size list, which the JSON types do not describe), the survivor
+# rule's passes_thresholds, and where a WebDataset input row's image lies (read once by the decode).
+UNLISTED_COLUMNS = frozenset({EMBEDDING, PASSES_THRESHOLDS, *LOCATION_COLUMNS})
 
 _TYPES = {
     "string": pa.string(),
@@ -79,3 +82,24 @@ def json_schema(name: str) -> dict:
 def stage_columns(*names: str) -> list[pa.Field]:
     """The fields of several table schemas, in order."""
     return [field for name in names for field in table_schema(name)]
+
+
+def listed_columns() -> frozenset[str]:
+    """Every column some schema file in curate/schemas/ names."""
+    names: set[str] = set()
+    for entry in SCHEMA_DIR.iterdir():
+        if entry.name.endswith(".arrow.json"):
+            names.update(field["name"] for field in json.loads(entry.read_text())["fields"])
+    return frozenset(names)
+
+
+def _check_constants() -> None:
+    """Columns once: every column constant here is a column of a schema file (or declared unlisted), so a renamed
+    schema field fails at import, not as a missing column deep in a run."""
+    constants = {value for name, value in globals().items() if name.isupper() and isinstance(value, str)}
+    stray = sorted(constants - listed_columns() - UNLISTED_COLUMNS)
+    if stray:
+        raise ImportError(f"curate.schema: {stray} are columns of no schema file under curate/schemas/")
+
+
+_check_constants()

@@ -10,8 +10,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.pipeline.plan import STAGE_NAMES
-from curate.schema import DROP_DETAIL, DROP_REASON, DROP_STAGE, KEY, ROW, SHARD, URL, table_schema
+from curate.pipeline.steps import STAGE_NAMES
+from curate.schema import (
+    DROP_DETAIL,
+    DROP_REASON,
+    DROP_STAGE,
+    EMBEDDING,
+    JPG,
+    KEY,
+    ROW,
+    SHARD,
+    STATUS,
+    URL,
+    table_schema,
+)
 
 
 class AccountingError(RuntimeError):
@@ -47,21 +59,10 @@ def samples_table(table: pa.Table) -> pa.Table:
     # A column an older checkpoint lacks (the consent record, faces_blurred, caption_repair) is null, not an error.
     first = [kept[f.name].cast(f.type) if f.name in kept.column_names else pa.nulls(kept.num_rows, f.type)
              for f in schema]
-    skip = set(schema.names) | {DROP_STAGE, DROP_REASON, DROP_DETAIL, "jpg", "embedding", "status", "error"}
+    skip = set(schema.names) | {DROP_STAGE, DROP_REASON, DROP_DETAIL, JPG, EMBEDDING, STATUS, "error"}
     rest = [name for name in kept.column_names if name not in skip]
     return pa.table(first + [kept[name] for name in rest], names=schema.names + rest).sort_by(
         [(SHARD, "ascending"), ("position", "ascending")])
-
-
-def check_accounting(input_rows: int, samples: pa.Table, ledger: pa.Table) -> None:
-    """input rows = kept + dropped, and every input row number appears exactly once."""
-    rows = np.sort(np.concatenate([samples[ROW].to_numpy(), ledger[ROW].to_numpy()]))
-    if len(rows) != input_rows or not np.array_equal(rows, np.arange(input_rows)):
-        missing = np.setdiff1d(np.arange(input_rows), rows)[:10].tolist()
-        raise AccountingError(
-            f"accounting failed: {input_rows} input rows, {samples.num_rows} kept + {ledger.num_rows} dropped "
-            f"= {samples.num_rows + ledger.num_rows}; first missing rows: {missing}"
-        )
 
 
 def check_rows(low: int, high: int, rows: np.ndarray) -> None:
@@ -76,22 +77,43 @@ def check_rows(low: int, high: int, rows: np.ndarray) -> None:
 
 def drop_counts(ledger: pa.Table, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
     """{stage: {reason: count}} in pipeline order, added to `into` (the counts of earlier ledger pieces)."""
+    found = [(row["stage"], row["reason"], row[f"{KEY}_count"])
+             for row in ledger.group_by(["stage", "reason"]).aggregate([(KEY, "count")]).to_pylist()]
+    return merged_counts(found, into)
+
+
+def merged_counts(found: list[tuple[str, str, int]],
+                  into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """The books' {stage: {reason: count}} from (stage, reason, count) triples, however an executor counted them
+    (the local one per ledger piece, Spark in one aggregation): stages in pipeline order, reasons sorted."""
     counts: dict[str, dict[str, int]] = {stage: dict(reasons) for stage, reasons in (into or {}).items()}
-    for row in ledger.group_by(["stage", "reason"]).aggregate([(KEY, "count")]).to_pylist():
-        reasons = counts.setdefault(row["stage"], {})
-        reasons[row["reason"]] = reasons.get(row["reason"], 0) + row[f"{KEY}_count"]
-    order = STAGE_NAMES
-    return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=_rank(order))}
+    for stage, reason, count in found:
+        reasons = counts.setdefault(stage, {})
+        reasons[reason] = reasons.get(reason, 0) + count
+    return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=_rank(STAGE_NAMES))}
 
 
 def _rank(order: list[str]) -> Any:
     return lambda stage: order.index(stage) if stage in order else len(order)
 
 
-def funnel(input_rows: int, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
-    """Rows remaining after each stage."""
+def check_totals(input_rows: int, kept: int, dropped: int, distinct: int | None = None, low: int | None = None,
+                 high: int | None = None) -> None:
+    """input rows = kept + dropped (and, where the executor counted them, as many distinct row numbers, from 0 to
+    input_rows - 1): the one check both executors' books pass, from the counts each supplies."""
+    complete = kept + dropped == input_rows and (distinct is None or distinct == input_rows) and (
+        input_rows == 0 or low is None or (low == 0 and high == input_rows - 1))
+    if not complete:
+        seen = "" if distinct is None else f" ({distinct} distinct row numbers from {low} to {high})"
+        raise AccountingError(f"accounting failed: {input_rows} input rows, {kept} kept + {dropped} dropped = "
+                              f"{kept + dropped}{seen}")
+
+
+def funnel(input_rows: int, counts: dict[str, dict[str, int]], names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows remaining after each stage (`names`: the run's enabled steps; every step by default)."""
     remaining, steps = input_rows, [{"stage": "input", "rows": input_rows, "dropped": 0}]
-    for stage in [name for name in STAGE_NAMES if name != "ingest" or name in counts]:  # ingest: broken tars only
+    names = STAGE_NAMES if names is None else names
+    for stage in [name for name in names if name != "ingest" or name in counts]:  # ingest: broken tars only
         dropped = sum(counts.get(stage, {}).values())
         remaining -= dropped
         steps.append({"stage": stage, "rows": remaining, "dropped": dropped})
@@ -108,11 +130,20 @@ def stats_document(*, input_rows: int, kept: int, counts: dict[str, dict[str, in
     dropped = sum(sum(reasons.values()) for reasons in counts.values())
     return {
         "input_rows": input_rows, "kept": kept, "dropped": dropped, "judged_by": judged_by,
-        "not_reconsidered": not_reconsidered, "dropped_by_stage": counts, "funnel": funnel(input_rows, counts),
+        "not_reconsidered": not_reconsidered, "dropped_by_stage": counts,
+        "funnel": funnel(input_rows, counts, enabled_names(config)),
         "scores_source": scores, "dedup": dedup,
         "shards": {name: shards.get(name) for name in ("num_shards", "samples_per_shard", "remainder", "seconds")},
         "timings": timings, "config": config, "versions": versions(), "engine": engine,
     }
+
+
+def enabled_names(config: dict[str, Any]) -> list[str]:
+    """The names of the steps a run with these settings has (stats.json's config)."""
+    from curate.config import Config
+    from curate.pipeline.steps import enabled
+
+    return [step.name for step in enabled(Config(**config))]
 
 
 def skipped_steps(stats: dict[str, Any]) -> list[str]:

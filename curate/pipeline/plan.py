@@ -1,16 +1,11 @@
-"""Every stage declared once: its name, kind, the columns it adds, the options it reads, and how its arguments come
-from Config.
-
-Both executors and the CLI take the stage order, the stages that drop rows, and which options a rerun or a resume may
-change from here; no executor keeps its own list. A map works row by row over Arrow batches; a global step needs the
-whole run (signature -> group -> apply). `bind` turns a Config into the function an executor applies to each batch
-(the map stages, and the apply step of prefilter and dedup): the local executor runs it over checkpoint parts, the
-Spark executor through mapInArrow, so neither maps options to arguments itself.
+"""How each stage's arguments come from Config: `bind_NAME(config, facts)` turns a Config into the function an
+executor applies to each batch (the map stages, and the apply step of prefilter and dedup): the local executor runs it
+over checkpoint parts, the Spark executor through mapInArrow, so neither maps options to arguments itself. The steps
+themselves (order, columns, options, rerun rules) are declared in curate.pipeline.steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,6 +101,12 @@ def bind_prefilter(config: Config, facts: RunFacts) -> Callable[[pa.Table, pa.Ta
     def apply(table: pa.Table, url_flags: pa.Table | None) -> pa.Table:
         return prefilter.prefilter(table, url_flags, **judged_by, check_urls=not facts.stored)
     return apply
+
+
+DOWNLOAD_OPTIONS = frozenset({  # the Config fields download_options reads
+    "image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes", "allow_loopback",
+    "allow_private_network", "allow_link_local", "disallowed_header_directives", "user_agent_token", "max_per_host",
+    "ca_bundle", "respect_robots", "robots_agents", "respect_tdm", "blur_faces", "bbox_column"})
 
 
 def download_options(config: Config) -> DownloadOptions:
@@ -226,76 +227,3 @@ def bind_shard(config: Config, facts: RunFacts, plan: ShardPlan) -> Batch:
         return with_reason(table, pc.and_(alive(table), pc.equal(table[SHARD], -1)), "shard", "shard_remainder",
                            detail)
     return apply
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    kind: str  # "map" or "global"
-    adds: tuple[str, ...]  # schema files (curate/schemas/NAME.arrow.json) of the columns it adds
-    options: frozenset[str]  # the Config fields it reads
-    bind: Callable[..., Callable[..., Any]]  # Config, RunFacts -> what runs on each batch (ingest: on each file)
-    drops_rows: bool = True  # passes only live rows on (the local engine keeps the others in dropped parts)
-
-
-# The metadata thresholds: prefilter applies them before the download (with --scores metadata, and --min-size on the
-# claimed size always), select after. A rerun may change them: select then says how many rows prefilter dropped that
-# the new values would keep (they are not brought back).
-METADATA_THRESHOLDS = frozenset({"min_size", "threshold", "max_watermark", "max_unsafe"})
-# Thresholds on what only the models measure: read by dedup's survivor rule and select, so a rerun may change them.
-MODEL_THRESHOLDS = frozenset({"min_clip_score"})
-_DOWNLOAD = frozenset({"image_size", "resize_mode", "buckets", "threads", "processes", "timeout", "max_image_bytes",
-                       "allow_loopback", "allow_private_network", "allow_link_local", "disallowed_header_directives",
-                       "user_agent_token", "max_per_host", "ca_bundle", "respect_robots", "robots_agents",
-                       "respect_tdm", "blur_faces", "bbox_column"})
-_MODELS = frozenset({"device", "precision", "batch_size", "model_cache", "clip_weights", "aesthetic_weights",
-                     "aesthetic_head", "watermark_weights", "safety_weights"})
-_CAPTIONS = frozenset({"min_caption_words", "max_caption_tokens", "junk_captions", "languages"})
-_SHARD = frozenset({"world_size", "workers_per_rank", "target_shard_size", "global_batch_size", "seed", "shard_name"})
-
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "map", ("metadata",), frozenset({"batch_size_rows", "input_format", "caption_field"}),
-              drops_rows=False, bind=bind_ingest),
-    StageSpec("prefilter", "global", ("verdict",), METADATA_THRESHOLDS | _CAPTIONS | {"scores", "dedup"},
-              bind=bind_prefilter),
-    StageSpec("download", "map", ("download",), _DOWNLOAD, bind=bind_download),
-    StageSpec("score", "map", ("score",), _MODELS | {"scores"}, bind=bind_score),
-    StageSpec("dedup", "global", ("verdict",),
-              METADATA_THRESHOLDS | MODEL_THRESHOLDS | {"dedup", "phash_distance", "semdedup_threshold",
-                                                        "semdedup_clusters", "seed"}, bind=bind_survivor_rule),
-    StageSpec("select", "map", ("verdict",), METADATA_THRESHOLDS | MODEL_THRESHOLDS, drops_rows=False,
-              bind=bind_select),
-    StageSpec("shard", "global", ("samples",), _SHARD | {"buckets"}, drops_rows=False, bind=bind_shard),
-)
-STAGE_NAMES = [stage.name for stage in STAGES]
-# Stages whose dropped rows leave the run there (select's and shard's verdicts stay in their checkpoints).
-DROPPING_STAGES = [stage.name for stage in STAGES if stage.drops_rows]
-
-
-def spec(name: str) -> StageSpec:
-    return STAGES[STAGE_NAMES.index(name)]
-
-
-def bound(name: str, config: Config, facts: RunFacts, **extra: Any) -> Callable[..., Any]:
-    """The function stage `name` applies to each batch under this config (a global step: its apply step, given the
-    grouping's result in `extra` or as its arguments)."""
-    return spec(name).bind(config, facts, **extra)
-
-
-def options_read_by(*names: str) -> frozenset[str]:
-    return frozenset().union(*(spec(name).options for name in names))
-
-
-def options_changeable_after(stage: str) -> frozenset[str]:
-    """Options a rerun that keeps every checkpoint up to `stage` may change: read only by later stages, or a
-    metadata threshold."""
-    done = STAGE_NAMES[: STAGE_NAMES.index(stage) + 1]
-    every = frozenset(field.name for field in dataclasses.fields(Config))
-    undeclared = every - options_read_by(*STAGE_NAMES)  # an option no stage declares is never assumed harmless
-    return (every - options_read_by(*done) - undeclared) | METADATA_THRESHOLDS
-
-
-# `curate run` into a finished output resumes every checkpoint up to score, then redoes dedup, select and shard.
-RERUN_OPTIONS = options_changeable_after("score")
-# The Spark job resumes after its download checkpoint and redoes the rest.
-AFTER_DOWNLOAD_OPTIONS = options_changeable_after("download")

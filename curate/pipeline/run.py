@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 
 from curate.config import Config
 from curate.executors.local.engine import LocalRun, Progress
-from curate.executors.local.shard import finish, shard
-from curate.pipeline import accounting, plan
-from curate.pipeline.plan import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, options_read_by
+from curate.executors.local.shard import finish
+from curate.pipeline import accounting, plan, steps
+from curate.pipeline.steps import DROPPING_STAGES, RERUN_OPTIONS, STAGE_NAMES, Step
 from curate.schema import ROW
 from curate.stages.download import retry_transient
 from curate.stages.shard import fitting_plan
@@ -84,49 +84,50 @@ class TooFewRows(ValueError):
     """The live rows cannot fill the shard plan the options ask for."""
 
 
+def run_steps(run: LocalRun, todo: list[Step], changed: set[str] | frozenset[str] = frozenset(),
+              force: bool = False) -> None:
+    """Each step in turn: a finished checkpoint is resumed unless the step is redone (always, or when an option it
+    reads changed, or because an earlier step was redone); stops early when the rows left cannot fill the shards."""
+    for number, step in enumerate(todo):
+        force = force or step.redo == "always" or (step.redo == "changed" and bool(set(changed) & step.options))
+        run.run_step(step, force)
+        if step is PIPELINE_FIRST:
+            run.prepare()
+        if step.drops_rows and number < len(todo) - 1:
+            check_shard_plan_fits(run, step.name)
+
+
+PIPELINE_FIRST = steps.PIPELINE[0]
+
+
 def run_local(inputs: list[str], output: str | Path, config: Config,
               progress: Progress | None = None) -> dict[str, Any]:
-    """Every stage, resuming after the last finished one; returns stats.json's content."""
+    """Every step of PIPELINE, resuming after the last finished one; returns stats.json's content."""
     started = time.perf_counter()
     run = LocalRun(output, config, progress)
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--output {run.out} is a file; give a folder (it is created)")
-    files = run.check_inputs(inputs)  # a bad input leaves no trace in OUT, so a corrected rerun is not refused
+    run.inputs, run.files = inputs, run.check_inputs(inputs)  # a bad input leaves no trace in OUT
+    for step in steps.enabled(config):  # what each step can know before any work (a missing list file)
+        step.check(config)
     changed = check_same_run(run.out, config, inputs)
     for leftover in io.remove_temporaries(run.out):  # a killed run's half-written files
         log.info("removed %s, left by an interrupted run", leftover)
-    run.ingest(inputs, files)
-    scores = run.resolve_scores()
-    if scores == "metadata":
-        run.require_metadata_scores()
-    else:
-        from curate.executors.local.engine import _load_scorer
-
-        _load_scorer(config)  # a missing weight stops the run before any download
-    run.prefilter(scores)
-    check_shard_plan_fits(run, "prefilter")
-    run.download()
-    check_shard_plan_fits(run, "download")
-    run.score(scores)
-    check_shard_plan_fits(run, "score")
-    run.dedup(force=bool(changed & options_read_by("dedup")))  # the survivor rule reads the thresholds
-    check_shard_plan_fits(run, "dedup")
-    run.select(force=True)
-    shard(run)
+    run_steps(run, steps.enabled(config), changed)
     return finish_and_report(run, started)
 
 
 def recut(output: str | Path, config: Config, progress: Progress | None = None,
           reselect: bool = True) -> dict[str, Any]:
-    """Select again with new thresholds and/or shard again, from the checkpoints of a finished run."""
+    """Select again with new thresholds and/or shard again, from the checkpoints of a finished run: every step
+    after the last resumed one (reselect), or the last step only."""
     started = time.perf_counter()
     run = LocalRun(output, config, progress)
-    if not run.checkpoint("dedup").done:
-        raise ValueError(f"{output}: no finished dedup stage to re-cut; run `curate run` first")
-    if reselect:
-        run.dedup(force=True)  # the survivor rule depends on the thresholds
-        run.select(force=True)
-    shard(run)
+    kept = steps.last_resumed()
+    if not run.checkpoint(steps.after(kept, config)[0].name).done:
+        raise ValueError(f"{output}: no finished {steps.after(kept, config)[0].name} stage to re-cut; run "
+                         "`curate run` first")
+    run_steps(run, steps.after(kept, config) if reselect else steps.enabled(config)[-1:], force=True)
     record_config(run.out, config)
     return finish_and_report(run, started)
 
@@ -135,12 +136,14 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
     """Fetch again only the rows whose download failed with a transient error, then redo the later stages."""
     started = time.perf_counter()
     run = LocalRun(output, config, progress)
-    downloads = run.checkpoint("download")
+    images = steps.images_step(config)
+    downloads = run.checkpoint(images.name)
     if not downloads.done:
-        raise ValueError(f"{output}: no finished download stage; run `curate run` (it resumes) first")
+        raise ValueError(f"{output}: no finished {images.name} stage; run `curate run` (it resumes) first")
     io.remove_temporaries(run.out)
-    for later in ("score", "dedup", "select", "shard"):  # first, so a crash here can never leave them stale
-        run.checkpoint(later).reset()
+    later = steps.after(images.name, config)
+    for step in later:  # first, so a crash here can never leave them stale
+        run.checkpoint(step.name).reset()
     options, retried = plan.download_options(config), 0
     for index in range(len(downloads.parts())):
         if not downloads.dropped_path(index).exists():
@@ -155,18 +158,16 @@ def retry_failed(output: str | Path, config: Config, progress: Progress | None =
             io.write_table(redone.filter(pc.invert(alive(redone))), downloads.dropped_path(index))
             retried += count
     log.info("retried %d rows whose download failed with a transient error", retried)
-    run.score(run.resolve_scores())
-    run.dedup()
-    run.select(force=True)
-    shard(run)
+    run_steps(run, later)
     record_config(run.out, config)
     return finish_and_report(run, started)
 
 
 def funnel_parts(output: str | Path, stage: str) -> list[Location]:
     """Files that hold every input row once as of a stage: its checkpoint and the earlier stages' dropped rows."""
-    run = LocalRun(output, Config())
-    earlier = [name for name in DROPPING_STAGES if STAGE_NAMES.index(name) <= STAGE_NAMES.index(stage)]
+    run = LocalRun(output, load_run_config(output))
+    earlier = [name for name in DROPPING_STAGES if STAGE_NAMES.index(name) <= STAGE_NAMES.index(stage)
+               and run.checkpoint(name).path.exists()]
     return run.checkpoint(stage).parts() + [path for name in earlier for path in run.checkpoint(name).dropped_parts()]
 
 
@@ -185,22 +186,18 @@ def load_run_config(output: str | Path) -> Config:
 
 
 def rerun_stage(stage: str, output: str | Path, config: Config) -> dict[str, Any] | None:
-    """Re-run one stage from the previous stage's checkpoint; later checkpoints are marked stale."""
+    """Re-run one step from the previous step's checkpoint (first its rerun_from step, when it declares one); later
+    checkpoints are marked stale. The last step also writes the books."""
     run = LocalRun(output, config)
     for later in STAGE_NAMES[STAGE_NAMES.index(stage):]:
         marker = run.checkpoint(later).path / "_SUCCESS"
         marker.unlink(missing_ok=True)
     started = time.perf_counter()
     record_config(run.out, config)  # what this command used is the run's setting from now on
-    if stage == "shard":
-        shard(run)
+    step = steps.spec(stage)
+    todo = [steps.spec(step.rerun_from), step] if step.rerun_from else [step]
+    for each in todo:
+        run.run_step(each, force=True)
+    if step is steps.enabled(config)[-1]:
         return finish_and_report(run, started)
-    scores = run.resolve_scores()
-    if stage == "download":
-        run.checkpoint("download").reset()
-    if stage == "score":
-        run.checkpoint("score").reset()
-    if stage == "select":
-        run.dedup(force=True)  # the survivor rule depends on the thresholds
-    getattr(run, stage)(*([scores] if stage in ("prefilter", "score") else []))
     return None

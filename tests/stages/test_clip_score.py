@@ -88,7 +88,7 @@ def test_min_clip_score_without_the_column_says_why() -> None:
 
 def test_min_clip_score_option_is_checked() -> None:
     from curate.config import load_config
-    from curate.pipeline.plan import RERUN_OPTIONS, options_read_by
+    from curate.pipeline.steps import RERUN_OPTIONS, options_read_by
 
     assert load_config(None, {"min_clip_score": 0.2}).min_clip_score == 0.2
     with pytest.raises(ValueError, match=r"--min-clip-score must be a finite number in \[-1, 1\]"):

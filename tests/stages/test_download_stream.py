@@ -69,7 +69,7 @@ def test_the_local_workers_write_every_part_and_report_their_span(tmp_path: Path
                         allow_loopback=True).validate()
         run = LocalRun(tmp_path / "out", config)
         run.ingest([str(tmp_path / "input.parquet")])
-        run.prefilter("metadata")
+        run.prefilter()
         seen: list[int] = []
         run.progress = lambda stage, done, total: seen.append(done)
         meta = run.download()

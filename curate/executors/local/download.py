@@ -33,22 +33,23 @@ _reports: Any = None
 PARENT_POLL = 0.5  # seconds between a worker's checks that the run that started it is alive
 
 
-def download_parts(out: str, groups: list[list[int]], options: DownloadOptions, stored: bool, processes: int,
-                   progress: Callable[[int], None]) -> Span | None:
-    """Prefilter parts to download parts, `groups` of them at a time; progress(parts) as parts are written. Returns
+def download_parts(out: str, edge: tuple[str, str], groups: list[list[int]], options: DownloadOptions, stored: bool,
+                   processes: int, progress: Callable[[int], None]) -> Span | None:
+    """The parts of checkpoint edge[0] to those of edge[1] (the step before download, and download), `groups` of them
+    at a time; progress(parts) as parts are written. Returns
     the span from the first part's start to the last part's end (worker start-up excluded); None with no parts."""
     if processes <= 1:
         tasks: Any = queue.SimpleQueue()
         _fill(tasks, groups, 1)
         warm_up()  # start-up, as in a worker process
-        return _span([_work(out, options, stored, tasks, progress)])
+        return _span([_work(out, edge, options, stored, tasks, progress)])
     # spawn, not fork: the parent may hold torch's thread pools (models load before downloading).
     context = multiprocessing.get_context("spawn")
     tasks, reports = context.Queue(), context.Queue()
     _fill(tasks, groups, processes)
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_initialize,
                              initargs=(tasks, reports, os.getpid())) as pool:
-        futures = [pool.submit(_worker, out, options, stored) for _ in range(processes)]
+        futures = [pool.submit(_worker, out, edge, options, stored) for _ in range(processes)]
         while not all(future.done() for future in futures):
             try:
                 progress(reports.get(timeout=0.2))
@@ -90,11 +91,11 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker(out: str, options: DownloadOptions, stored: bool) -> Span | None:
-    return _work(out, options, stored, _tasks, _reports.put)
+def _worker(out: str, edge: tuple[str, str], options: DownloadOptions, stored: bool) -> Span | None:
+    return _work(out, edge, options, stored, _tasks, _reports.put)
 
 
-def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
+def _work(out: str, edge: tuple[str, str], options: DownloadOptions, stored: bool, tasks: Any,
           report: Callable[[int], None]) -> Span | None:
     """Groups from tasks until the end marker; None when there were none left for this worker."""
     started = time.time()
@@ -103,7 +104,7 @@ def _work(out: str, options: DownloadOptions, stored: bool, tasks: Any,
     if first is None:
         return None
     groups = itertools.chain([first], groups)
-    source, target = io.Checkpoint(out, "prefilter"), io.Checkpoint(out, "download")
+    source, target = io.Checkpoint(out, edge[0]), io.Checkpoint(out, edge[1])
     if stored:
         for group in groups:
             _decode_stored_group(source, target, group, options)

@@ -25,8 +25,8 @@ from curate.executors.local.partitions import (
     semantic_verdicts,
     spill,
 )
-from curate.pipeline import plan
-from curate.pipeline.plan import STAGE_NAMES, RunFacts
+from curate.pipeline import plan, steps
+from curate.pipeline.plan import RunFacts
 from curate.schema import (
     AESTHETIC,
     AESTHETIC_SCORE,
@@ -57,7 +57,6 @@ from curate.wds.reader import check_tar
 log = logging.getLogger(__name__)
 SCORE_SLICE_ROWS = 1024  # download rows read and scored at a time
 Progress = Callable[[str, int, int], None]
-STAGES = STAGE_NAMES
 # What dedup reads of each live row besides embeddings: duplicate signatures and the survivor rule's inputs.
 DEDUP_SIGNATURE = [KEY, ROW, SHA256, PHASH, AESTHETIC_SCORE, WATERMARK_PROB, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, PUNSAFE,
                    CLIP_SCORE]
@@ -76,9 +75,39 @@ class LocalRun:
         self.config = config
         self.progress = progress or _quiet
         self.timings: dict[str, float] = {}
+        self._facts: RunFacts | None = None
+        self.inputs: list[str] = []  # what ingest reads: the run's inputs, and check_inputs' files of them
+        self.files: list[str] | None = None
 
     def checkpoint(self, stage: str) -> io.Checkpoint:
         return io.Checkpoint(self.out, stage)
+
+    def source(self, stage: str) -> io.Checkpoint:
+        """The checkpoint a step reads: the previous enabled step's (PIPELINE's edges)."""
+        return self.checkpoint(steps.previous(stage, self.config).name)
+
+    @property
+    def facts(self) -> RunFacts:
+        """What the ingested input decides: the scores' source and whether the images are in the input tars."""
+        if self._facts is None:
+            self._facts = RunFacts(self.resolve_scores(), self.stored_images())
+        return self._facts
+
+    def prepare(self) -> None:
+        """After ingest, before any judging step: a missing score column or weight stops the run here."""
+        if self.facts.scores == "metadata":
+            self.require_metadata_scores()
+        else:
+            _load_scorer(self.config)  # a missing weight stops the run before any download
+
+    def run_step(self, step: steps.Step, force: bool = False) -> dict[str, Any]:
+        """One step: its own runner where it declares one, else the map or global runner."""
+        from curate.executors.local import generic
+
+        if step.local is not None:
+            return dict(steps.runner(step.local)(self, step, force))
+        run = generic.global_step if step.global_step is not None else generic.map_step
+        return run(self, step, force)
 
     def _timed(self, stage: str, body: Callable[[], dict[str, Any] | None], force: bool = False) -> dict[str, Any]:
         checkpoint = self.checkpoint(stage)
@@ -124,7 +153,7 @@ class LocalRun:
 
         entries = plan.input_entries(self.config, inputs)
         tars, ignored = entries.stored, entries.ignored
-        read = plan.bound("ingest", self.config, RunFacts(stored=tars))
+        read = steps.bound("ingest", self.config, RunFacts(stored=tars))
 
         def body() -> dict[str, Any]:
             checkpoint, rows, part = self.checkpoint("ingest"), 0, 0
@@ -189,12 +218,13 @@ class LocalRun:
         yield from router.per_part(verdict_schema())
         shutil.rmtree(work, ignore_errors=True)
 
-    def prefilter(self, scores: str) -> dict[str, Any]:
+    def prefilter(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
-            source, target = self.checkpoint("ingest"), self.checkpoint("prefilter")
+            source, target = self.source("prefilter"), self.checkpoint("prefilter")
             target.reset()
-            facts = RunFacts(scores, self.stored_images())
-            judged_by, judge = plan.prefilter_arguments(self.config, facts), plan.bound("prefilter", self.config, facts)
+            facts = self.facts
+            judged_by = plan.prefilter_arguments(self.config, facts)
+            judge = steps.bound("prefilter", self.config, facts)
             live = 0
             for index, (part, url_flags) in enumerate(zip(source.iter_parts(), self.url_flags(), strict=True)):
                 part = judge(part, url_flags)
@@ -203,12 +233,15 @@ class LocalRun:
                 target.write_split(index, part, keep)
             return {"parts": len(source.parts()), "live_rows": live, "judged_by": judged_by}
 
-        return self._timed("prefilter", body)
+        return self._timed("prefilter", body, force=force)
 
     # -- download ---------------------------------------------------------------------------------------
-    def download(self) -> dict[str, Any]:
+    def download(self, force: bool = False) -> dict[str, Any]:
+        if force:
+            self.checkpoint("download").reset()
+
         def body() -> dict[str, Any]:
-            source, target = self.checkpoint("prefilter"), self.checkpoint("download")
+            source, target = self.source("download"), self.checkpoint("download")
             todo = [i for i in range(len(source.parts())) if not target.has_part(i)]
             total, done = len(source.parts()), len(source.parts()) - len(todo)
             self.progress("download", done, total)
@@ -224,19 +257,24 @@ class LocalRun:
 
             # work_seconds: the workers' span, their start-up excluded (the bench's in-tool figure); work_span: its
             # start and end (time.time()), where the bench measures the tool's CPU
-            span = download_parts(str(self.out), groups, options, stored, processes, written)
+            span = download_parts(str(self.out), (source.path.name, target.path.name), groups, options, stored,
+                                  processes, written)
             return {"parts": total, "work_seconds": span[1] - span[0] if span else 0.0, "work_span": span}
 
-        return self._timed("download", body)
+        return self._timed("download", body, force=force)
 
     # -- score ------------------------------------------------------------------------------------------
-    def score(self, scores: str) -> dict[str, Any]:
+    def score(self, force: bool = False) -> dict[str, Any]:
+        if force:
+            self.checkpoint("score").reset()
+        scores = self.facts.scores
+
         def body() -> dict[str, Any]:
-            source, target = self.checkpoint("download"), self.checkpoint("score")
+            source, target = self.source("score"), self.checkpoint("score")
             if scores == "model":
                 _load_scorer(self.config)  # the models load (or fail) before the first part
-            score = plan.bound("score", self.config, RunFacts(scores))
-            metadata = plan.bound("score", self.config, RunFacts("metadata"))  # an empty part's score columns
+            score = steps.bound("score", self.config, RunFacts(scores))
+            metadata = steps.bound("score", self.config, RunFacts("metadata"))  # an empty part's score columns
             for index, path in enumerate(source.parts()):
                 if target.has_part(index):
                     continue
@@ -252,7 +290,7 @@ class LocalRun:
                 target.write_split(index, part, alive(part))
             return {"scores": scores}
 
-        return self._timed("score", body)
+        return self._timed("score", body, force=force)
 
     # -- dedup and select -------------------------------------------------------------------------------
     def live_rows(self, stage: str) -> int:
@@ -272,14 +310,14 @@ class LocalRun:
     def dedup(self, force: bool = False) -> dict[str, Any]:
         def body() -> dict[str, Any]:
             c, kinds = self.config, self.config.dedup
-            source, target = self.checkpoint("score"), self.checkpoint("dedup")
+            source, target = self.source("dedup"), self.checkpoint("dedup")
             target.reset()
             present = set().union(*(storage.read_schema(path).names for path in source.parts()))
             semantic = "semantic" in kinds and EMBEDDING in present
             columns = [n for n in DEDUP_SIGNATURE if n in present]
 
             # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-            survivor_rule = plan.bound("dedup", c, RunFacts(c.scores))
+            survivor_rule = steps.bound("dedup", c, self.facts)
 
             def signatures(live_only: bool = True) -> Iterator[pa.Table]:
                 for path in source.parts():
@@ -288,7 +326,7 @@ class LocalRun:
                     part = with_verdict_columns(part)
                     yield survivor_rule(part.filter(alive(part)) if live_only else part)
 
-            partitions = partition_count(self.live_rows("score"))
+            partitions = partition_count(self.live_rows(source.path.name))
             verdicts = duplicate_verdicts(signatures(), kinds, c.phash_distance, partitions,
                                           storage.scratch(self.out, "dedup-work"))
             if semantic:  # on the rows exact and pHash left: clusters spilled to disk, embeddings from a memory map
@@ -322,8 +360,8 @@ class LocalRun:
         def body() -> dict[str, Any]:
             c, target = self.config, self.checkpoint("select")
             target.reset()
-            judge = plan.bound("select", c, RunFacts(c.scores))
-            for index, part in enumerate(self.checkpoint("dedup").iter_parts()):
+            judge = steps.bound("select", c, self.facts)
+            for index, part in enumerate(self.source("select").iter_parts()):
                 target.write_part(index, judge(part))
             lost = self.not_reconsidered()
             if lost:

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from curate.config import download_workers
 from curate.executors.local.engine import LocalRun
 from curate.executors.local.partitions import VerdictRouter, partition_count, spill
-from curate.pipeline import accounting, plan
-from curate.pipeline.plan import DROPPING_STAGES, RunFacts
+from curate.pipeline import accounting, plan, steps
+from curate.pipeline.steps import DROPPING_STAGES
 from curate.schema import (
     CAPTION,
     DROP_DETAIL,
@@ -150,10 +150,12 @@ def conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def shard(run: LocalRun) -> dict[str, Any]:
     """Write equal tars and index.json; a rerun after a crash rebuilds buckets and skips finished tars."""
     def body() -> dict[str, Any]:
-        c, select, target = run.config, run.checkpoint("select"), run.checkpoint("shard")
-        selected, downloads = select.required_parts(), run.checkpoint("download").required_parts()
+        c, select, target = run.config, run.source("shard"), run.checkpoint("shard")
+        images = run.checkpoint(steps.images_step(c).name)  # the checkpoint that keeps the image bytes
+        selected, downloads = select.required_parts(), images.required_parts()
         if len(downloads) != len(selected):
-            raise RuntimeError(f"shard: {len(selected)} select parts but {len(downloads)} download parts")
+            raise RuntimeError(f"shard: {len(selected)} {select.path.name} parts but {len(downloads)} "
+                               f"{images.path.name} parts")
         work = storage.scratch(run.out, "shard-work")
         shutil.rmtree(work, ignore_errors=True)
         survivors = Survivors(select, c.seed, run.checkpoint("ingest").meta()["input_rows"], work)
@@ -162,7 +164,7 @@ def shard(run: LocalRun) -> dict[str, Any]:
         except shard_stage.ShardPlanError as error:
             shutil.rmtree(work, ignore_errors=True)
             # Still show why rows went: the ledger of everything dropped so far.
-            write_ledger(run, "select")
+            write_ledger(run, select.path.name)
             raise shard_stage.ShardPlanError(f"{error}; the dropped rows are in {run.out / 'ledger.parquet'}") from None
         target.reset()
         shard_dir, buckets = run.out / "shards", storage.scratch(run.out, "shard-buckets")  # buckets stay local
@@ -170,7 +172,7 @@ def shard(run: LocalRun) -> dict[str, Any]:
         buckets.mkdir(parents=True)
         storage.remove(shard_dir)
         schema = unified_schema(select)
-        place = plan.bound("shard", c, RunFacts(c.scores), plan=shard_plan)
+        place = steps.bound("shard", c, run.facts, plan=shard_plan)
         per_bucket: dict[int, dict[str, int]] = {}
         positions = survivors.positions(work)
         # Each checkpoint part is written (and fsync'd) by a thread while the next part is placed; one at a time.
@@ -333,9 +335,10 @@ def finish(run: LocalRun, started: float) -> dict[str, Any]:
     samples = SampleBuckets(placed, unified_schema(run.checkpoint("shard")), storage.scratch(run.out, "samples-work"))
     counts, kept = write_ledger(run, "shard", samples)
     dropped = sum(sum(reasons.values()) for reasons in counts.values())
-    if samples.write(run.out / "samples.parquet") != kept or kept + dropped != input_rows:
-        raise accounting.AccountingError(f"accounting failed: {input_rows} input rows, {kept} kept + "
-                                         f"{dropped} dropped")
+    written = samples.write(run.out / "samples.parquet")
+    if written != kept:
+        raise accounting.AccountingError(f"accounting failed: {kept} rows kept but {written} samples written")
+    accounting.check_totals(input_rows, kept, dropped)  # every row once per input part: write_ledger's check_rows
     select_meta = run.checkpoint("select").meta()
     stats = accounting.stats_document(
         input_rows=input_rows, kept=kept, counts=counts,

@@ -11,7 +11,6 @@ import pyarrow as pa
 
 from curate.executors.spark.frames import arrow_schema, map_stage
 from curate.pipeline import accounting
-from curate.pipeline.plan import STAGE_NAMES
 from curate.schema import POSITION, ROW, SHARD, table_schema
 from curate.storage import files as storage
 from curate.wds.index import index_document, sizes_document
@@ -21,40 +20,27 @@ if TYPE_CHECKING:
 
     from curate.executors.spark.engine import SparkRun
 
-STAGE_ORDER = STAGE_NAMES
-
-
 def write_json(run: SparkRun, name: str, value: Any) -> None:
     """JSON by the storage layer's one writer (the local engine's too), atomically, on any fsspec URL."""
     storage.write_json(value, run.path(name))
 
 
 def check_accounting(input_rows: int, samples: DataFrame, ledger: DataFrame) -> None:
-    """input rows = kept + dropped, every row number 0..n-1 exactly once: one aggregation, no rows collected."""
+    """input rows = kept + dropped, every row number 0..n-1 exactly once: one aggregation, no rows collected; the
+    check itself is the books' (accounting.check_totals)."""
     from pyspark.sql import functions as F
 
     rows = samples.select(ROW).unionAll(ledger.select(ROW))
-    facts = rows.agg(F.count("*").alias("n"), F.countDistinct(ROW).alias("distinct"), F.min(ROW).alias("low"),
+    facts = rows.agg(F.countDistinct(ROW).alias("distinct"), F.min(ROW).alias("low"),
                      F.max(ROW).alias("high")).collect()[0]
-    kept, dropped = samples.count(), ledger.count()
-    complete = facts["n"] == facts["distinct"] == input_rows and (
-        input_rows == 0 or (facts["low"] == 0 and facts["high"] == input_rows - 1))
-    if not complete:
-        raise accounting.AccountingError(
-            f"accounting failed: {input_rows} input rows, {kept} kept + {dropped} dropped = {kept + dropped} "
-            f"({facts['distinct']} distinct row numbers from {facts['low']} to {facts['high']})")
+    accounting.check_totals(input_rows, samples.count(), ledger.count(), facts["distinct"], facts["low"],
+                            facts["high"])
 
 
 def drop_counts(ledger: DataFrame) -> dict[str, dict[str, int]]:
-    """{stage: {reason: count}} in pipeline order, as accounting.drop_counts gives it."""
-    counts: dict[str, dict[str, int]] = {}
-    for row in ledger.groupBy("stage", "reason").count().collect():
-        counts.setdefault(row["stage"], {})[row["reason"]] = row["count"]
-
-    def rank(stage: str) -> int:
-        return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-
-    return {stage: dict(sorted(counts[stage].items())) for stage in sorted(counts, key=rank)}
+    """{stage: {reason: count}} in pipeline order: one aggregation, merged by the books' accounting.merged_counts."""
+    return accounting.merged_counts([(row["stage"], row["reason"], row["count"])
+                                     for row in ledger.groupBy("stage", "reason").count().collect()])
 
 
 def write_ledger(run: SparkRun, judged: DataFrame) -> DataFrame:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.executors.spark.frames import arrow_schema, spark_schema
-from curate.pipeline.plan import DROPPING_STAGES, STAGE_NAMES
+from curate.pipeline.steps import DROPPING_STAGES, STAGE_NAMES
 from curate.schema import DROP_STAGE, ROW
 from curate.storage import files as storage
 

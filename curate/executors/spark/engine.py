@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -18,36 +19,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.executors.spark import dedup as spark_dedup
-from curate.executors.spark import shard as spark_shard
-from curate.executors.spark.books import write_books, write_ledger
-from curate.executors.spark.checkpoints import LocalLayout, file_starts
+from curate.executors.spark.books import write_books
+from curate.executors.spark.checkpoints import LocalLayout
 from curate.executors.spark.frames import (
     FILE,
     ROW_IN_FILE,
-    apply_flags,
-    arrow_schema,
-    map_stage,
-    output_schema,
     read_parquet_files,
 )
-from curate.pipeline import accounting, plan
-from curate.pipeline.plan import AFTER_DOWNLOAD_OPTIONS, RunFacts
+from curate.pipeline import accounting, plan, steps
+from curate.pipeline.plan import RunFacts
+from curate.pipeline.steps import AFTER_DOWNLOAD_OPTIONS
 from curate.schema import (
     AESTHETIC,
-    CLIP_SCORE,
-    DROP_STAGE,
     EMBEDDING,
-    KEY,
-    PASSES_THRESHOLDS,
-    PUNSAFE,
     PWATERMARK,
     ROW,
 )
 from curate.stages import prefilter
 from curate.stages.ingest import canonical_names, normalize
-from curate.stages.shard import ShardPlanError
-from curate.stages.verdict import with_verdict_columns
 from curate.storage import checkpoint as io
 from curate.storage import files as storage
 from curate.wds.reader import check_tar
@@ -146,7 +135,7 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
     folder, rows, part, starts = run.path("stages", "ingest"), 0, 0, []
     damage: list[dict[str, Any]] = []
     storage.remove(folder)
-    read = plan.bound("ingest", run.config, RunFacts(stored=True))
+    read = steps.bound("ingest", run.config, RunFacts(stored=True))
     for path in files:
         for table in read(path, rows, damage):
             storage.write_table(table, f"{folder}/part-{part:06d}.parquet")
@@ -164,7 +153,7 @@ def read_tar_input(run: SparkRun, inputs: list[str]) -> tuple[DataFrame, int]:
 
 
 def _prefilter(config: Config, facts: RunFacts, url_dedup: bool) -> Callable[[pa.Table], pa.Table]:
-    judge = plan.bound("prefilter", config, facts)
+    judge = steps.bound("prefilter", config, facts)
 
     def run(table: pa.Table) -> pa.Table:
         url_flags = None
@@ -177,7 +166,7 @@ def _prefilter(config: Config, facts: RunFacts, url_dedup: bool) -> Callable[[pa
 
 
 def _score(config: Config, scores: str) -> Callable[[pa.Table], pa.Table]:
-    score = plan.bound("score", config, RunFacts(scores), scorer=lambda: worker_scorer(config))
+    score = steps.bound("score", config, RunFacts(scores), scorer=lambda: worker_scorer(config))
 
     def run(table: pa.Table) -> pa.Table:
         table = score(table)
@@ -248,6 +237,29 @@ class SparkRun:
         self.timings: dict[str, float] = {}
         self.damaged_inputs: list[dict[str, Any]] = []
         self.ignored_inputs: list[str] = []
+        self.inputs: list[str] = []
+        self.resume = False
+        self.input_rows = 0
+        self.facts = RunFacts()
+        self.images: DataFrame | None = None  # the checkpoint of the step that holds the image bytes
+        self.meta: dict[str, Any] = {}  # what steps report for the books (dedup's kinds, not_reconsidered)
+        self.placed: DataFrame | None = None  # the last step's frame, and the shards it wrote
+        self.shard_plan: Any = None
+        self.entries: list[dict[str, Any]] = []
+        self.prefiltered_by = self.path("stages", "prefilter-judged-by.json")  # the thresholds that downloaded
+
+    def run_step(self, step: steps.Step, frame: DataFrame | None) -> DataFrame:
+        """One step: its own runner where it declares one, else the map or global runner."""
+        from curate.executors.spark import generic
+
+        if step.spark is not None:
+            return steps.runner(step.spark)(self, step, frame)  # type: ignore[no-any-return]
+        run = generic.global_step if step.global_step is not None else generic.map_step
+        assert frame is not None, f"{step.name}: no rows from the steps before it"
+        frame = run(self, step, frame)
+        if self.images is None:  # before the images' step: its checkpoint holds this step's dropped rows
+            return frame
+        return self.stage(step.name, frame, {})  # the local layout: `curate select` reads the step before dedup
         self.layout: LocalLayout | None = None  # set at ingest, when the parts' row ranges are known
 
     def path(self, *parts: str) -> str:
@@ -307,153 +319,36 @@ class SparkRun:
         return plan.resolve_scores(self.config, nulls)
 
 
-def _download_stage(run: SparkRun, ingested: DataFrame, input_rows: int, scores: str, stored: bool) -> DataFrame:
-    """Prefilter (with the url+caption first rows as a Spark aggregation), then download, checkpointed with images."""
-    from pyspark.sql import functions as F
-
-    c = run.config
-    url_dedup = "url" in c.dedup
-    rows = ingested
-    if url_dedup:
-        pairs = ingested.groupBy(KEY, PAIR).agg(F.min(ROW).alias(prefilter.FIRST_ROW_OF_PAIR))
-        per_key = pairs.groupBy(KEY).agg(F.min(prefilter.FIRST_ROW_OF_PAIR).alias(prefilter.FIRST_ROW))
-        rows = ingested.join(pairs.join(per_key, KEY), [KEY, PAIR]).select(*ingested.columns, *FIRSTS)
-    kept = [f for f in arrow_schema(rows) if f.name not in (PAIR, *FIRSTS)]
-    schema = with_verdict_columns(pa.schema(kept).empty_table()).schema  # prefilter only adds the verdict columns
-    facts = RunFacts(scores, stored)
-    judged = map_stage(rows, _prefilter(c, facts, url_dedup), schema)
-    parts = max(run.spark.sparkContext.defaultParallelism, -(-input_rows // max(c.batch_size_rows, 1)))
-    spread = judged.repartition(parts, KEY)  # keys are hashes of url+caption: one host's URLs land in every task
-    fetched = map_stage(spread, plan.bound("download", c, facts))
-    counts: dict[str, int] = {}
-    downloaded = run.stage("download", fetched, None, ("prefilter",), counts)  # prefilter's dropped rows too
-    parts = len(run.layout.starts) if run.layout is not None else 0
-    live = sum(counts.values()) - counts[prefilter.STAGE]  # alive after prefilter: download's live and dropped rows
-    storage.write_json({"parts": parts, "live_rows": live, "judged_by": plan.prefilter_arguments(c, facts)},
-                       run.path("stages", "prefilter", "_SUCCESS"))
-    storage.write_json({"parts": parts}, run.path("stages", "download", "_SUCCESS"))  # last: marks the resume point
-    return downloaded
-
-
-def _dedup_stage(run: SparkRun, scored: DataFrame) -> tuple[DataFrame, dict[str, Any]]:
-    c, kinds = run.config, run.config.dedup
-    # Copies that pass the select thresholds survive before copies that fail them (the survivor rule).
-    judged = map_stage(scored, plan.bound("dedup", c, RunFacts(c.scores)),
-                       arrow_schema(scored).append(pa.field(PASSES_THRESHOLDS, pa.bool_())))
-    if "exact" in kinds:
-        judged = apply_flags(judged, spark_dedup.exact_flags(judged))
-    if "phash" in kinds:
-        judged = apply_flags(judged, spark_dedup.phash_flags(run.spark, judged, c.phash_distance,
-                                                              run.path("stages", "phash-components")))
-    semantic = "semantic" in kinds and EMBEDDING in judged.columns
-    if semantic:  # semantic dedup reads the exact and pHash verdicts several times: from a checkpoint
-        judged = run.checkpoint("dedup-exact-phash", judged)
-        flags = spark_dedup.semantic_flags(run.spark, judged, c.semdedup_threshold, c.semdedup_clusters, c.seed,
-                                           run.path("stages", "semantic-sample"))
-        judged = apply_flags(judged, flags)
-    meta = {"kinds": kinds, "semantic": "ran" if semantic else "skipped: no embeddings (scores from metadata)"}
-    # No later stage reads the embeddings (as in the local engine, they stay in score's checkpoint)
-    judged = run.stage("dedup", judged.drop(PASSES_THRESHOLDS, EMBEDDING), meta)
-    return judged, meta
-
-
-def not_reconsidered(downloaded: DataFrame, config: Config) -> dict[str, int]:
-    """Rows prefilter dropped on metadata that this run's thresholds would keep (after a resume that changed them):
-    prefilter.recoverable per batch over the prefilter-dropped rows' few columns, summed."""
-    from pyspark.sql import functions as F
-
-    thresholds = plan.metadata_thresholds(config)
-    schema = pa.schema([("reason", pa.string()), ("rows", pa.int64())])
-
-    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            found = prefilter.recoverable(pa.Table.from_batches([batch]), **thresholds)
-            if found:
-                yield pa.RecordBatch.from_pydict({"reason": list(found), "rows": list(found.values())}, schema)
-
-    names = [c for c in prefilter.RECOVERABLE_COLUMNS if c in downloaded.columns]
-    dropped = downloaded.filter(F.col(DROP_STAGE) == prefilter.STAGE).select(*names)
-    rows = dropped.mapInArrow(count, "reason string, rows long").groupBy("reason").agg(F.sum("rows").alias("rows"))
-    lost = {row["reason"]: int(row["rows"]) for row in rows.collect()}
-    if lost:
-        log.warning("%d rows that these thresholds would keep were dropped on their metadata before the download "
-                    "(%s) and are not brought back; a new run into another output with these thresholds fetches them",
-                    sum(lost.values()), lost)
-    return dict(sorted(lost.items()))
-
-
 def run_spark(spark: SparkSession, inputs: list[str], output: str, config: Config) -> dict[str, Any]:
-    """Every stage on Spark; returns stats.json's content (same shape as curate.pipeline.run.run_local's)."""
+    """Every step of PIPELINE on Spark; returns stats.json's content (same shape as curate.pipeline.run.run_local's).
+    A rerun with the same inputs and the options the images' step reads resumes from that step's checkpoint."""
     started = time.perf_counter()
     run = SparkRun(spark, output, config)
+    run.inputs = inputs
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size_rows))
     # Checkpoints hold image bytes: the vectorized reader's default 4,096-row batch of 1024 px JPEGs is ~1 GB, past
     # local mode's default 1 GB heap (a 20k-row run with 1,000 live images failed so); 256 rows stay ~100 MB.
     spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "256")
-    stored = plan.stored_input(config, inputs)  # images already downloaded; a mixed input is refused before OUT exists
-    resume = run.resumable(inputs)
-    if stored:
-        raw, input_rows = run.timed("ingest", lambda: read_tar_input(run, inputs))
-        ingested = map_stage(raw, _pair_hashes)
-    else:
-        file_rows: list[int] = []
-        raw, input_rows = run.timed("ingest", lambda: read_input(spark, inputs, file_rows))
-        ingested = map_stage(raw, _ingest)
-        run.layout = LocalLayout(spark, run.out, file_starts(file_rows, config.batch_size_rows))
-        if not (resume and storage.exists(run.path("stages", "ingest", "_SUCCESS"))):  # the local engine's ingest
-            read_seconds, started_layout = run.timings["ingest"], time.perf_counter()
-            run.layout.write("ingest", ingested.drop(PAIR), {
-                "input_files": input_files(inputs) or inputs, "input_rows": input_rows,
-                "parts": len(run.layout.starts), "input_format": "parquet", "damaged_inputs": []})
-            run.timings["ingest"] = read_seconds + time.perf_counter() - started_layout
-    scores = run.resolve_scores(ingested)
-    prefiltered_by = run.path("stages", "prefilter-judged-by.json")  # the thresholds of the run that downloaded
-    if resume:
-        log.info("download: done in an earlier run, resuming after it")
-        downloaded = run.layout.read("download")  # type: ignore[union-attr]
-    else:  # the thresholds first: a download killed after its checkpoint is whole still finds them on resume
-        storage.write_json(plan.prefilter_arguments(config, RunFacts(scores, stored)), prefiltered_by)
-        downloaded = run.timed("download", lambda: _download_stage(run, ingested, input_rows, scores, stored))
-    lost = not_reconsidered(downloaded, config)
-    scored_schema = output_schema(_score(config, "metadata"), arrow_schema(downloaded))
-    if scores == "model":
-        scored_schema = scored_schema.append(pa.field(EMBEDDING, pa.list_(pa.float32())))
-        scored_schema = scored_schema.append(pa.field(CLIP_SCORE, pa.float32()))
-        unsafe = pa.field(PUNSAFE, pa.float32())  # the detector's replaces the metadata's float64, as in local runs
-        names = scored_schema.names
-        scored_schema = (scored_schema.set(names.index(PUNSAFE), unsafe) if PUNSAFE in names
-                         else scored_schema.append(unsafe))
-    profile = score_profile(spark, scores)
-    scored = run.timed("score", lambda: run.stage(
-        "score", map_stage(downloaded, _score(config, scores), scored_schema, profile), {"scores": scores}))
-    judged, dedup_meta = run.timed("dedup", lambda: _dedup_stage(run, scored))
-    selected = map_stage(judged, plan.bound("select", config, RunFacts(scores)), arrow_schema(judged))
-    judged_by_select = plan.select_arguments(config)
-    select_meta = {**judged_by_select, "judged_by": judged_by_select, "not_reconsidered": lost}
-    selected = run.timed("select", lambda: run.stage("select", selected, select_meta))
-
-    def shard() -> tuple[DataFrame, Any, list[dict[str, Any]]]:
-        try:
-            placed, shard_plan = spark_shard.plan(spark, selected, config, RunFacts(scores, stored),
-                                                  run.path("stages", "order"))
-        except ShardPlanError as error:  # still show why rows went: the ledger of everything dropped so far
-            write_ledger(run, selected)
-            raise ShardPlanError(f"{error}; the dropped rows are in {run.path('ledger.parquet')}") from None
-        placed = run.stage("shard", placed, None)
-        storage.remove(run.path("shards"))
-        if not shard_plan.num_shards:  # nothing kept: no tar, and books that say why
-            return placed, shard_plan, []
-        return placed, shard_plan, spark_shard.write_shards(placed, downloaded, shard_plan, config, run.path("shards"))
-
-    placed, shard_plan, entries = run.timed("shard", shard)
-    storage.write_json({"num_shards": shard_plan.num_shards, "samples_per_shard": shard_plan.samples_per_shard,
-                        "remainder": shard_plan.remainder, "seconds": run.timings["shard"]},
-                       run.path("stages", "shard", "_SUCCESS"))
-    judged_by = {"prefilter": storage.read_json(prefiltered_by) if storage.exists(prefiltered_by) else None,
+    plan.stored_input(config, inputs)  # a mixed input (tars and parquet) is refused before OUT exists
+    todo = steps.enabled(config)
+    for step in todo:  # what each step can know before any work (a missing list file)
+        step.check(config)
+    run.resume = run.resumable(inputs)
+    resumed = next(i for i, step in enumerate(todo) if step.holds_images) if run.resume else -1
+    frame: DataFrame | None = None
+    for number, step in enumerate(todo):
+        if 0 < number <= resumed:  # done in an earlier run: its checkpoint stands for it and every step before it
+            if number == resumed:
+                log.info("%s: done in an earlier run, resuming after it", step.name)
+                frame = run.images = run.layout.read(step.name)  # type: ignore[union-attr]
+            continue
+        frame = run.timed(step.name, partial(run.run_step, step, frame))
+    judged_by = {"prefilter": storage.read_json(run.prefiltered_by) if storage.exists(run.prefiltered_by) else None,
                  "select": plan.select_arguments(config)}
-    facts = {"input_rows": input_rows, "scores": scores, "dedup": dedup_meta, "started": started,
-             "judged_by": judged_by, "not_reconsidered": lost}
-    stats = write_books(run, placed, shard_plan, entries, facts)
+    facts = {"input_rows": run.input_rows, "scores": run.facts.scores, "dedup": run.meta.get("dedup", {}),
+             "started": started, "judged_by": judged_by, "not_reconsidered": run.meta.get("not_reconsidered", {})}
+    assert run.placed is not None, "the last step placed no rows"
+    stats = write_books(run, run.placed, run.shard_plan, run.entries, facts)
     accounting.check_kept(stats, write_report(run))
     return stats
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 from curate.config import Config
 from curate.executors.spark.frames import INDEX, global_index, map_stage
 from curate.pipeline import plan as pipeline_plan
+from curate.pipeline import steps as pipeline_steps
 from curate.pipeline.plan import RunFacts
 from curate.schema import CAPTION, DROP_REASON, JPG, KEY, POSITION, ROW, SHARD
 from curate.stages import shard as shard_stage
@@ -48,7 +49,7 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, facts: RunFacts
          scratch: str) -> tuple[DataFrame, Any]:
     """judged with position, shard and aspect bucket added, the remainder flagged; and the ShardPlan (from counts).
     The global order is a Spark sort here; the plan and the apply step are the pipeline's (plan.shard_plan,
-    plan.bound("shard"))."""
+    pipeline_steps.bound("shard"))."""
     from pyspark.sql import functions as F
 
     survivors = judged.filter(F.col(DROP_REASON).isNull())
@@ -61,7 +62,7 @@ def plan(spark: SparkSession, judged: DataFrame, config: Config, facts: RunFacts
     order = global_index(spark, drawn, [DRAW, KEY], scratch).select(ROW, F.col(INDEX).alias(POSITION))
     placed = judged.drop(POSITION, SHARD).join(order, ROW, "left") \
         .withColumn(POSITION, F.coalesce(F.col(POSITION), F.lit(-1)).cast("long"))
-    return map_stage(placed, pipeline_plan.bound("shard", config, facts, plan=shard_plan)), shard_plan
+    return map_stage(placed, pipeline_steps.bound("shard", config, facts, plan=shard_plan)), shard_plan
 
 
 def _fail_once(folder: str | None, tar: TarSink) -> None:
