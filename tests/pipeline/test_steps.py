@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import pyarrow as pa
 
 from curate.config import Config
 from curate.pipeline import steps
 from curate.pipeline.plan import RunFacts
 from curate.pipeline.steps import STAGES
-
-FIELDS = {field.name for field in dataclasses.fields(Config)}
-
-
-class Recording:
-    """A Config that notes every field read."""
-
-    def __init__(self, config: Config) -> None:
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "read", set())
-
-    def __getattr__(self, name: str) -> Any:
-        if name in FIELDS:
-            self.read.add(name)
-        return getattr(self._config, name)
+from tests.test_plan import Recording  # noqa: E402  (the one Config recorder)
 
 
 def test_a_global_steps_signature_and_group_read_only_the_options_it_declares() -> None:
