@@ -8,7 +8,7 @@ from curate.config import Config
 from curate.pipeline import steps
 from curate.pipeline.plan import RunFacts
 from curate.pipeline.steps import STAGES
-from tests.test_plan import Recording  # noqa: E402  (the one Config recorder)
+from tests.test_plan import Recording
 
 
 def test_a_global_steps_signature_and_group_read_only_the_options_it_declares() -> None:
